@@ -41,8 +41,9 @@ def _per_sample_loss(W_v, W_t, t, hv_i, ht_i, hv_b, ht_b, masked: torch.Tensor):
     x, y = _embed(W_v, hv_i[None])[0], _embed(W_t, ht_i[None])[0]
     xb, yb = _embed(W_v, hv_b), _embed(W_t, ht_b)
     s = t.exp()
-    row = torch.cat([(x * y).sum()[None], (yb @ x).masked_fill(masked, -math.inf)]) * s
-    col = torch.cat([(x * y).sum()[None], (xb @ y).masked_fill(masked, -math.inf)]) * s
+    # scale before masking: d(-inf * s)/ds would be NaN
+    row = torch.cat([s * (x * y).sum()[None], (s * (yb @ x)).masked_fill(masked, -math.inf)])
+    col = torch.cat([s * (x * y).sum()[None], (s * (xb @ y)).masked_fill(masked, -math.inf)])
     return -0.5 * (row.log_softmax(0)[0] + col.log_softmax(0)[0])
 
 
@@ -110,7 +111,7 @@ def reference_eval_gradient(endpoint: EndpointModel, h_v, h_t) -> tuple[torch.Te
     L = t.exp() * x @ y.t()
     target = torch.arange(L.shape[0])
     loss = 0.5 * (torch.nn.functional.cross_entropy(L, target) + torch.nn.functional.cross_entropy(L.t(), target))
-    return _flat(*torch.autograd.grad(loss, (W_v, W_t, t))), float(loss)
+    return _flat(*torch.autograd.grad(loss, (W_v, W_t, t))), float(loss.detach())
 
 
 def _stats(endpoint, h_v, h_t, pair_ids, bank):
@@ -170,9 +171,9 @@ def reference_curvature(endpoint, h_v, h_t, pair_ids, bank: ReferenceBank, proje
                 w = 0.5 * (s * top).softmax(0)
                 sj = project.project_flat(dense_jacobians(W_v, W_t, t, *pair_of(j)))
                 neg += (sj * w[:, None]).t() @ sj
-        g = project.project_flat(autograd_sample_gradients(endpoint, h_v, h_t, pair_ids, bank)).detach()
-        n = len(pair_ids)
-        return CurvatureStats((pos / n).numpy(), (neg / n).numpy(), (g.t() @ g / n).numpy(), n, m, seed, identity)
+    g = project.project_flat(autograd_sample_gradients(endpoint, h_v, h_t, pair_ids, bank)).detach()
+    n = len(pair_ids)
+    return CurvatureStats((pos / n).numpy(), (neg / n).numpy(), (g.t() @ g / n).numpy(), n, m, seed, identity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,8 +210,8 @@ def full_parameter_alignment(model: torch.nn.Module, images, texts, pair_ids: Se
         x, y, s = _model_loss_terms(model, images[i:i + 1], texts[i:i + 1])
         mask = torch.tensor([b == pid for b in bank_ids])
         c = (x * y).sum()
-        row = torch.cat([c[None], (yb @ x[0]).masked_fill(mask, -math.inf)]) * s
-        col = torch.cat([c[None], (xb @ y[0]).masked_fill(mask, -math.inf)]) * s
+        row = torch.cat([s * c[None], (s * (yb @ x[0])).masked_fill(mask, -math.inf)])
+        col = torch.cat([s * c[None], (s * (xb @ y[0])).masked_fill(mask, -math.inf)])
         loss = -0.5 * (row.log_softmax(0)[0] + col.log_softmax(0)[0])
         g = torch.autograd.grad(loss, plist, retain_graph=True)
         out.append(sum(float((a * b).sum()) for a, b in zip(g, u)))

@@ -1,0 +1,72 @@
+"""Shared fixtures: small *real* open_clip models (trained briefly or randomly initialised)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chips_core.config import BankConfig, SketchConfig
+from chips_core.demo import DEMO_MODEL_CONFIG, make_pairs, train_demo_clip
+from chips_core.featurize import ReferenceBank
+from chips_core.identity import seeded_sample
+from chips_core.models import EndpointModel, build_custom_model, state_dict_checksum
+
+torch.set_num_threads(2)
+
+# A ViT small enough that dense float64 references (P = D*d_v + D*d_t + 1 = 1025) stay cheap.
+TINY_VIT = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+# ModifiedResNet image tower (attnpool.c_proj, a Linear with bias) and a Linear text projection with bias.
+TINY_RESNET = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "proj_bias": True},
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    import open_clip
+
+    return open_clip.tokenizer.SimpleTokenizer(context_length=16)
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The demo CLIP, trained briefly (seconds) so that its scores are not noise."""
+    return train_demo_clip(steps=80, seed=0, n_pairs=1500)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    torch.manual_seed(1)
+    return build_custom_model(TINY_VIT).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet():
+    torch.manual_seed(2)
+    return build_custom_model(TINY_RESNET).eval()
+
+
+@pytest.fixture(scope="session")
+def pairs(tokenizer):
+    data = make_pairs(96, seed=11)
+    return data.images, tokenizer(data.captions), data.pair_ids
+
+
+@pytest.fixture(scope="session")
+def eval_pairs(tokenizer):
+    data = make_pairs(24, seed=12, scan_fraction=1.0, noise_fraction=0.0)
+    return data.images, tokenizer(data.captions), data.pair_ids
+
+
+def make_bank(model, pairs, size=16, seed=0, micro_batch=64):
+    images, texts, ids = pairs
+    chosen = seeded_sample(ids, size, seed)
+    idx = [ids.index(p) for p in chosen]
+    return ReferenceBank.from_pairs(EndpointModel(model), images[idx], texts[idx], chosen,
+                                    model_checksum=state_dict_checksum(model), seed=seed, micro_batch=micro_batch)
