@@ -143,6 +143,19 @@ class ScoringContext:
         self.bank_index = {pid: j for j, pid in enumerate(bank.pair_ids)}
         self.bank_uxv_vhv = self.bank.uxv * self.bank.vhv  # (K, k)
         self.bank_uyt_vht = self.bank.uyt * self.bank.vht  # (K, k)
+        # W @ (bank rows sketched) can also be (W @ bank rows) @ sketch^T: the same product,
+        # reassociated. Take whichever costs fewer multiply-adds per pair: K*k, or K*d + d*k.
+        U_v, V_v, U_t, V_t, _ = self.mats
+        K, b = len(bank), self.bank
+        self._bank_terms = {
+            name: (dense, mat.t(), None) if K * mat.shape[1] + mat.shape[1] * self.k < K * self.k else (None, None, sk)
+            for name, dense, mat, sk in (("uyv", b.y, U_v, b.uyv), ("vhv", b.h_v, V_v, b.vhv),
+                                          ("uxt", b.x, U_t, b.uxt), ("vht", b.h_t, V_t, b.vht))}
+
+    def bank_mm(self, W: torch.Tensor, name: str) -> torch.Tensor:
+        """``W (B, K) @ bank.<name> (K, k)``, computed in the cheaper association."""
+        dense, mat_t, sketched = self._bank_terms[name]
+        return W @ sketched if sketched is not None else (W @ dense) @ mat_t
 
     def embed(self, h_v: torch.Tensor, h_t: torch.Tensor, pair_ids) -> Embedded:
         h_v = h_v.to(self.device, self.dtype)
@@ -191,15 +204,15 @@ def sample_features(ctx: ScoringContext, emb: Embedded) -> dict[str, torch.Tenso
     sPC, sQC = (Pb * C_it).sum(1), (Qb * C_ti).sum(1)
 
     # W_v block: the pair's own image (self) plus the bank images of the text->image row (cross).
-    a_self = (s / (2 * emb.nv))[:, None] * (d0[:, None] * emb.uyv + Pb @ bank.uyv
+    a_self = (s / (2 * emb.nv))[:, None] * (d0[:, None] * emb.uyv + ctx.bank_mm(Pb, "uyv")
                                             - (d0 * c + sPC)[:, None] * emb.uxv)
     Wq = 0.5 * s * Qb / bank.nv[None, :]
-    img = a_self * emb.vhv + emb.uyv * (Wq @ bank.vhv) - (Wq * C_ti) @ ctx.bank_uxv_vhv
+    img = a_self * emb.vhv + emb.uyv * ctx.bank_mm(Wq, "vhv") - (Wq * C_ti) @ ctx.bank_uxv_vhv
     # W_t block: the pair's own text plus the bank texts of the image->text row.
-    b_self = (s / (2 * emb.nt))[:, None] * (d0[:, None] * emb.uxt + Qb @ bank.uxt
+    b_self = (s / (2 * emb.nt))[:, None] * (d0[:, None] * emb.uxt + ctx.bank_mm(Qb, "uxt")
                                             - (d0 * c + sQC)[:, None] * emb.uyt)
     Wp = 0.5 * s * Pb / bank.nt[None, :]
-    txt = b_self * emb.vht + emb.uxt * (Wp @ bank.vht) - (Wp * C_it) @ ctx.bank_uyt_vht
+    txt = b_self * emb.vht + emb.uxt * ctx.bank_mm(Wp, "vht") - (Wp * C_it) @ ctx.bank_uyt_vht
     g_t = 0.5 * s * (d0 * c + sPC + sQC)
     g = (img + txt + g_t[:, None] * ctx.mats[4]) / math.sqrt(ctx.k)
 

@@ -221,17 +221,22 @@ class EndpointModel:
 
     @torch.no_grad()
     def encode_pre(self, images: torch.Tensor | None, texts: torch.Tensor | None):
-        """Pre-projection features ``h_v (B, d_v[+1])``, ``h_t (B, d_t[+1])`` (either may be None)."""
+        """Pre-projection features ``h_v (B, d_v[+1])``, ``h_t (B, d_t[+1])`` (either may be None), float32
+        (float64 for a float64 model)."""
         hv = ht = None
         if images is not None:
             with self.vision_site.removed():
                 hv = self.model.encode_image(images.to(self.device))
-            hv = _append_one(hv.float(), self.vision_site.has_bias)
+            hv = _append_one(_at_least_float32(hv), self.vision_site.has_bias)
         if texts is not None:
             with self.text_site.removed():
                 ht = self.model.encode_text(texts.to(self.device))
-            ht = _append_one(ht.float(), self.text_site.has_bias)
+            ht = _append_one(_at_least_float32(ht), self.text_site.has_bias)
         return hv, ht
+
+
+def _at_least_float32(h: torch.Tensor) -> torch.Tensor:
+    return h if h.dtype == torch.float64 else h.float()  # fp16/bf16 trunks: accumulate in float32
 
 
 def _append_one(h: torch.Tensor, bias: bool) -> torch.Tensor:

@@ -104,3 +104,38 @@ def test_sign_convention_matches_a_real_step(setup, eval_pairs):
         loss1 = 0.5 * (torch.nn.functional.cross_entropy(L, tgt) + torch.nn.functional.cross_entropy(L.t(), tgt))
         predicted = -eta * float(gi @ u)
         assert float(loss1) - loss0 == pytest.approx(predicted, rel=1e-2, abs=1e-12)
+
+
+@pytest.mark.parametrize("bank_size,k,factored", [(16, 256, False), (64, 256, True)])
+def test_both_bank_product_associations_equal_autograd(tiny_vit, pairs, bank_size, k, factored):
+    """``W @ (bank sketched)`` and ``(W @ bank) @ sketch^T`` are chosen by cost; both must be exact."""
+    bank = make_bank(tiny_vit, pairs, size=bank_size)
+    ep = EndpointModel(tiny_vit)
+    hv, ht = ep.encode_pre(pairs[0][:16], pairs[1][:16])
+    ids = pairs[2][:16]
+    feat = Featurizer(ep, bank, SketchConfig(k=k, seed=2), dtype=torch.float64)
+    assert all((dense is not None) == factored for dense, _, _ in feat.ctx._bank_terms.values())
+    fast = sample_features(feat.ctx, feat.ctx.embed(hv, ht, ids))["g"]
+    ref = feat.ctx.sketch.project_flat(autograd_sample_gradients(ep, hv, ht, ids, bank))
+    torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_endpoint_math_matches_the_model_itself(tiny_resnet, pairs, eval_pairs):
+    """Alignment through the *model's own* autograd restricted to its projections and logit scale
+    equals the closed form built from extracted h and W (checks extraction, bias and bank terms)."""
+    from chips_core.reference import full_parameter_alignment
+
+    model = tiny_resnet.double()
+    try:
+        bank = make_bank(model, (pairs[0].double(), pairs[1], pairs[2]), size=16)
+        ep = EndpointModel(model)
+        images, texts, ids = pairs[0][:12].double(), pairs[1][:12], pairs[2][:12]
+        bidx = [pairs[2].index(p) for p in bank.pair_ids]
+        via_model = full_parameter_alignment(model, images, texts, ids, pairs[0][bidx].double(), pairs[1][bidx],
+                                             bank.pair_ids, eval_pairs[0].double(), eval_pairs[1], params="endpoint")
+        hv, ht = ep.encode_pre(images, texts)
+        u, _ = reference_eval_gradient(ep, *ep.encode_pre(eval_pairs[0].double(), eval_pairs[1]))
+        closed = closed_form_sample_gradients(ep, hv.double(), ht.double(), ids, bank) @ u
+        np.testing.assert_allclose(closed.numpy(), via_model, rtol=1e-6, atol=1e-9)
+    finally:
+        model.float()

@@ -91,3 +91,16 @@ def test_named_architecture_random_init_and_unknown_name():
 def test_spec_needs_exactly_one_architecture_source():
     with pytest.raises(UnsupportedModelError, match="exactly one"):
         ModelSpec(name="RN50", config=TINY_RESNET)
+
+
+def test_local_hugging_face_folder(tmp_path, tiny_vit):
+    import json
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_VIT}))
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    loaded = load_model(ModelSpec(hf_dir=str(tmp_path)))
+    assert loaded.checksum == state_dict_checksum(tiny_vit)
+    with pytest.raises(CheckpointNotFoundError, match="missing-folder"):
+        load_model(ModelSpec(hf_dir=str(tmp_path / "missing-folder")))
