@@ -1,0 +1,111 @@
+"""The Parquet warehouse: explicit Arrow schemas, Hive-style partitions, atomic writes (PLATFORM.md).
+
+Any fsspec URL works (a local path, ``s3://``, ``gs://``...). A file is written under a hidden
+temporary name that no reader globs (``.<name>.tmp``) and then moved into place, so a reader never
+sees half a file; a part that already exists is never overwritten with other bytes.
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from .errors import ChipsError
+
+
+class WarehouseError(ChipsError):
+    """The warehouse URL cannot be reached or a table cannot be written/read."""
+
+
+_STR = pa.string()
+
+SCHEMAS: dict[str, pa.Schema] = {
+    # one row per distinct pair (first source seen; every source key lives in pair_sources)
+    "pairs": pa.schema([
+        pa.field("pair_id", _STR, nullable=False), ("source", _STR), ("source_key", _STR), ("caption", _STR),
+        ("image_uri", _STR), ("image_sha256", _STR), ("width", pa.int32()), ("height", pa.int32()),
+        ("image_format", _STR), ("image", pa.binary()), ("ingest_run_id", _STR)]),
+    # one row per (pair, source, source key): duplicates across sources collapse in pairs, not here
+    "pair_sources": pa.schema([
+        pa.field("pair_id", _STR, nullable=False), ("source", _STR), ("source_key", _STR), ("ingest_run_id", _STR)]),
+    # one row per rejected input row
+    "quarantine": pa.schema([
+        ("source", _STR), ("source_key", _STR), ("reason", _STR), ("detail", _STR), ("run_id", _STR)]),
+    # one row per stage run
+    "runs": pa.schema([
+        pa.field("run_id", _STR, nullable=False), ("parent_run_id", _STR), ("stage", _STR), ("status", _STR),
+        ("config_json", _STR), ("config_hash", _STR), ("model_name", _STR), ("model_checksum", _STR),
+        ("sketch_seed", pa.int64()), ("sketch_k", pa.int32()), ("bank_id", _STR), ("input_fingerprints", _STR),
+        ("rows_in", pa.int64()), ("rows_out", pa.int64()), ("rows_quarantined", pa.int64()),
+        ("code_version", _STR), ("host", _STR), ("started_at", pa.timestamp("us", tz="UTC")),
+        ("ended_at", pa.timestamp("us", tz="UTC"))]),
+}
+
+
+@dataclass
+class Warehouse:
+    url: str
+    storage_options: dict | None = None
+
+    def __post_init__(self):
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
+            self.fs.makedirs(self.root, exist_ok=True)
+        except Exception as e:  # noqa: BLE001 - any backend error means the same thing to the user
+            raise WarehouseError(f"cannot open warehouse {self.url!r}: {type(e).__name__}: {e}") from e
+
+    def table_dir(self, table: str) -> str:
+        return posixpath.join(self.root, table)
+
+    def part_path(self, table: str, partition: dict[str, str], name: str) -> str:
+        parts = [f"{k}={v}" for k, v in partition.items()]
+        return posixpath.join(self.table_dir(table), *parts, f"{name}.parquet")
+
+    def write(self, table: str, data: pa.Table, partition: dict[str, str], name: str) -> str:
+        """Write one part atomically; the table's Arrow schema is enforced (cast, or a named error)."""
+        schema = SCHEMAS.get(table)
+        if schema is not None:
+            data = conform(data, schema, table)
+        path = self.part_path(table, partition, name)
+        tmp = posixpath.join(posixpath.dirname(path), f".{name}.{uuid.uuid4().hex}.tmp")
+        buf = io.BytesIO()
+        pq.write_table(data, buf, compression="zstd")
+        try:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            with self.fs.open(tmp, "wb") as f:
+                f.write(buf.getvalue())
+            self.fs.mv(tmp, path)
+        except Exception as e:  # noqa: BLE001
+            raise WarehouseError(f"cannot write {path!r} in warehouse {self.url!r}: {e}") from e
+        return path
+
+    def has_part(self, table: str, partition: dict[str, str], name: str) -> bool:
+        return self.fs.exists(self.part_path(table, partition, name))
+
+    def read(self, table: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+        """Read a whole table (all partitions); an absent table reads as empty with its schema."""
+        d = self.table_dir(table)
+        if not self.fs.exists(d):
+            schema = SCHEMAS[table]
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        ds = pads.dataset(d, filesystem=self.fs, format="parquet", partitioning="hive",
+                          exclude_invalid_files=False)
+        return ds.to_table(columns=columns, filter=filter)
+
+
+def conform(data: pa.Table, schema: pa.Schema, table: str) -> pa.Table:
+    """Select and cast ``data`` to ``schema``; a missing column is a named error, never a silent null."""
+    missing = [f.name for f in schema if f.name not in data.column_names]
+    if missing:
+        raise WarehouseError(f"table {table!r}: missing column(s) {missing} (have {data.column_names})")
+    try:
+        return data.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise WarehouseError(f"table {table!r}: cannot cast to its schema: {e}") from e
