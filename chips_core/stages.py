@@ -56,3 +56,34 @@ def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard
     wh.write("pair_sources", pa.Table.from_pylist(parts.pair_sources, schema=SCHEMAS["pair_sources"]), partition, shard)
     wh.write("quarantine", pa.Table.from_pylist(parts.quarantine, schema=SCHEMAS["quarantine"]), partition, shard)
     return {"read": parts.read, "kept": len(parts.pairs), "quarantined": len(parts.quarantine), "unchanged": unchanged}
+
+
+def scores_table(pair_ids, scores: dict, run_id: str) -> pa.Table:
+    """One row per pair of a scoring run; ``utility`` is the CHIPS score, ``rank`` 1 = best (ties by pair id)."""
+    import numpy as np
+
+    from .score import select_top
+
+    order = select_top(scores["chips"], pair_ids, 1.0)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    cols = {"pair_id": list(pair_ids), "run_id": [run_id] * len(pair_ids)}
+    cols.update({name: np.asarray(scores[name], dtype=np.float64) for name in SCHEMAS["scores"].names
+                 if name in scores})
+    cols["utility"] = np.asarray(scores["chips"], dtype=np.float64)
+    cols["rank"] = rank
+    return pa.table(cols, schema=SCHEMAS["scores"])
+
+
+def subsets_table(pair_ids, scores: dict, budgets, methods, run_id: str, score_run_id: str) -> pa.Table:
+    """One row per selected pair per (method, budget); subset ids name both."""
+    from .score import select_top
+
+    rows = []
+    for method in methods:
+        for budget in budgets:
+            keep = select_top(scores[method], pair_ids, budget)
+            sid = f"{score_run_id}:{method}@{budget:g}"
+            rows += [{"subset_id": sid, "run_id": run_id, "score_run_id": score_run_id, "budget": float(budget),
+                      "method": method, "pair_id": pair_ids[i], "rank": r + 1} for r, i in enumerate(keep)]
+    return pa.Table.from_pylist(rows, schema=SCHEMAS["subsets"])

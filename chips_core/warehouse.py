@@ -43,8 +43,19 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("config_json", _STR), ("config_hash", _STR), ("model_name", _STR), ("model_checksum", _STR),
         ("sketch_seed", pa.int64()), ("sketch_k", pa.int32()), ("bank_id", _STR), ("input_fingerprints", _STR),
         ("rows_in", pa.int64()), ("rows_out", pa.int64()), ("rows_quarantined", pa.int64()),
+        ("rows_unchanged", pa.int64()),
         ("code_version", _STR), ("host", _STR), ("started_at", pa.timestamp("us", tz="UTC")),
         ("ended_at", pa.timestamp("us", tz="UTC"))]),
+    # one row per pair per scoring run: every factor and baseline score, utility = chips, rank by utility
+    "scores": pa.schema([
+        pa.field("pair_id", _STR, nullable=False), ("run_id", _STR),
+        *[(m, pa.float64()) for m in ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn",
+                                      "chips", "w_learn", "w_relevance", "utility")],
+        ("rank", pa.int64())]),
+    # one row per pair per subset
+    "subsets": pa.schema([
+        ("subset_id", _STR), ("run_id", _STR), ("score_run_id", _STR), ("budget", pa.float64()), ("method", _STR),
+        pa.field("pair_id", _STR, nullable=False), ("rank", pa.int64())]),
 }
 
 
