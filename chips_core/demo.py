@@ -20,7 +20,7 @@ import torch
 
 from .config import BankConfig, CurvatureConfig, FeaturizeConfig, ScoreConfig, SketchConfig
 from .featurize import Featurizer, ReferenceBank
-from .identity import content_pair_id, seeded_sample
+from .identity import content_pair_id
 from .models import EndpointModel, build_custom_model, state_dict_checksum
 from .score import METHODS, Preconditioners, score_features, select_top
 from .target import curvature_sample, curvature_stats, target_stats
@@ -140,7 +140,7 @@ def run_demo(pool_size: int = 2000, eval_size: int = 200, steps: int = 300, budg
     fcfg, sk, bcfg, ccfg = FeaturizeConfig(), SketchConfig(k=512), BankConfig(size=512), CurvatureConfig(n_curv=2000)
     print(f"[2/5] reference bank of {bcfg.size} pairs, sketch k={sk.k}")
     index = {p: i for i, p in enumerate(pool.pair_ids)}
-    bank_ids = seeded_sample(pool.pair_ids, bcfg.size, bcfg.seed)
+    bank_ids = ReferenceBank.draw_ids(pool.pair_ids, bcfg)
     bidx = [index[p] for p in bank_ids]
     bank = ReferenceBank.from_pairs(endpoint, pool.images[bidx], pool_texts[bidx], bank_ids,
                                     model_checksum=checksum, seed=bcfg.seed, micro_batch=fcfg.micro_batch)

@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import FeaturizeConfig, SketchConfig
+from .config import BankConfig, FeaturizeConfig, SketchConfig
 from .errors import NonFiniteEmbeddingError
-from .identity import FeatureIdentity
+from .identity import FeatureIdentity, seeded_sample
 from .models import EndpointModel
 from .sketch import RankOneSketch
 
@@ -82,6 +82,11 @@ class ReferenceBank:
     def __len__(self) -> int:
         return len(self.pair_ids)
 
+    @staticmethod
+    def draw_ids(pool_ids: Sequence[str], config: BankConfig) -> list[str]:
+        """The bank's pair ids: the ``K`` pool pairs of smallest seeded key (order- and shard-free)."""
+        return seeded_sample(pool_ids, min(config.size, len(pool_ids)), config.seed)
+
     @classmethod
     def from_pairs(cls, endpoint: EndpointModel, images, texts, pair_ids: Sequence[str], *,
                    model_checksum: str, seed: int, micro_batch: int = 64) -> "ReferenceBank":
@@ -118,7 +123,8 @@ def _check_finite(pair_ids, h_v, h_t, nv, nt) -> None:
     zero = (nv <= 0) | (nt <= 0)
     for mask, what in ((bad, "non-finite pre-projection features or embeddings"),
                        (zero, "a zero-norm projection (cannot normalise)")):
-        idx = torch.nonzero(mask[: len(pair_ids)]).flatten().tolist()
+        # padding rows (id None) repeat a real row, which is reported under its own id
+        idx = [i for i in torch.nonzero(mask).flatten().tolist() if pair_ids[i] is not None]
         if idx:
             named = ", ".join(repr(pair_ids[i]) for i in idx[:5])
             more = f" and {len(idx) - 5} more" if len(idx) > 5 else ""

@@ -2,8 +2,11 @@
 counts that reconcile (house style 4). Orchestration (Prefect) wraps these; nothing here imports it."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from typing import Iterable
+import json
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -52,10 +55,12 @@ def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard
     check_batch(pairs.drop_columns(["image"]).to_pandas().assign(image=None), parts.read, len(parts.pairs),
                 len(parts.quarantine) + unchanged)
     partition = {"run": run_id}
-    wh.write("pairs", pairs, partition, shard)
+    counts = {"read": parts.read, "kept": len(parts.pairs), "quarantined": len(parts.quarantine), "unchanged": unchanged}
     wh.write("pair_sources", pa.Table.from_pylist(parts.pair_sources, schema=SCHEMAS["pair_sources"]), partition, shard)
     wh.write("quarantine", pa.Table.from_pylist(parts.quarantine, schema=SCHEMAS["quarantine"]), partition, shard)
-    return {"read": parts.read, "kept": len(parts.pairs), "quarantined": len(parts.quarantine), "unchanged": unchanged}
+    # the pairs part goes last and carries the shard's counts: its presence marks the shard complete
+    wh.write("pairs", pairs, partition, shard, metadata={"chips.counts": json.dumps(counts)})
+    return counts
 
 
 def scores_table(pair_ids, scores: dict, run_id: str) -> pa.Table:
@@ -87,3 +92,102 @@ def subsets_table(pair_ids, scores: dict, budgets, methods, run_id: str, score_r
             rows += [{"subset_id": sid, "run_id": run_id, "score_run_id": score_run_id, "budget": float(budget),
                       "method": method, "pair_id": pair_ids[i], "rank": r + 1} for r, i in enumerate(keep)]
     return pa.Table.from_pylist(rows, schema=SCHEMAS["subsets"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The ingest stage over configured sources
+
+READERS = ("webdataset", "parquet", "csv", "folder")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One input source. Every file (or folder) in ``paths`` is one shard."""
+
+    name: str  # recorded as pairs.source
+    kind: str  # one of READERS
+    paths: tuple[str, ...]  # local paths or fsspec URLs
+    caption_col: str = "caption"  # parquet: caption column
+    image_col: str | None = "image"  # parquet: image-bytes column
+    path_col: str | None = None  # parquet: image-path column (instead of image_col)
+    filepath_col: str = "filepath"  # csv: open_clip_train's columns
+    title_col: str = "title"
+    sep: str | None = None  # csv: None = by extension (.tsv -> tab)
+    allowed_roots: tuple[str, ...] | None = None  # image paths must resolve inside these
+
+    def __post_init__(self):
+        if self.kind not in READERS:
+            raise ValueError(f"SourceSpec {self.name!r}: kind={self.kind!r} is not one of {READERS}")
+
+
+def open_shard(spec: SourceSpec, path: str):
+    from .ingest import read_csv, read_image_folder, read_parquet, read_webdataset
+
+    roots = list(spec.allowed_roots) if spec.allowed_roots else None
+    if spec.kind == "webdataset":
+        return read_webdataset(path, spec.name)
+    if spec.kind == "parquet":
+        return read_parquet(path, spec.name, spec.caption_col, spec.image_col, spec.path_col, roots)
+    if spec.kind == "csv":
+        return read_csv(path, spec.name, spec.filepath_col, spec.title_col, spec.sep, roots)
+    return read_image_folder(path, spec.name)
+
+
+def shard_name(spec: SourceSpec, path: str) -> str:
+    import hashlib
+
+    return f"{spec.name}-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+
+
+def input_fingerprint(path: str) -> str:
+    """sha256 of a local file; size and modification time (or ETag) of a folder or remote object."""
+    import os
+
+    import fsspec
+
+    from .provenance import fingerprint
+
+    if "://" not in path and os.path.isfile(path):
+        return "sha256:" + fingerprint(path)
+    fs, p = fsspec.core.url_to_fs(path)
+    info = fs.info(p)
+    return f"{info.get('type')}:{info.get('size')}:{info.get('ETag') or info.get('mtime') or ''}"
+
+
+def run_ingest(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | None = None,
+               parent_run_id: str | None = None, progress: bool = False) -> dict:
+    """Ingest every shard of every source into the warehouse, recording one ``runs`` row.
+    Shards already written under this ``run_id`` are skipped (resume at shard granularity)."""
+    from .provenance import new_run_id, recorded_run
+
+    run_id = run_id or new_run_id("ingest")
+    shards = [(spec, p) for spec in sources for p in spec.paths]
+    inputs = {f"{spec.name}:{p}": input_fingerprint(p) for spec, p in shards}
+    totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0}
+    with recorded_run(wh, "ingest", {"sources": [dataclasses.asdict(s) for s in sources]}, run_id=run_id,
+                      parent_run_id=parent_run_id, inputs=inputs) as row:
+        seen, recorded = known_pairs(wh)
+        bar = _progress(shards, progress, "ingest")
+        for spec, path in bar:
+            name = shard_name(spec, path)
+            if wh.has_part("pairs", {"run": run_id}, name):
+                counts = _written_counts(wh, run_id, name)
+            else:
+                counts = ingest_shard(open_shard(spec, path), wh, run_id, name, seen, recorded)
+            for k in totals:
+                totals[k] += counts[k]
+        row.update(rows_in=totals["read"], rows_out=totals["kept"], rows_quarantined=totals["quarantined"],
+                   rows_unchanged=totals["unchanged"])
+    return {"run_id": run_id, **totals}
+
+
+def _written_counts(wh: Warehouse, run_id: str, shard: str) -> dict:
+    return json.loads(wh.part_metadata("pairs", {"run": run_id}, shard)["chips.counts"])
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="shard")

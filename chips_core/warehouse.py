@@ -78,11 +78,15 @@ class Warehouse:
         parts = [f"{k}={v}" for k, v in partition.items()]
         return posixpath.join(self.table_dir(table), *parts, f"{name}.parquet")
 
-    def write(self, table: str, data: pa.Table, partition: dict[str, str], name: str) -> str:
-        """Write one part atomically; the table's Arrow schema is enforced (cast, or a named error)."""
+    def write(self, table: str, data: pa.Table, partition: dict[str, str], name: str,
+              metadata: dict[str, str] | None = None) -> str:
+        """Write one part atomically; the table's Arrow schema is enforced (cast, or a named error).
+        ``metadata`` goes into the Parquet footer's key-value metadata."""
         schema = SCHEMAS.get(table)
         if schema is not None:
             data = conform(data, schema, table)
+        if metadata:
+            data = data.replace_schema_metadata({**(data.schema.metadata or {}), **metadata})
         path = self.part_path(table, partition, name)
         tmp = posixpath.join(posixpath.dirname(path), f".{name}.{uuid.uuid4().hex}.tmp")
         buf = io.BytesIO()
@@ -98,6 +102,11 @@ class Warehouse:
 
     def has_part(self, table: str, partition: dict[str, str], name: str) -> bool:
         return self.fs.exists(self.part_path(table, partition, name))
+
+    def part_metadata(self, table: str, partition: dict[str, str], name: str) -> dict[str, str]:
+        with self.fs.open(self.part_path(table, partition, name), "rb") as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+        return {k.decode(): v.decode() for k, v in meta.items()}
 
     def read(self, table: str, columns: list[str] | None = None, filter=None) -> pa.Table:
         """Read a whole table (all partitions); an absent table reads as empty with its schema."""

@@ -150,3 +150,31 @@ def test_warehouse_parts_are_atomic_and_hive_partitioned(tmp_path, wh):
     n = duckdb.connect().execute(f"select count(*) from read_parquet('{wh.root}/pairs/**/*.parquet', hive_partitioning=true) "
                    "where run = 'run1'").fetchone()[0]
     assert n == 1
+
+
+def test_run_ingest_records_a_run_resumes_and_reconciles(tmp_path, wh):
+    from chips_core.query import connect, query, run_audits
+    from chips_core.stages import SourceSpec, run_ingest, shard_name
+
+    shards = []
+    for s in range(3):
+        path = tmp_path / f"shard-{s}.tar"
+        members = [m for i in range(3) for m in ((f"k{s}{i}.png", png(10 * s + i)),
+                                                  (f"k{s}{i}.txt", f"caption {s} {i}".encode()))]
+        make_tar(path, members + [(f"zz{s}.png", png(1)), (f"zz{s}.txt", b"the same pair in every shard")])
+        shards.append(str(path))
+    spec = SourceSpec("wds", "webdataset", tuple(shards))
+    # simulate a crash after the first shard: its parts exist under the run id, the run row does not
+    from chips_core.stages import ingest_shard, known_pairs
+
+    seen, recorded = known_pairs(wh)
+    first = ingest_shard(read_webdataset(shards[0], "wds"), wh, "ingest-A", shard_name(spec, shards[0]), seen, recorded)
+    out = run_ingest([spec], wh, run_id="ingest-A")
+    assert out["read"] == 12 and out["kept"] == 10 and out["quarantined"] == 2 and first["kept"] == 4
+    con = connect(wh)
+    run = query(con, "select * from stg_runs where run_id = 'ingest-A'").to_pylist()[0]
+    assert (run["rows_in"], run["rows_out"], run["rows_quarantined"], run["status"]) == (12, 10, 2, "succeeded")
+    assert all(t.num_rows == 0 for t in run_audits(con).values()), run_audits(con)
+    again = run_ingest([spec], wh)
+    assert again["unchanged"] == 12 and again["kept"] == 0
+    assert all(t.num_rows == 0 for t in run_audits(connect(wh)).values())
