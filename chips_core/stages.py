@@ -26,7 +26,8 @@ def known_pairs(wh: Warehouse) -> tuple[dict[str, str], set[tuple[str, str, str]
 
 
 def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard: str,
-                 seen: dict[str, str] | None = None, recorded: set | None = None, chunk: int = 2048) -> dict:
+                 seen: dict[str, str] | None = None, recorded: set | None = None, chunk: int = 2048,
+                 docs_dir: str | None = None) -> dict:
     """Validate a stream of records chunk by chunk and write this shard's parts of ``pairs``,
     ``pair_sources`` and ``quarantine``. Rows already recorded under the same source key are
     ``unchanged`` (re-ingesting the same data is a no-op): read = kept + quarantined + unchanged."""
@@ -53,7 +54,7 @@ def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard
             parts.pair_sources.append(s)
     pairs = pa.Table.from_pylist(parts.pairs, schema=SCHEMAS["pairs"])
     check_batch(pairs.drop_columns(["image"]).to_pandas().assign(image=None), parts.read, len(parts.pairs),
-                len(parts.quarantine) + unchanged)
+                len(parts.quarantine) + unchanged, docs_dir)
     partition = {"run": run_id}
     counts = {"read": parts.read, "kept": len(parts.pairs), "quarantined": len(parts.quarantine), "unchanged": unchanged}
     wh.write("pair_sources", pa.Table.from_pylist(parts.pair_sources, schema=SCHEMAS["pair_sources"]), partition, shard)
@@ -164,8 +165,9 @@ def run_ingest(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | None 
     shards = [(spec, p) for spec in sources for p in spec.paths]
     inputs = {f"{spec.name}:{p}": input_fingerprint(p) for spec, p in shards}
     totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0}
+    docs = _DataDocs(wh)
     with recorded_run(wh, "ingest", {"sources": [dataclasses.asdict(s) for s in sources]}, run_id=run_id,
-                      parent_run_id=parent_run_id, inputs=inputs) as row:
+                      parent_run_id=parent_run_id, inputs=inputs) as row, docs:
         seen, recorded = known_pairs(wh)
         bar = _progress(shards, progress, "ingest")
         for spec, path in bar:
@@ -173,12 +175,35 @@ def run_ingest(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | None 
             if wh.has_part("pairs", {"run": run_id}, name):
                 counts = _written_counts(wh, run_id, name)
             else:
-                counts = ingest_shard(open_shard(spec, path), wh, run_id, name, seen, recorded)
+                counts = ingest_shard(open_shard(spec, path), wh, run_id, name, seen, recorded, docs_dir=docs.local)
             for k in totals:
                 totals[k] += counts[k]
         row.update(rows_in=totals["read"], rows_out=totals["kept"], rows_quarantined=totals["quarantined"],
                    rows_unchanged=totals["unchanged"])
     return {"run_id": run_id, **totals}
+
+
+class _DataDocs:
+    """GX Data Docs beside the warehouse (``<warehouse>/data_docs/index.html``): rendered in place for a
+    local warehouse, rendered to a temporary folder and uploaded for a remote one."""
+
+    def __init__(self, wh: Warehouse):
+        import posixpath
+        import tempfile
+
+        self.wh, self.target = wh, posixpath.join(wh.root, "data_docs")
+        local = "file" in (wh.fs.protocol if isinstance(wh.fs.protocol, tuple) else (wh.fs.protocol,))
+        self._tmp = None if local else tempfile.TemporaryDirectory(prefix="chips-docs-")
+        self.local = self.target if local else self._tmp.name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._tmp is not None:
+            self.wh.fs.put(self._tmp.name + "/", self.target, recursive=True)
+            self._tmp.cleanup()
+        return False
 
 
 def _written_counts(wh: Warehouse, run_id: str, shard: str) -> dict:

@@ -207,19 +207,53 @@ def validate_records(records: Iterable[RawRecord], run_id: str, seen: dict[str, 
     return out
 
 
-def check_batch(pairs: pd.DataFrame, read: int, kept: int, quarantined: int) -> None:
-    """Batch rules; raise :class:`BatchValidationError` naming every failed expectation."""
-    suite = load_suite("batch_rules")
+@lru_cache(maxsize=None)
+def _docs_checkpoints(docs_dir: str):
+    """A GX context that writes Data Docs under ``docs_dir``, with one checkpoint per batch-rule table."""
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.core.expectation_suite import ExpectationSuite
 
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.add_data_docs_site(site_name="chips", site_config={
+        "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": docs_dir}})
+    asset = ctx.data_sources.add_pandas("chips").add_dataframe_asset("frame")
+    batch_def = asset.add_batch_definition_whole_dataframe("whole")
+    ctx.suites.add(load_suite("row_rules"))  # documented on the site, run per chunk by validate_records
+    full = load_suite("batch_rules")
+    checkpoints = {}
+    for table in ("summary", "pairs"):
+        suite = ctx.suites.add(ExpectationSuite(name=f"{full.name}.{table}", expectations=[
+            e for e in full.expectations if e.meta.get("table") == table]))
+        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"batch_{table}", data=batch_def, suite=suite))
+        checkpoints[table] = ctx.checkpoints.add(gx.Checkpoint(
+            name=f"chips_batch_{table}", validation_definitions=[vd], result_format={"result_format": "SUMMARY"},
+            actions=[UpdateDataDocsAction(name="data_docs", site_names=["chips"])]))
+    ctx.build_data_docs(site_names=["chips"])
+    return checkpoints
+
+
+def check_batch(pairs: pd.DataFrame, read: int, kept: int, quarantined: int, docs_dir: str | None = None) -> None:
+    """Batch rules; raise :class:`BatchValidationError` naming every failed expectation.
+    With ``docs_dir``, the results are also rendered as GX Data Docs HTML there."""
+    from great_expectations.core.expectation_suite import ExpectationSuite
+
+    suite = load_suite("batch_rules")
     summary = pd.DataFrame({"unreconciled": [read - kept - quarantined]})
     failures = []
     for table, frame in (("summary", summary), ("pairs", pairs)):
-        rules = [e for e in suite.expectations if e.meta.get("table") == table
-                 # a null *rate* is undefined on no rows: an empty shard passes those vacuously
-                 and not (frame.empty and e.expectation_type == "expect_column_proportion_of_non_null_values_to_be_between")]
-        sub = ExpectationSuite(name=f"{suite.name}.{table}", expectations=rules)
-        for r in run_suite(sub, frame).results:
+        if docs_dir and not frame.empty:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run = _docs_checkpoints(docs_dir)[table].run(batch_parameters={"dataframe": frame})
+            results = [r for v in run.run_results.values() for r in v.results]
+        else:
+            rules = [e for e in suite.expectations if e.meta.get("table") == table
+                     # a null *rate* is undefined on no rows: an empty shard passes those vacuously
+                     and not (frame.empty and e.expectation_type == "expect_column_proportion_of_non_null_values_to_be_between")]
+            results = run_suite(ExpectationSuite(name=f"{suite.name}.{table}", expectations=rules), frame).results
+        for r in results:
             if not r.success:
                 cfg = r.expectation_config
                 observed = r.result.get("observed_value", r.result.get("unexpected_count"))

@@ -178,3 +178,17 @@ def test_run_ingest_records_a_run_resumes_and_reconciles(tmp_path, wh):
     again = run_ingest([spec], wh)
     assert again["unchanged"] == 12 and again["kept"] == 0
     assert all(t.num_rows == 0 for t in run_audits(connect(wh)).values())
+
+
+def test_data_docs_written_beside_the_warehouse(tmp_path, wh):
+    from chips_core.stages import SourceSpec, run_ingest
+
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.png").write_bytes(png(1))
+    (tmp_path / "f" / "a.txt").write_text("a caption")
+    run_ingest([SourceSpec("folder", "folder", (str(tmp_path / "f"),))], wh)
+    docs = os.path.join(wh.root, "data_docs")
+    assert os.path.isfile(os.path.join(docs, "index.html"))
+    pages = [f for d, _, fs in os.walk(os.path.join(docs, "validations")) for f in fs if f.endswith(".html")]
+    assert pages, "batch-rule validation results are rendered"
+    assert os.path.isfile(os.path.join(docs, "expectations", "chips_row_rules.html"))
