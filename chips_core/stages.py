@@ -216,3 +216,34 @@ def _progress(items, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit="shard")
+
+
+# ---------------------------------------------------------------------------------------------
+# Features (pair x featurization run)
+
+def write_features(wh: Warehouse, features, run_id: str, shard: str) -> str:
+    """One shard of a featurization run: float16 vectors, the feature identity in the footer."""
+    return wh.write("features", features.to_arrow("float16"), {"run": run_id}, shard)
+
+
+def read_features(wh: Warehouse, run_id: str):
+    """All shards of a featurization run as one :class:`FeatureBatch`, in pair-id order; parts whose
+    identity (model checksum, bank id, sketch seed, k) differs raise ``IncompatibleFeaturesError``."""
+    import posixpath
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from .featurize import FeatureBatch
+
+    parts = sorted(wh.fs.glob(posixpath.join(wh.table_dir("features"), f"run={run_id}", "*.parquet")))
+    if not parts:
+        raise FileNotFoundError(f"no features for run {run_id!r} in warehouse {wh.url!r}")
+    batches = []
+    for p in parts:
+        with wh.fs.open(p, "rb") as f:
+            batches.append(FeatureBatch.from_arrow(pq.read_table(f)))
+    out = FeatureBatch.concat(batches)
+    order = np.argsort(np.asarray(out.pair_id, dtype=str), kind="stable")
+    return FeatureBatch([out.pair_id[i] for i in order], out.x[order], out.y[order], out.g[order],
+                        out.p_corr[order], out.margin[order], out.clipscore[order], out.loss[order], out.identity)

@@ -119,3 +119,28 @@ def test_config_errors_name_the_value():
         CurvatureConfig(alpha=1.5)
     with pytest.raises(ConfigError, match=r"SketchConfig.k=0"):
         SketchConfig(k=0)
+
+
+def test_features_in_the_warehouse_roundtrip_and_refuse_mixed_identities(scored, tmp_path):
+    from chips_core.stages import read_features, write_features
+    from chips_core.warehouse import Warehouse
+
+    _, features, curv, tgt, ccfg = scored
+    wh = Warehouse(str(tmp_path / "wh"))
+    half = len(features) // 2
+    sl = lambda a, s: a[s]  # noqa: E731
+    parts = [FeatureBatch(features.pair_id[s], *(sl(getattr(features, f), s) for f in
+                                                ("x", "y", "g", "p_corr", "margin", "clipscore", "loss")),
+                          features.identity) for s in (slice(half, None), slice(0, half))]
+    for i, part in enumerate(parts):
+        write_features(wh, part, "feat-1", f"shard-{i}")
+    back = read_features(wh, "feat-1")
+    assert back.pair_id == sorted(features.pair_id) and back.identity == features.identity
+    ranks = score_features(back, tgt, curv, ccfg)["chips"]
+    direct = score_features(features, tgt, curv, ccfg)["chips"]
+    order = np.argsort(np.asarray(features.pair_id, dtype=str))
+    assert spearmanr(ranks, direct[order]).statistic > 0.999
+    other = dataclasses.replace(parts[0], identity=dataclasses.replace(features.identity, k=999))
+    write_features(wh, other, "feat-1", "shard-9")
+    with pytest.raises(IncompatibleFeaturesError, match="k"):
+        read_features(wh, "feat-1")
