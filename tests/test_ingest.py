@@ -192,3 +192,15 @@ def test_data_docs_written_beside_the_warehouse(tmp_path, wh):
     pages = [f for d, _, fs in os.walk(os.path.join(docs, "validations")) for f in fs if f.endswith(".html")]
     assert pages, "batch-rule validation results are rendered"
     assert os.path.isfile(os.path.join(docs, "expectations", "chips_row_rules.html"))
+
+
+def test_parquet_with_an_image_path_column_and_tsv(tmp_path, wh):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png(21))
+    pq.write_table(pa.table({"path": ["img/a.png", "img/none.png"], "caption": ["a path pair", "gone"]}),
+                   tmp_path / "paths.parquet")
+    c = ingest_shard(read_parquet(str(tmp_path / "paths.parquet"), "pq", path_col="path"), wh, "r", "pq")
+    assert (c["kept"], c["quarantined"]) == (1, 1)
+    (tmp_path / "list.tsv").write_text("filepath\ttitle\nimg/a.png\ta tsv caption\n")
+    c = ingest_shard(read_csv(str(tmp_path / "list.tsv"), "tsv"), wh, "r", "tsv")
+    assert c["kept"] == 1  # different caption, so a different pair
