@@ -2,7 +2,7 @@
 
 Any fsspec URL works (a local path, ``s3://``, ``gs://``...). A file is written under a hidden
 temporary name that no reader globs (``.<name>.tmp``) and then moved into place, so a reader never
-sees half a file; a part that already exists is never overwritten with other bytes.
+sees half a file. Writing the same part again replaces it whole (a run's own ``runs`` row does this).
 """
 from __future__ import annotations
 
