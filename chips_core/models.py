@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,7 +203,11 @@ def resolve_sites(model: nn.Module) -> tuple[_Site, _Site]:
 
 
 class EndpointModel:
-    r"""A CLIP model seen through its end-point parameters :math:`\{W_v, W_t, t\}` (§1)."""
+    r"""A CLIP model seen through its end-point parameters :math:`\{W_v, W_t, t\}` (§1).
+
+    :meth:`encode_pre` briefly takes the projections out of the shared model, under a per-model
+    lock; concurrent :meth:`encode_pre` calls are safe, but another thread calling the model's own
+    ``encode_image`` directly at that moment would see the projection missing."""
 
     def __init__(self, model: nn.Module):
         self.model = model.eval()
@@ -224,15 +230,26 @@ class EndpointModel:
         """Pre-projection features ``h_v (B, d_v[+1])``, ``h_t (B, d_t[+1])`` (either may be None), float32
         (float64 for a float64 model)."""
         hv = ht = None
-        if images is not None:
-            with self.vision_site.removed():
-                hv = self.model.encode_image(images.to(self.device))
-            hv = _append_one(_at_least_float32(hv), self.vision_site.has_bias)
-        if texts is not None:
-            with self.text_site.removed():
-                ht = self.model.encode_text(texts.to(self.device))
-            ht = _append_one(_at_least_float32(ht), self.text_site.has_bias)
+        with _model_lock(self.model):  # the swap is visible to every thread using this model
+            if images is not None:
+                with self.vision_site.removed():
+                    hv = self.model.encode_image(images.to(self.device))
+            if texts is not None:
+                with self.text_site.removed():
+                    ht = self.model.encode_text(texts.to(self.device))
+        hv = None if hv is None else _append_one(_at_least_float32(hv), self.vision_site.has_bias)
+        ht = None if ht is None else _append_one(_at_least_float32(ht), self.text_site.has_bias)
         return hv, ht
+
+
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> threading.Lock:
+    """One lock per model object: reading h swaps the projection out, which other threads would see."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.Lock())
 
 
 def _at_least_float32(h: torch.Tensor) -> torch.Tensor:

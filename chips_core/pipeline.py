@@ -125,46 +125,63 @@ def _model_fields(cfg: RunConfig, loaded: LoadedModel) -> dict:
             "sketch_k": cfg.sketch.k}
 
 
+def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str) -> tuple[list[str], list[list[str]]]:
+    """Reduce step: the pool's pair ids, their shards, and the reference bank (drawn, forwarded and
+    stored once per run; a resumed run reuses the stored bank)."""
+    ids = source_pair_ids(wh, cfg.pool)
+    if len(ids) < 2:
+        raise ValueError(f"pool sources {[s.name for s in cfg.pool]} hold {len(ids)} pairs; need at least 2")
+    try:
+        load_bank(wh, run_id)
+    except FileNotFoundError:
+        bank_ids = ReferenceBank.draw_ids(ids, cfg.bank)
+        bank = ReferenceBank.from_pairs(EndpointModel(loaded.model), *load_pairs(wh, bank_ids, loaded), bank_ids,
+                                        model_checksum=loaded.checksum, seed=cfg.bank.seed,
+                                        micro_batch=cfg.featurize.micro_batch)
+        save_bank(wh, bank, run_id)
+    return ids, [ids[i:i + cfg.shard_size] for i in range(0, len(ids), cfg.shard_size)]
+
+
+def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str, n: int,
+                    shard_ids: list[str]) -> bool:
+    """Map step: one shard's features; skipped (False) when its part already exists."""
+    name = f"shard-{n:05d}"
+    if wh.has_part("features", {"run": run_id}, name):
+        return False
+    feat = Featurizer(EndpointModel(loaded.model), load_bank(wh, run_id), cfg.sketch, cfg.featurize)
+    write_features(wh, feat.featurize(*load_pairs(wh, shard_ids, loaded), shard_ids), run_id, name)
+    return True
+
+
+def featurize_curvature(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str, ids: list[str]) -> None:
+    """Reduce step: Φ_pos, Φ_neg and the Fisher over the seeded sample, stored once per run."""
+    try:
+        load_curvature(wh, run_id)
+    except FileNotFoundError:
+        ctx = ScoringContext(EndpointModel(loaded.model), load_bank(wh, run_id), cfg.sketch)
+        sample = curvature_sample(ids, cfg.curvature)
+        save_curvature(wh, curvature_stats(ctx, *load_pairs(wh, sample, loaded), sample, cfg.curvature,
+                                           cfg.featurize), run_id)
+
+
 def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str | None = None,
                     parent_run_id: str | None = None, progress: bool = False) -> dict:
     """Bank, per-shard features and the curvature statistics for every pool pair. Resumes at shard
     granularity: shards whose part exists are skipped, and a resumed run writes the same bytes."""
     run_id = run_id or new_run_id("featurize")
-    ids = source_pair_ids(wh, cfg.pool)
-    if len(ids) < 2:
-        raise ValueError(f"pool sources {[s.name for s in cfg.pool]} hold {len(ids)} pairs; need at least 2")
-    ep = EndpointModel(loaded.model)
     with recorded_run(wh, "featurize", cfg, run_id=run_id, parent_run_id=parent_run_id,
-                      inputs={"pool_pairs": len(ids)}, **_model_fields(cfg, loaded)) as row:
-        try:
-            bank = load_bank(wh, run_id)
-        except FileNotFoundError:
-            bank_ids = ReferenceBank.draw_ids(ids, cfg.bank)
-            bank = ReferenceBank.from_pairs(ep, *load_pairs(wh, bank_ids, loaded), bank_ids,
-                                            model_checksum=loaded.checksum, seed=cfg.bank.seed,
-                                            micro_batch=cfg.featurize.micro_batch)
-            save_bank(wh, bank, run_id)
-        feat = Featurizer(ep, bank, cfg.sketch, cfg.featurize)
-        shards = [ids[i:i + cfg.shard_size] for i in range(0, len(ids), cfg.shard_size)]
+                      **_model_fields(cfg, loaded)) as row:
+        ids, shards = featurize_prepare(cfg, wh, loaded, run_id)
         it = shards
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(shards, desc="featurize", unit="shard")
-        done = 0
-        for n, shard_ids in enumerate(it):
-            name = f"shard-{n:05d}"
-            if wh.has_part("features", {"run": run_id}, name):
-                continue
-            write_features(wh, feat.featurize(*load_pairs(wh, shard_ids, loaded), shard_ids), run_id, name)
-            done += 1
-        try:
-            load_curvature(wh, run_id)
-        except FileNotFoundError:
-            sample = curvature_sample(ids, cfg.curvature)
-            save_curvature(wh, curvature_stats(feat.ctx, *load_pairs(wh, sample, loaded), sample, cfg.curvature,
-                                               cfg.featurize), run_id)
-        row.update(bank_id=bank.bank_id, rows_in=len(ids), rows_out=len(ids), rows_quarantined=0)
-    return {"run_id": run_id, "pairs": len(ids), "shards": len(shards), "shards_written": done, "bank_id": bank.bank_id}
+        done = sum(featurize_shard(cfg, wh, loaded, run_id, n, sh) for n, sh in enumerate(it))
+        featurize_curvature(cfg, wh, loaded, run_id, ids)
+        bank_id = load_bank(wh, run_id).bank_id
+        row.update(bank_id=bank_id, rows_in=len(ids), rows_out=len(ids), rows_quarantined=0,
+                   input_fingerprints=json.dumps({"pool_pairs": len(ids)}))
+    return {"run_id": run_id, "pairs": len(ids), "shards": len(shards), "shards_written": done, "bank_id": bank_id}
 
 
 def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_run_id: str,

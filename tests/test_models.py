@@ -104,3 +104,21 @@ def test_local_hugging_face_folder(tmp_path, tiny_vit):
     assert loaded.checksum == state_dict_checksum(tiny_vit)
     with pytest.raises(CheckpointNotFoundError, match="missing-folder"):
         load_model(ModelSpec(hf_dir=str(tmp_path / "missing-folder")))
+
+
+def test_pre_features_are_thread_safe(tiny_vit, pairs):
+    """Reading h swaps the projection out of the shared model; concurrent readers must not see it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ep = EndpointModel(tiny_vit)
+    images, texts, _ = pairs
+    ref = ep.encode_pre(images[:8], texts[:8])
+
+    def one(_):
+        with torch.no_grad():
+            tiny_vit.encode_image(images[:8])  # a plain forward racing the swap
+        return ep.encode_pre(images[:8], texts[:8])
+
+    with ThreadPoolExecutor(4) as pool:
+        for hv, ht in pool.map(one, range(32)):
+            assert torch.equal(hv, ref[0]) and torch.equal(ht, ref[1])

@@ -1,0 +1,92 @@
+"""Prefect flows for every stage and the parent pipeline. Each is a few calls into ``chips_core``;
+featurize maps over shards (with retries) between two reduce steps (bank; curvature)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from prefect import flow, get_run_logger, task, unmapped
+
+from chips_core.models import LoadedModel, ModelSpec, load_model
+from chips_core.pipeline import (featurize_curvature, featurize_prepare, featurize_shard, load_bank, materialize_stage,
+                                 score_stage)
+from chips_core.provenance import new_run_id, recorded_run
+from chips_core.runconfig import RunConfig, load_run_config
+from chips_core.stages import run_ingest
+from chips_core.warehouse import Warehouse
+
+
+@lru_cache(maxsize=4)
+def _model(spec: ModelSpec, device: str) -> LoadedModel:
+    return load_model(spec, device)  # one model per process, shared by the shard tasks' threads
+
+
+def _setup(config: str | dict) -> tuple[RunConfig, Warehouse]:
+    cfg = load_run_config(config)
+    return cfg, Warehouse(cfg.warehouse, cfg.storage_options)
+
+
+@flow(name="chips-ingest")
+def ingest_flow(config: str | dict, parent_run_id: str | None = None) -> dict:
+    cfg, wh = _setup(config)
+    out = run_ingest(list(cfg.pool) + list(cfg.target), wh, parent_run_id=parent_run_id)
+    get_run_logger().info("ingest %s: read %d, kept %d, quarantined %d, unchanged %d", out["run_id"],
+                          out["read"], out["kept"], out["quarantined"], out["unchanged"])
+    return out
+
+
+@task(name="featurize-prepare")
+def _prepare(config, run_id):
+    cfg, wh = _setup(config)
+    return featurize_prepare(cfg, wh, _model(cfg.model, cfg.device), run_id)
+
+
+@task(name="featurize-shard", retries=2, retry_delay_seconds=1)
+def _shard(config, run_id, n, shard_ids):
+    cfg, wh = _setup(config)
+    return featurize_shard(cfg, wh, _model(cfg.model, cfg.device), run_id, n, shard_ids)
+
+
+@task(name="featurize-curvature")
+def _curvature(config, run_id, ids):
+    cfg, wh = _setup(config)
+    featurize_curvature(cfg, wh, _model(cfg.model, cfg.device), run_id, ids)
+
+
+@flow(name="chips-featurize")
+def featurize_flow(config: str | dict, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+    cfg, wh = _setup(config)
+    loaded = _model(cfg.model, cfg.device)
+    run_id = run_id or new_run_id("featurize")
+    with recorded_run(wh, "featurize", cfg, run_id=run_id, parent_run_id=parent_run_id, model_name=loaded.label,
+                      model_checksum=loaded.checksum, sketch_seed=cfg.sketch.seed, sketch_k=cfg.sketch.k) as row:
+        ids, shards = _prepare(config, run_id)
+        futures = _shard.map(unmapped(config), unmapped(run_id), list(range(len(shards))), shards)
+        written = sum(bool(f.result()) for f in futures)
+        _curvature(config, run_id, ids)
+        row.update(bank_id=load_bank(wh, run_id).bank_id, rows_in=len(ids), rows_out=len(ids), rows_quarantined=0)
+    get_run_logger().info("featurize %s: %d pairs, %d shards (%d written now)", run_id, len(ids), len(shards), written)
+    return {"run_id": run_id, "pairs": len(ids), "shards": len(shards), "shards_written": written}
+
+
+@flow(name="chips-score")
+def score_flow(config: str | dict, featurize_run_id: str, parent_run_id: str | None = None) -> dict:
+    cfg, wh = _setup(config)
+    return score_stage(cfg, wh, _model(cfg.model, cfg.device), featurize_run_id, parent_run_id=parent_run_id)
+
+
+@flow(name="chips-materialize")
+def materialize_flow(config: str | dict, score_run_id: str, parent_run_id: str | None = None) -> dict:
+    cfg, wh = _setup(config)
+    return materialize_stage(cfg, wh, score_run_id, parent_run_id=parent_run_id)
+
+
+@flow(name="chips-pipeline")
+def pipeline_flow(config: str | dict) -> dict:
+    cfg, wh = _setup(config)
+    parent = new_run_id("pipeline")
+    with recorded_run(wh, "pipeline", cfg, run_id=parent):
+        ingest = ingest_flow(config, parent_run_id=parent)
+        feat = featurize_flow(config, parent_run_id=parent)
+        score = score_flow(config, feat["run_id"], parent_run_id=parent)
+        mat = materialize_flow(config, score["run_id"], parent_run_id=parent)
+    return {"run_id": parent, "ingest": ingest, "featurize": feat, "score": score, "materialize": mat}

@@ -1,0 +1,79 @@
+"""Real Prefect flow runs (one temporary Prefect API for the session) over a real warehouse."""
+import pytest
+import torch
+import yaml
+
+from chips_core.demo import DEMO_MODEL_CONFIG, make_pairs
+from chips_core.query import connect, query, run_audits
+from chips_core.warehouse import Warehouse
+
+from .test_pipeline import write_folder
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory, demo_model):
+    tmp = tmp_path_factory.mktemp("flows")
+    write_folder(tmp / "pool", make_pairs(90, seed=7), 90)
+    write_folder(tmp / "target", make_pairs(20, seed=8, scan_fraction=1.0, noise_fraction=0.0), 20)
+    torch.save(demo_model.state_dict(), tmp / "demo.pt")
+    cfg = {"warehouse": str(tmp / "wh"),
+           "pool": [{"name": "pool", "kind": "folder", "paths": [str(tmp / "pool")]}],
+           "target": [{"name": "target", "kind": "folder", "paths": [str(tmp / "target")]}],
+           "model": {"config": DEMO_MODEL_CONFIG, "checkpoint": str(tmp / "demo.pt")},
+           "sketch": {"k": 64}, "bank": {"size": 32}, "curvature": {"n_curv": 40, "hard_negatives": 4},
+           "budgets": [0.2, 0.5], "shard_size": 30, "outputs": {"dir": str(tmp / "out")}}
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_pipeline_flow_end_to_end(prefect_api, config_path):
+    from flows.chips_flows import pipeline_flow
+
+    out = pipeline_flow(str(config_path))
+    assert out["featurize"]["shards"] == 3 and out["featurize"]["shards_written"] == 3
+    wh = Warehouse(yaml.safe_load(config_path.read_text())["warehouse"])
+    con = connect(wh)
+    runs = query(con, "select stage, parent_run_id, status from stg_runs order by stage").to_pylist()
+    assert [r["stage"] for r in runs] == ["featurize", "ingest", "materialize", "pipeline", "score"]
+    assert all(r["status"] == "succeeded" for r in runs)
+    assert {r["parent_run_id"] for r in runs if r["stage"] != "pipeline"} == {out["run_id"]}
+    assert all(t.num_rows == 0 for t in run_audits(con).values())
+    n = query(con, "select count(*) n from stg_subsets where method = 'chips' and budget = 0.2").column("n")
+    assert n.to_pylist() == [18]
+
+
+def test_featurize_flow_resumes_missing_shards_only(prefect_api, config_path):
+    import os
+
+    from flows.chips_flows import featurize_flow
+
+    first = featurize_flow(str(config_path), run_id="featurize-resume")
+    wh = Warehouse(yaml.safe_load(config_path.read_text())["warehouse"])
+    parts = sorted(wh.fs.glob(f"{wh.root}/features/run=featurize-resume/*.parquet"))
+    before = open(parts[2], "rb").read()
+    os.remove(parts[2])
+    again = featurize_flow(str(config_path), run_id="featurize-resume")
+    assert (first["shards_written"], again["shards_written"]) == (3, 1)
+    assert open(parts[2], "rb").read() == before
+
+
+def test_bad_config_names_the_key(tmp_path):
+    from chips_core.errors import ConfigError
+    from chips_core.runconfig import load_run_config
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("warehouse: /tmp/x\npool: []\ntarget: []\nmodel: {name: RN50}\nsketch: {k: -3}\n")
+    with pytest.raises(ConfigError, match=r"sketch\.SketchConfig\.k=-3"):
+        load_run_config(p)
+    p.write_text("warehouse: /tmp/x\npool: []\ntarget: []\nmodel: {name: RN50}\nbudget: [0.1]\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'budget'"):
+        load_run_config(p)
