@@ -1,0 +1,136 @@
+"""The ``chips`` command line: demo, run, sql, runs. Errors are one line and a non-zero exit."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="chips — CHIPS data selection for domain-adaptive CLIP, as a data platform.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def _fail(e: BaseException) -> None:
+    typer.echo(f"chips: error: {e}", err=True)
+    raise typer.Exit(code=1)
+
+
+def _warehouse_option():
+    return typer.Option(..., "--warehouse", "-w", envvar="CHIPS_WAREHOUSE", help="warehouse path or fsspec URL")
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/runconfig.py)")) -> None:
+    """Run the whole pipeline (ingest, featurize, score, materialize) as a Prefect flow."""
+    from chips_core.errors import ChipsError
+    from chips_core.runconfig import load_run_config
+
+    try:
+        load_run_config(config)  # fail fast, before any flow starts, with the bad key named
+        from flows.chips_flows import pipeline_flow
+
+        out = pipeline_flow(str(config))
+    except (ChipsError, FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    _summary(out, load_run_config(config))
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, warehouse and outputs go"),
+         pool_size: int = typer.Option(600, help="pool pairs"), eval_size: int = typer.Option(100, help="target pairs"),
+         steps: int = typer.Option(300, help="training steps of the demo CLIP, if none is cached")) -> None:
+    """The embedded default: train (or reuse) a tiny CLIP, build a noisy pool and a 'scan' target set,
+    and run the whole pipeline on them — no network, a few minutes on 2 CPUs."""
+    from flows.demo import prepare_demo
+
+    t0 = time.perf_counter()
+    cfg_dict = prepare_demo(workdir, pool_size, eval_size, steps)
+    from chips_core.runconfig import load_run_config
+    from flows.chips_flows import pipeline_flow
+
+    out = pipeline_flow(cfg_dict)
+    _summary(out, load_run_config(cfg_dict), demo=True)
+    typer.echo(f"\nDemo finished in {time.perf_counter() - t0:.0f} s.")
+
+
+@app.command("sql")
+def sql_cmd(query: str = typer.Argument(..., help="one SELECT over the stg_*/mart_*/audit_* views"),
+            warehouse: str = _warehouse_option(), limit: int = typer.Option(50, help="rows to print")) -> None:
+    """Run a read-only SQL query over the warehouse."""
+    from chips_core.errors import ChipsError
+    from chips_core.query import connect, query as run_query
+    from chips_core.warehouse import Warehouse
+
+    try:
+        table = run_query(connect(Warehouse(warehouse)), query)
+    except ChipsError as e:
+        _fail(e)
+    except Exception as e:  # noqa: BLE001 - DuckDB's own errors (bad SQL) are user errors here
+        _fail(f"{type(e).__name__}: {e}")
+    _print_table(table, limit)
+
+
+@app.command()
+def runs(warehouse: str = _warehouse_option(), stage: Optional[str] = typer.Option(None, help="only this stage")) -> None:
+    """List stage runs (provenance), newest first."""
+    from chips_core.query import connect, query as run_query
+    from chips_core.warehouse import Warehouse
+
+    sql = ("select run_id, stage, status, parent_run_id, rows_in, rows_out, rows_quarantined, started_at "
+           "from stg_runs where $stage is null or stage = $stage order by started_at desc")
+    _print_table(run_query(connect(Warehouse(warehouse)), sql, {"stage": stage}), 200)
+
+
+def _print_table(table, limit: int) -> None:
+    import polars as pl
+
+    with pl.Config(tbl_rows=limit, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200):
+        typer.echo(pl.from_arrow(table).head(limit))
+
+
+def _summary(out: dict, cfg, demo: bool = False) -> None:
+    from chips_core.query import connect, query as run_query
+    from chips_core.warehouse import Warehouse
+
+    con = connect(Warehouse(cfg.warehouse, cfg.storage_options))
+    i, f, s, m = out["ingest"], out["featurize"], out["score"], out["materialize"]
+    typer.echo(f"\nPipeline run {out['run_id']}")
+    typer.echo(f"  ingest      read {i['read']}, kept {i['kept']}, quarantined {i['quarantined']}, unchanged {i['unchanged']}")
+    typer.echo(f"  featurize   {f['pairs']} pool pairs in {f['shards']} shards (k={cfg.sketch.k}, K={cfg.bank.size})")
+    typer.echo(f"  score       {s['pairs']} pairs against {s['eval_pairs']} target pairs (eval loss {s['eval_loss']:.3f})")
+    typer.echo(f"  materialize {len(m['subsets'])} subsets")
+    top = run_query(con, "select p.caption, s.utility, s.chips_align, s.w_learn, s.w_relevance from stg_scores s "
+                         "join stg_pairs p using (pair_id) where s.run_id = $r order by s.rank limit 5", {"r": s["run_id"]})
+    typer.echo("\nTop pairs by CHIPS utility (alignment x learnability x relevance):")
+    for r in top.to_pylist():
+        typer.echo(f"  {r['utility']:+9.3g}  A={r['chips_align']:+.3g} wL={r['w_learn']:.2f} wR={r['w_relevance']:.2f}  {r['caption']!r}")
+    sizes = run_query(con, "select method, budget, count(*) as n from stg_subsets where score_run_id = $r "
+                           "group by all order by method, budget", {"r": s["run_id"]})
+    typer.echo("\nSubset sizes: " + ", ".join(f"{r['method']}@{r['budget']:g}={r['n']}" for r in sizes.to_pylist()
+                                              if r["method"] in ("chips", "random")) + " (all methods in stg_subsets)")
+    if demo:
+        share = run_query(con, """
+            select sub.method, sub.budget,
+                   avg(case when p.caption similar to '.*(scan|x-ray).*' then 1.0 else 0.0 end) as scan_share
+            from stg_subsets sub join stg_pairs p using (pair_id)
+            where sub.score_run_id = $r group by all order by sub.budget, scan_share desc""", {"r": s["run_id"]})
+        typer.echo("\nShare of 'scan' captions picked (the target domain), per method and budget:")
+        for r in share.to_pylist():
+            typer.echo(f"  {r['method']:<18} {r['budget']:>4g}  {r['scan_share']:.0%}")
+    out_dir = Path(cfg.outputs.dir) / m["run_id"]
+    typer.echo(f"\nWarehouse: {cfg.warehouse}\nManifests (Parquet + open_clip CSV): {out_dir}")
+    typer.echo(f"GX Data Docs: {Path(cfg.warehouse) / 'data_docs' / 'index.html'}")
+    typer.echo("Try:\n  chips sql -w " + str(cfg.warehouse) +
+               " \"select reason, count(*) n from stg_quarantine group by reason order by n desc\"")
+
+
+def main() -> None:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The `chips` CLI: the embedded demo end to end (a real Prefect run), sql, runs, and one-line errors."""
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+from .test_flows import prefect_api  # noqa: F401 - the session's Prefect API
+
+
+def test_chips_demo_then_sql_and_runs(prefect_api, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("CHIPS_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--pool-size", "150",
+                              "--eval-size", "30", "--steps", "40"])
+    assert res.exit_code == 0, res.output
+    for text in ("ingest      read 183, kept 180, quarantined 3", "Top pairs by CHIPS utility", "chips@0.3=45",
+                 "Share of 'scan' captions", "chips sql -w"):
+        assert text in res.output
+    wh = str(tmp_path / "demo" / "warehouse")
+    res = runner.invoke(app, ["sql", "-w", wh, "select reason, count(*) n from stg_quarantine group by reason order by reason"])
+    assert res.exit_code == 0 and "image_undecodable" in res.output and "caption_empty" in res.output
+    res = runner.invoke(app, ["runs", "-w", wh, "--stage", "score"])
+    assert res.exit_code == 0 and "succeeded" in res.output
+
+
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
+    runner = CliRunner()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("warehouse: /tmp/x\npool: []\ntarget: []\nmodel: {name: RN50}\nsketch: {k: zero}\n")
+    res = runner.invoke(app, ["run", str(bad)])
+    assert res.exit_code == 1 and res.output.strip() == f"chips: error: {bad}: sketch.k='zero' must be int"
+    res = runner.invoke(app, ["run", str(tmp_path / "missing.yaml")])
+    assert res.exit_code == 1 and "run config not found" in res.output
+    ckpt = tmp_path / "bad2.yaml"
+    ckpt.write_text(f"warehouse: {tmp_path / 'wh'}\npool: []\ntarget: []\n"
+                    f"model: {{name: RN50, checkpoint: {tmp_path / 'nope.pt'}}}\n")
+    res = runner.invoke(app, ["run", str(ckpt)])
+    assert res.exit_code == 1 and "nope.pt" in res.output
+    res = runner.invoke(app, ["sql", "-w", str(tmp_path / "wh"), "delete from stg_pairs"])
+    assert res.exit_code == 1 and "only a single SELECT" in res.output
