@@ -70,3 +70,12 @@ def make_bank(model, pairs, size=16, seed=0, micro_batch=64):
     idx = [ids.index(p) for p in chosen]
     return ReferenceBank.from_pairs(EndpointModel(model), images[idx], texts[idx], chosen,
                                     model_checksum=state_dict_checksum(model), seed=seed, micro_batch=micro_batch)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API for the whole session (it takes ~15 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

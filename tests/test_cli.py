@@ -3,10 +3,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 
-from .test_flows import prefect_api  # noqa: F401 - the session's Prefect API
 
-
-def test_chips_demo_then_sql_and_runs(prefect_api, tmp_path, monkeypatch):  # noqa: F811
+def test_chips_demo_then_sql_and_runs(prefect_api, tmp_path, monkeypatch):
     monkeypatch.setenv("CHIPS_CACHE", str(tmp_path / "cache"))
     runner = CliRunner()
     res = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--pool-size", "150",

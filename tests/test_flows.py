@@ -10,14 +10,6 @@ from chips_core.warehouse import Warehouse
 from .test_pipeline import write_folder
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory, demo_model):
     tmp = tmp_path_factory.mktemp("flows")
