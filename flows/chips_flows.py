@@ -90,3 +90,16 @@ def pipeline_flow(config: str | dict) -> dict:
         score = score_flow(config, feat["run_id"], parent_run_id=parent)
         mat = materialize_flow(config, score["run_id"], parent_run_id=parent)
     return {"run_id": parent, "ingest": ingest, "featurize": feat, "score": score, "materialize": mat}
+
+
+@flow(name="chips-rescore")
+def rescore_flow(config: str | dict, featurize_run_id: str) -> dict:
+    """Score an already featurized pool for the config's (new) target set, then materialize: the model
+    runs over the target evaluation set only; the pool's stored features, bank and curvature are reused."""
+    cfg, wh = _setup(config)
+    parent = new_run_id("rescore")
+    with recorded_run(wh, "rescore", cfg, run_id=parent, inputs={"featurize_run_id": featurize_run_id}):
+        ingest = run_ingest(list(cfg.target), wh, parent_run_id=parent)
+        score = score_flow(config, featurize_run_id, parent_run_id=parent)
+        mat = materialize_flow(config, score["run_id"], parent_run_id=parent)
+    return {"run_id": parent, "ingest": ingest, "score": score, "materialize": mat}

@@ -39,6 +39,25 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/r
 
 
 @app.command()
+def rescore(config: Path = typer.Argument(..., help="pipeline YAML whose `target` is the new evaluation set"),
+            featurize_run_id: str = typer.Option(..., "--featurize-run", help="run id of the pool's featurization")) -> None:
+    """Score an already featurized pool for a new target set (the model runs over the target only)."""
+    from chips_core.errors import ChipsError
+    from chips_core.runconfig import load_run_config
+
+    try:
+        load_run_config(config)
+        from flows.chips_flows import rescore_flow
+
+        out = rescore_flow(str(config), featurize_run_id)
+    except (ChipsError, FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    s, m = out["score"], out["materialize"]
+    typer.echo(f"rescore {out['run_id']}: {s['pairs']} pool pairs scored against {s['eval_pairs']} target pairs; "
+               f"{len(m['subsets'])} subsets in {m['files'][0].rsplit('/', 1)[0] if m['files'] else '-'}")
+
+
+@app.command()
 def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, warehouse and outputs go"),
          pool_size: int = typer.Option(600, help="pool pairs"), eval_size: int = typer.Option(100, help="target pairs"),
          steps: int = typer.Option(300, help="training steps of the demo CLIP, if none is cached")) -> None:

@@ -46,8 +46,9 @@ def test_pipeline_flow_end_to_end(prefect_api, config_path):
 def test_featurize_flow_resumes_missing_shards_only(prefect_api, config_path):
     import os
 
-    from flows.chips_flows import featurize_flow
+    from flows.chips_flows import featurize_flow, ingest_flow
 
+    ingest_flow(str(config_path))
     first = featurize_flow(str(config_path), run_id="featurize-resume")
     wh = Warehouse(yaml.safe_load(config_path.read_text())["warehouse"])
     parts = sorted(wh.fs.glob(f"{wh.root}/features/run=featurize-resume/*.parquet"))
@@ -69,3 +70,31 @@ def test_bad_config_names_the_key(tmp_path):
     p.write_text("warehouse: /tmp/x\npool: []\ntarget: []\nmodel: {name: RN50}\nbudget: [0.1]\n")
     with pytest.raises(ConfigError, match=r"unknown key 'budget'"):
         load_run_config(p)
+
+
+def test_rescore_runs_the_model_over_the_new_target_only(prefect_api, config_path, tmp_path):
+    import flows.chips_flows as cf
+    from flows.chips_flows import _model, featurize_flow, ingest_flow, rescore_flow
+
+    base = yaml.safe_load(config_path.read_text())
+    ingest_flow(str(config_path))  # a no-op (all unchanged) when an earlier test ingested already
+    feat = featurize_flow(str(config_path), run_id="featurize-for-rescore")
+    write_folder(tmp_path / "new-target", make_pairs(17, seed=99, scan_fraction=0.0, noise_fraction=0.0), 17)
+    new = {**base, "target": [{"name": "new-target", "kind": "folder", "paths": [str(tmp_path / "new-target")]}]}
+    cfg = cf.load_run_config(new)
+    model = _model(cfg.model, cfg.device).model
+    seen = []
+    original = model.encode_image
+
+    def counting(images, *a, **kw):
+        seen.append(len(images))
+        return original(images, *a, **kw)
+
+    model.encode_image = counting
+    try:
+        out = rescore_flow(new, feat["run_id"])
+    finally:
+        del model.encode_image
+    micro = cfg.featurize.micro_batch
+    assert sum(seen) == micro * -(-17 // micro), f"forwarded {sum(seen)} images for a 17-pair target"
+    assert out["score"]["pairs"] == 90 and out["score"]["eval_pairs"] == 17
