@@ -103,6 +103,21 @@ def runs(warehouse: str = _warehouse_option(), stage: Optional[str] = typer.Opti
     _print_table(run_query(connect(Warehouse(warehouse)), sql, {"stage": stage}), 200)
 
 
+@app.command()
+def report(run_id: str = typer.Argument(..., help="a score, materialize, pipeline or rescore run id"),
+           warehouse: str = _warehouse_option(),
+           out: Path = typer.Option(None, help="output folder (default: chips-report-<run id>)")) -> None:
+    """Write an HTML report with PNG plots for a scoring run."""
+    from chips_core.report import write_report
+    from chips_core.warehouse import Warehouse
+
+    try:
+        page = write_report(Warehouse(warehouse), run_id, out or Path(f"chips-report-{run_id}"))
+    except KeyError as e:
+        _fail(e.args[0])
+    typer.echo(f"report: {page}")
+
+
 def _print_table(table, limit: int) -> None:
     import polars as pl
 

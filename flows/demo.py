@@ -38,25 +38,39 @@ def write_folder(folder: Path, data, n: int) -> None:
         (folder / f"{i:05d}.txt").write_text(data.captions[i])
 
 
+def _subset(data, idx):
+    from chips_core.demo import SyntheticPairs
+
+    return SyntheticPairs(data.images[idx], [data.captions[i] for i in idx], [data.pair_ids[i] for i in idx],
+                          data.domain[idx], data.noisy[idx])
+
+
 def prepare_demo(workdir: Path, pool_size: int = 600, eval_size: int = 100, steps: int = 300) -> dict:
     """Write the demo's pool and target folders (once) and return its run configuration."""
     from chips_core.demo import DEMO_MODEL_CONFIG, make_pairs
 
     workdir = Path(workdir).resolve()
-    pool, target = workdir / "data" / f"pool-{pool_size}", workdir / "data" / f"target-{eval_size}"
-    if not pool.is_dir():
-        write_folder(pool, make_pairs(pool_size, seed=1), pool_size)
+    data = workdir / "data" / f"pool-{pool_size}"
+    scans, photos = data / "scans", data / "photos"
+    target = workdir / "data" / f"target-{eval_size}"
+    if not data.is_dir():
+        pool = make_pairs(pool_size, seed=1)
+        # two sources, as a team would have them: an archive of scans and a web scrape of photos
+        for folder, keep in ((scans, pool.domain == "scan"), (photos, pool.domain != "scan")):
+            idx = np.flatnonzero(keep)
+            write_folder(folder, _subset(pool, idx), len(idx))
         # a few broken rows, so the demo shows quarantine at work
-        (pool / "broken-0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-        (pool / "broken-0.txt").write_text("an image that does not decode")
-        (pool / "00000.png").read_bytes() and (pool / "blank-caption.png").write_bytes((pool / "00001.png").read_bytes())
-        (pool / "blank-caption.txt").write_text("   ")
-        (pool / "no-caption.png").write_bytes((pool / "00002.png").read_bytes())
+        (photos / "broken-0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        (photos / "broken-0.txt").write_text("an image that does not decode")
+        (photos / "blank-caption.png").write_bytes((photos / "00001.png").read_bytes())
+        (photos / "blank-caption.txt").write_text("   ")
+        (photos / "no-caption.png").write_bytes((photos / "00002.png").read_bytes())
     if not target.is_dir():
         write_folder(target, make_pairs(eval_size, seed=2, scan_fraction=1.0, noise_fraction=0.0), eval_size)
     return {
         "warehouse": str(workdir / "warehouse"),
-        "pool": [{"name": "demo-pool", "kind": "folder", "paths": [str(pool)]}],
+        "pool": [{"name": "scan-archive", "kind": "folder", "paths": [str(scans)]},
+                 {"name": "web-photos", "kind": "folder", "paths": [str(photos)]}],
         "target": [{"name": "demo-target", "kind": "folder", "paths": [str(target)]}],
         "model": {"config": DEMO_MODEL_CONFIG, "checkpoint": str(demo_checkpoint(steps))},
         "sketch": {"k": 256}, "bank": {"size": min(256, pool_size)},

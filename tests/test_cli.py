@@ -18,6 +18,18 @@ def test_chips_demo_then_sql_and_runs(prefect_api, tmp_path, monkeypatch):
     assert res.exit_code == 0 and "image_undecodable" in res.output and "caption_empty" in res.output
     res = runner.invoke(app, ["runs", "-w", wh, "--stage", "score"])
     assert res.exit_code == 0 and "succeeded" in res.output
+    from chips_core.query import connect, query
+    from chips_core.warehouse import Warehouse
+
+    pipeline = query(connect(Warehouse(wh)), "select run_id from stg_runs where stage = 'pipeline'").to_pylist()[0]
+    res = runner.invoke(app, ["report", pipeline["run_id"], "-w", wh, "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "report" / "index.html").read_text()
+    for png in ("factors.png", "utility_vs_clipscore.png", "selection_by_source.png", "budget_curves.png"):
+        assert f'src="{png}"' in page and (tmp_path / "report" / png).stat().st_size > 5000
+    assert "scan-archive" in page or "web-photos" in page
+    res = runner.invoke(app, ["report", "no-such-run", "-w", wh])
+    assert res.exit_code == 1 and "no scoring run found for 'no-such-run'" in res.output
 
 
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
