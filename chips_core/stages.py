@@ -166,8 +166,8 @@ def run_ingest(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | None 
     inputs = {f"{spec.name}:{p}": input_fingerprint(p) for spec, p in shards}
     totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0}
     docs = _DataDocs(wh)
-    with recorded_run(wh, "ingest", {"sources": [dataclasses.asdict(s) for s in sources]}, run_id=run_id,
-                      parent_run_id=parent_run_id, inputs=inputs) as row, docs:
+    with wh.lock("ingest"), recorded_run(wh, "ingest", {"sources": [dataclasses.asdict(s) for s in sources]},
+                                         run_id=run_id, parent_run_id=parent_run_id, inputs=inputs) as row, docs:
         seen, recorded = known_pairs(wh)
         bar = _progress(shards, progress, "ingest")
         for spec, path in bar:

@@ -6,7 +6,9 @@ sees half a file. Writing the same part again replaces it whole (a run's own ``r
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import posixpath
 import uuid
 from dataclasses import dataclass
@@ -99,6 +101,30 @@ class Warehouse:
         except Exception as e:  # noqa: BLE001
             raise WarehouseError(f"cannot write {path!r} in warehouse {self.url!r}: {e}") from e
         return path
+
+    @contextlib.contextmanager
+    def lock(self, name: str):
+        """An exclusive, blocking lock for stages that read-then-write shared state (ingest's
+        de-duplication). Local warehouses use ``flock`` on ``<root>/_locks/<name>.lock``; object
+        stores have no such primitive, so there the caller must not run two ingests at once."""
+        if not self.is_local:
+            yield
+            return
+        import fcntl
+
+        path = posixpath.join(self.root, "_locks", f"{name}.lock")
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @property
+    def is_local(self) -> bool:
+        proto = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "file" in proto or "local" in proto
 
     def has_part(self, table: str, partition: dict[str, str], name: str) -> bool:
         return self.fs.exists(self.part_path(table, partition, name))

@@ -151,3 +151,37 @@ def test_featurize_killed_mid_run_resumes_to_the_same_bytes(run, tmp_path):
     b = sorted(wh.fs.glob(f"{wh.root}/features/run=uninterrupted/*.parquet"))
     assert len(a) == len(b) == 30
     assert [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
+
+
+def test_two_pipelines_at_once_on_one_warehouse(tmp_path, demo_model):
+    """Two processes run the whole pipeline into the same warehouse at the same time (different run
+    ids): both succeed, and the audits find nothing wrong afterwards."""
+    import subprocess
+    import sys
+
+    import torch
+
+    write_folder(tmp_path / "pool", make_pairs(60, seed=31), 60)
+    write_folder(tmp_path / "target", make_pairs(12, seed=32, scan_fraction=1.0, noise_fraction=0.0), 12)
+    torch.save(demo_model.state_dict(), tmp_path / "demo.pt")
+    cfg = {"warehouse": str(tmp_path / "wh"),
+           "pool": [{"name": "pool", "kind": "folder", "paths": [str(tmp_path / "pool")]}],
+           "target": [{"name": "target", "kind": "folder", "paths": [str(tmp_path / "target")]}],
+           "model": {"config": DEMO_MODEL_CONFIG, "checkpoint": str(tmp_path / "demo.pt")},
+           "sketch": {"k": 32}, "bank": {"size": 16}, "curvature": {"n_curv": 30, "hard_negatives": 4},
+           "budgets": [0.5], "shard_size": 20}
+    script = ("import sys, json\nfrom chips_core.runconfig import load_run_config\n"
+              "from chips_core.pipeline import run_pipeline\n"
+              "print(run_pipeline(load_run_config(json.loads(sys.argv[1])))['run_id'])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script,
+                               json.dumps({**cfg, "outputs": {"dir": str(tmp_path / f"out{i}")}})],
+                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    con = connect(Warehouse(cfg["warehouse"]))
+    runs = query(con, "select stage, count(*) n, min(status) s from stg_runs group by stage order by stage").to_pylist()
+    assert [(r["stage"], r["n"], r["s"]) for r in runs] == [(st, 2, "succeeded") for st in
+                                                            ("featurize", "ingest", "materialize", "pipeline", "score")]
+    audits = run_audits(con)
+    assert all(t.num_rows == 0 for t in audits.values()), {k: v.to_pylist() for k, v in audits.items()}
+    assert query(con, "select count(*) n from stg_pairs").column("n").to_pylist() == [72]
