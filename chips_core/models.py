@@ -206,12 +206,14 @@ class EndpointModel:
     r"""A CLIP model seen through its end-point parameters :math:`\{W_v, W_t, t\}` (§1).
 
     :meth:`encode_pre` briefly takes the projections out of the shared model, under a per-model
-    lock; concurrent :meth:`encode_pre` calls are safe, but another thread calling the model's own
-    ``encode_image`` directly at that moment would see the projection missing."""
+    lock that construction and :meth:`weights` take too; concurrent use through EndpointModel is
+    safe, but another thread calling the model's own ``encode_image`` directly at that moment
+    would see the projection missing."""
 
     def __init__(self, model: nn.Module):
         self.model = model.eval()
-        self.vision_site, self.text_site = resolve_sites(model)
+        with _model_lock(model):  # another thread may have the projections out right now
+            self.vision_site, self.text_site = resolve_sites(model)
 
     @property
     def device(self) -> torch.device:
@@ -219,7 +221,7 @@ class EndpointModel:
 
     def weights(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``W_v (D, d_v[+1]), W_t (D, d_t[+1]), t ()`` detached, in ``dtype``."""
-        with torch.no_grad():
+        with torch.no_grad(), _model_lock(self.model):
             wv = self.vision_site.weight().detach().to(dtype)
             wt = self.text_site.weight().detach().to(dtype)
             t = self.model.logit_scale.detach().reshape(()).to(dtype)

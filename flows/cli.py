@@ -29,7 +29,13 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/r
     from chips_core.runconfig import load_run_config
 
     try:
-        load_run_config(config)  # fail fast, before any flow starts, with the bad key named
+        cfg = load_run_config(config)  # fail fast, before any flow starts, with the bad key named
+        from chips_core.models import load_model
+        from chips_core.warehouse import Warehouse
+
+        Warehouse(cfg.warehouse, cfg.storage_options)  # reachable and writable, or a named error
+        if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
+            load_model(cfg.model)  # raises CheckpointNotFoundError naming the path
         from flows.chips_flows import pipeline_flow
 
         out = pipeline_flow(str(config))

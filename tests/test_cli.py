@@ -45,5 +45,10 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
                     f"model: {{name: RN50, checkpoint: {tmp_path / 'nope.pt'}}}\n")
     res = runner.invoke(app, ["run", str(ckpt)])
     assert res.exit_code == 1 and "nope.pt" in res.output
+    unreachable = tmp_path / "unreachable.yaml"
+    unreachable.write_text("warehouse: /proc/chips-cannot-write-here/wh\npool: []\ntarget: []\nmodel: {name: RN50}\n")
+    res = runner.invoke(app, ["run", str(unreachable)])
+    assert res.exit_code == 1 and res.output.startswith("chips: error: cannot open warehouse '/proc/chips-cannot")
+    assert len(res.output.strip().splitlines()) == 1
     res = runner.invoke(app, ["sql", "-w", str(tmp_path / "wh"), "delete from stg_pairs"])
     assert res.exit_code == 1 and "only a single SELECT" in res.output
