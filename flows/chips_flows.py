@@ -25,10 +25,18 @@ def _setup(config: str | dict) -> tuple[RunConfig, Warehouse]:
     return cfg, Warehouse(cfg.warehouse, cfg.storage_options)
 
 
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="shard")
+
+
 @flow(name="chips-ingest")
-def ingest_flow(config: str | dict, parent_run_id: str | None = None) -> dict:
+def ingest_flow(config: str | dict, parent_run_id: str | None = None, progress: bool = False) -> dict:
     cfg, wh = _setup(config)
-    out = run_ingest(list(cfg.pool) + list(cfg.target), wh, parent_run_id=parent_run_id)
+    out = run_ingest(list(cfg.pool) + list(cfg.target), wh, parent_run_id=parent_run_id, progress=progress)
     get_run_logger().info("ingest %s: read %d, kept %d, quarantined %d, unchanged %d", out["run_id"],
                           out["read"], out["kept"], out["quarantined"], out["unchanged"])
     return out
@@ -53,7 +61,8 @@ def _curvature(config, run_id, ids):
 
 
 @flow(name="chips-featurize")
-def featurize_flow(config: str | dict, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+def featurize_flow(config: str | dict, run_id: str | None = None, parent_run_id: str | None = None,
+                   progress: bool = False) -> dict:
     cfg, wh = _setup(config)
     loaded = _model(cfg.model, cfg.device)
     run_id = run_id or new_run_id("featurize")
@@ -61,7 +70,11 @@ def featurize_flow(config: str | dict, run_id: str | None = None, parent_run_id:
                       model_checksum=loaded.checksum, sketch_seed=cfg.sketch.seed, sketch_k=cfg.sketch.k) as row:
         ids, shards = _prepare(config, run_id)
         futures = _shard.map(unmapped(config), unmapped(run_id), list(range(len(shards))), shards)
-        written = sum(bool(f.result()) for f in futures)
+        written = 0
+        for n, f in enumerate(_progress(futures, progress, "featurize shards"), start=1):
+            written += bool(f.result())
+            if n % max(1, len(shards) // 10) == 0 or n == len(shards):
+                get_run_logger().info("featurize %s: %d/%d shards done", run_id, n, len(shards))
         _curvature(config, run_id, ids)
         row.update(bank_id=load_bank(wh, run_id).bank_id, rows_in=len(ids), rows_out=len(ids), rows_quarantined=0)
     get_run_logger().info("featurize %s: %d pairs, %d shards (%d written now)", run_id, len(ids), len(shards), written)
@@ -81,12 +94,12 @@ def materialize_flow(config: str | dict, score_run_id: str, parent_run_id: str |
 
 
 @flow(name="chips-pipeline")
-def pipeline_flow(config: str | dict) -> dict:
+def pipeline_flow(config: str | dict, progress: bool = False) -> dict:
     cfg, wh = _setup(config)
     parent = new_run_id("pipeline")
     with recorded_run(wh, "pipeline", cfg, run_id=parent):
-        ingest = ingest_flow(config, parent_run_id=parent)
-        feat = featurize_flow(config, parent_run_id=parent)
+        ingest = ingest_flow(config, parent_run_id=parent, progress=progress)
+        feat = featurize_flow(config, parent_run_id=parent, progress=progress)
         score = score_flow(config, feat["run_id"], parent_run_id=parent)
         mat = materialize_flow(config, score["run_id"], parent_run_id=parent)
     return {"run_id": parent, "ingest": ingest, "featurize": feat, "score": score, "materialize": mat}

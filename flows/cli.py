@@ -38,7 +38,7 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/r
             load_model(cfg.model)  # raises CheckpointNotFoundError naming the path
         from flows.chips_flows import pipeline_flow
 
-        out = pipeline_flow(str(config))
+        out = pipeline_flow(str(config), progress=True)
     except (ChipsError, FileNotFoundError, ValueError, KeyError) as e:
         _fail(e)
     _summary(out, load_run_config(config))
@@ -76,7 +76,7 @@ def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, ware
     from chips_core.runconfig import load_run_config
     from flows.chips_flows import pipeline_flow
 
-    out = pipeline_flow(cfg_dict)
+    out = pipeline_flow(cfg_dict, progress=True)
     _summary(out, load_run_config(cfg_dict), demo=True)
     typer.echo(f"\nDemo finished in {time.perf_counter() - t0:.0f} s.")
 
