@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from chips_core.config import FeaturizeConfig, SketchConfig  # noqa: E402
 from chips_core.demo import DEMO_MODEL_CONFIG  # noqa: E402
-from chips_core.featurize import Featurizer, ReferenceBank, forward_pre  # noqa: E402
+from chips_core.featurize import Featurizer, ReferenceBank  # noqa: E402
 from chips_core.models import EndpointModel, build_custom_model, state_dict_checksum  # noqa: E402
 
 

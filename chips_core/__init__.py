@@ -13,3 +13,13 @@ from .sketch import DenseSketch, IdentityProjection, RankOneSketch
 from .target import CurvatureStats, TargetStats, curvature_sample, curvature_stats, target_stats
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BankConfig", "CurvatureConfig", "FeaturizeConfig", "ScoreConfig", "SketchConfig", "config_hash",
+    "ChipsError", "CheckpointNotFoundError", "ConfigError", "EndpointNotFoundError", "IncompatibleFeaturesError",
+    "NonFiniteEmbeddingError", "UnsupportedModelError", "FeatureBatch", "Featurizer", "ReferenceBank",
+    "ScoringContext", "FeatureIdentity", "content_pair_id", "seeded_sample", "seeded_unit", "EndpointModel",
+    "LoadedModel", "ModelSpec", "load_model", "state_dict_checksum", "METHODS", "Preconditioners",
+    "score_features", "select_top", "DenseSketch", "IdentityProjection", "RankOneSketch", "CurvatureStats",
+    "TargetStats", "curvature_sample", "curvature_stats", "target_stats",
+]

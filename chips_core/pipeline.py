@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .featurize import Featurizer, ReferenceBank, ScoringContext, forward_pre
+from .featurize import Featurizer, ReferenceBank, ScoringContext
 from .identity import FeatureIdentity
 from .models import EndpointModel, LoadedModel, load_model
 from .provenance import new_run_id, recorded_run

@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import pandas as pd
 import pyarrow as pa
 
 from .ingest import RawRecord

@@ -1,11 +1,9 @@
 """Shared fixtures: small *real* open_clip models (trained briefly or randomly initialised)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from chips_core.config import BankConfig, SketchConfig
 from chips_core.demo import DEMO_MODEL_CONFIG, make_pairs, train_demo_clip
 from chips_core.featurize import ReferenceBank
 from chips_core.identity import seeded_sample
@@ -79,3 +77,18 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def tiny_pipeline_config(tmp, model, n_pool: int, n_target: int, seed: int, **overrides) -> dict:
+    """Image folders of synthetic pairs, the model saved as a checkpoint, and a small run config."""
+    from chips_core.demo import make_pairs
+    from flows.demo import write_folder
+
+    write_folder(tmp / "pool", make_pairs(n_pool, seed=seed), n_pool)
+    write_folder(tmp / "target", make_pairs(n_target, seed=seed + 1, scan_fraction=1.0, noise_fraction=0.0), n_target)
+    torch.save(model.state_dict(), tmp / "demo.pt")
+    return {"warehouse": str(tmp / "wh"),
+            "pool": [{"name": "pool", "kind": "folder", "paths": [str(tmp / "pool")]}],
+            "target": [{"name": "target", "kind": "folder", "paths": [str(tmp / "target")]}],
+            "model": {"config": DEMO_MODEL_CONFIG, "checkpoint": str(tmp / "demo.pt")},
+            **overrides}

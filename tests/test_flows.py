@@ -1,27 +1,22 @@
 """Real Prefect flow runs (one temporary Prefect API for the session) over a real warehouse."""
 import pytest
-import torch
 import yaml
 
-from chips_core.demo import DEMO_MODEL_CONFIG, make_pairs
+from chips_core.demo import make_pairs
 from chips_core.query import connect, query, run_audits
 from chips_core.warehouse import Warehouse
 
-from .test_pipeline import write_folder
+from flows.demo import write_folder
+
+from .conftest import tiny_pipeline_config
 
 
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory, demo_model):
     tmp = tmp_path_factory.mktemp("flows")
-    write_folder(tmp / "pool", make_pairs(90, seed=7), 90)
-    write_folder(tmp / "target", make_pairs(20, seed=8, scan_fraction=1.0, noise_fraction=0.0), 20)
-    torch.save(demo_model.state_dict(), tmp / "demo.pt")
-    cfg = {"warehouse": str(tmp / "wh"),
-           "pool": [{"name": "pool", "kind": "folder", "paths": [str(tmp / "pool")]}],
-           "target": [{"name": "target", "kind": "folder", "paths": [str(tmp / "target")]}],
-           "model": {"config": DEMO_MODEL_CONFIG, "checkpoint": str(tmp / "demo.pt")},
-           "sketch": {"k": 64}, "bank": {"size": 32}, "curvature": {"n_curv": 40, "hard_negatives": 4},
-           "budgets": [0.2, 0.5], "shard_size": 30, "outputs": {"dir": str(tmp / "out")}}
+    cfg = tiny_pipeline_config(tmp, demo_model, 90, 20, seed=7, sketch={"k": 64}, bank={"size": 32},
+                               curvature={"n_curv": 40, "hard_negatives": 4}, budgets=[0.2, 0.5], shard_size=30,
+                               outputs={"dir": str(tmp / "out")})
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -48,7 +48,7 @@ def test_fast_sketched_gradient_equals_sketch_of_autograd(setup):
 def test_rank_one_sketch_equals_dense_form(setup):
     ep, *_ = setup
     feat_sketch = Featurizer(ep, setup[1], SketchConfig(k=64, seed=5)).ctx.sketch
-    D, dv, dt = feat_sketch.D, feat_sketch.d_v, feat_sketch.d_t
+    D, dv = feat_sketch.D, feat_sketch.d_v
     g = torch.Generator().manual_seed(0)
     a, h = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(dv, generator=g, dtype=torch.float64)
     flat = torch.zeros(feat_sketch.P, dtype=torch.float64)

@@ -1,7 +1,6 @@
 """§2/§9: the same pair gets bit-identical outputs whatever the batch size, order or shard layout."""
 import numpy as np
 import pytest
-import torch
 
 from chips_core.config import CurvatureConfig, FeaturizeConfig, ScoreConfig, SketchConfig
 from chips_core.featurize import FeatureBatch, Featurizer

@@ -4,9 +4,7 @@ import json
 import hashlib
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from chips_core.config import BankConfig, CurvatureConfig, SketchConfig
 from chips_core.demo import DEMO_MODEL_CONFIG, make_pairs
@@ -16,14 +14,9 @@ from chips_core.query import connect, query, run_audits
 from chips_core.runconfig import OutputConfig, RunConfig
 from chips_core.stages import SourceSpec
 from chips_core.warehouse import Warehouse
+from flows.demo import write_folder
 
-
-def write_folder(folder, data, n):
-    folder.mkdir(parents=True)
-    for i in range(n):
-        arr = (np.clip(data.images[i].numpy() * 0.3 + 0.3, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
-        Image.fromarray(arr).save(folder / f"{i:04d}.png")
-        (folder / f"{i:04d}.txt").write_text(data.captions[i])
+from .conftest import tiny_pipeline_config
 
 
 @pytest.fixture(scope="module")
@@ -159,17 +152,9 @@ def test_two_pipelines_at_once_on_one_warehouse(tmp_path, demo_model):
     import subprocess
     import sys
 
-    import torch
 
-    write_folder(tmp_path / "pool", make_pairs(60, seed=31), 60)
-    write_folder(tmp_path / "target", make_pairs(12, seed=32, scan_fraction=1.0, noise_fraction=0.0), 12)
-    torch.save(demo_model.state_dict(), tmp_path / "demo.pt")
-    cfg = {"warehouse": str(tmp_path / "wh"),
-           "pool": [{"name": "pool", "kind": "folder", "paths": [str(tmp_path / "pool")]}],
-           "target": [{"name": "target", "kind": "folder", "paths": [str(tmp_path / "target")]}],
-           "model": {"config": DEMO_MODEL_CONFIG, "checkpoint": str(tmp_path / "demo.pt")},
-           "sketch": {"k": 32}, "bank": {"size": 16}, "curvature": {"n_curv": 30, "hard_negatives": 4},
-           "budgets": [0.5], "shard_size": 20}
+    cfg = tiny_pipeline_config(tmp_path, demo_model, 60, 12, seed=31, sketch={"k": 32}, bank={"size": 16},
+                               curvature={"n_curv": 30, "hard_negatives": 4}, budgets=[0.5], shard_size=20)
     script = ("import sys, json\nfrom chips_core.runconfig import load_run_config\n"
               "from chips_core.pipeline import run_pipeline\n"
               "print(run_pipeline(load_run_config(json.loads(sys.argv[1])))['run_id'])\n")
