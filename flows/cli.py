@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -70,6 +71,10 @@ def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, ware
     and run the whole pipeline on them — no network, a few minutes on 2 CPUs."""
     from flows.demo import prepare_demo
 
+    if "PREFECT_API_URL" not in os.environ and "prefect" not in sys.modules:
+        # no server configured: keep the ephemeral API's database with the demo, so a ~/.prefect
+        # written by another Prefect version cannot stop the demo from starting
+        os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / ".prefect"))
     t0 = time.perf_counter()
     cfg_dict = prepare_demo(workdir, pool_size, eval_size, steps)
     from chips_core.runconfig import load_run_config
