@@ -40,17 +40,19 @@ def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard
         parts.read += v.read
         for row in v.pairs:
             parts.pairs.append(row)
-        for q in v.quarantine:
-            parts.quarantine.append(q)
+        parts.quarantine.extend(v.quarantine)
+        again = set()  # source keys recorded before: no new quarantine row, no new source row
         for s in v.pair_sources:
             key = (s["pair_id"], s["source"], s["source_key"])
-            if key in recorded:  # same row as before: no new quarantine row, no new source row
+            if key in recorded:
                 unchanged += 1
-                parts.quarantine = [q for q in parts.quarantine if q["source_key"] != s["source_key"]
-                                    or q["reason"] != "duplicate"]
+                again.add(s["source_key"])
                 continue
             recorded.add(key)
             parts.pair_sources.append(s)
+        if again:  # one pass per chunk, not one per unchanged row
+            parts.quarantine = [q for q in parts.quarantine
+                                if q["source_key"] not in again or q["reason"] != "duplicate"]
     pairs = pa.Table.from_pylist(parts.pairs, schema=SCHEMAS["pairs"])
     check_batch(pairs.drop_columns(["image"]).to_pandas().assign(image=None), parts.read, len(parts.pairs),
                 len(parts.quarantine) + unchanged, docs_dir)
