@@ -227,6 +227,8 @@ def write_manifests(wh: Warehouse, subsets: pa.Table, out: Path, formats) -> lis
     """Export each selected image once (``images/<pair_id>.<ext>``) and write per-subset manifests."""
     import csv
 
+    if not formats:  # the subsets table only (e.g. a trainer that reads pairs from the warehouse)
+        return []
     out.mkdir(parents=True, exist_ok=True)
     ids = sorted(set(subsets.column("pair_id").to_pylist()))
     pairs = wh.read("pairs", columns=["pair_id", "caption", "image", "image_format"],
@@ -256,6 +258,77 @@ def write_manifests(wh: Warehouse, subsets: pa.Table, out: Path, formats) -> lis
                 w.writerows(where[r["pair_id"]] for r in rows)
             files.append(str(out / f"{stem}.csv"))
     return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Continual pre-training on a subset, and evaluation
+
+def subset_data(wh: Warehouse, subset_id: str, loaded: LoadedModel):
+    """The pairs of one materialised subset (``<score run>:<method>@<budget>``), images decoded on demand."""
+    from .cpt import ImageFilePairs
+
+    sub = wh.read("subsets", columns=["subset_id", "pair_id", "rank"], filter=pc.field("subset_id") == subset_id)
+    if sub.num_rows == 0:
+        known = sorted(set(wh.read("subsets", columns=["subset_id"]).column("subset_id").to_pylist()))
+        raise KeyError(f"subset {subset_id!r} not in the subsets table (known: {known[:8]}{' ...' if len(known) > 8 else ''})")
+    ids = sorted(set(sub.column("pair_id").to_pylist()))
+    rows = {r["pair_id"]: r for r in wh.read("pairs", columns=["pair_id", "caption", "image"],
+                                             filter=pc.field("pair_id").isin(ids)).to_pylist()}
+    return ImageFilePairs([rows[i]["image"] for i in ids], [rows[i]["caption"] for i in ids],
+                          image_preprocess(loaded.model), loaded.tokenizer, ids)
+
+
+def manifest_data(path: str | Path, loaded: LoadedModel):
+    """The pairs of a manifest (Parquet or open_clip CSV/TSV with ``filepath`` and ``title``)."""
+    from .cpt import ImageFilePairs
+    from .evaluate import SuiteSpec, _read_table
+
+    t = _read_table(SuiteSpec(name="manifest", path=str(path)))
+    for col in ("filepath", "title"):
+        if col not in t.column_names:
+            raise KeyError(f"manifest {str(path)!r} has no column {col!r} (has {t.column_names})")
+    files, titles = t.column("filepath").to_pylist(), t.column("title").to_pylist()
+    base = Path(path).parent
+    files = [f if Path(f).is_absolute() else str(base / f) for f in files]
+    return ImageFilePairs(files, titles, image_preprocess(loaded.model), loaded.tokenizer, files)
+
+
+def cpt_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, data, out_dir: str | Path,
+              subset_id: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
+              progress: bool = False) -> dict:
+    """Continual pre-training of ``loaded.model`` (in place) on ``data`` with ``cfg.cpt``; resumes from
+    ``out_dir``'s checkpoints. Records a ``cpt`` run whose inputs name the subset."""
+    from .cpt import train_cpt
+
+    run_id = run_id or new_run_id("cpt")
+    with recorded_run(wh, "cpt", cfg, run_id=run_id, parent_run_id=parent_run_id,
+                      inputs={"subset_id": subset_id, "data": data.fingerprint(), "out_dir": str(out_dir)},
+                      **_model_fields(cfg, loaded)) as row:
+        out = train_cpt(loaded.model, data, cfg.cpt, out_dir, device=cfg.device, progress=progress)
+        row.update(rows_in=len(data), rows_out=out["steps"], rows_quarantined=0)
+    return {"run_id": run_id, **out}
+
+
+def eval_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, suites, checkpoint: str | None = None,
+               cpt_run_id: str | None = None, subset_id: str | None = None, run_id: str | None = None,
+               parent_run_id: str | None = None) -> dict:
+    """Every metric of every suite for one model, as ``evals`` rows joinable to the selection."""
+    from .evaluate import evaluate_suite
+    from .warehouse import SCHEMAS
+
+    run_id = run_id or new_run_id("eval")
+    rows = []
+    with recorded_run(wh, "eval", cfg, run_id=run_id, parent_run_id=parent_run_id,
+                      inputs={"checkpoint": checkpoint, "cpt_run_id": cpt_run_id, "subset_id": subset_id,
+                              "suites": [s.name for s in suites]}, **_model_fields(cfg, loaded)) as row:
+        for suite in suites:
+            for metric, value in evaluate_suite(loaded.model, loaded.tokenizer, suite, cfg.device).items():
+                rows.append({"run_id": run_id, "cpt_run_id": cpt_run_id, "subset_id": subset_id,
+                             "model_checkpoint": checkpoint, "model_checksum": loaded.checksum, "suite": suite.name,
+                             "metric": metric, "value": value, "n": len(suite.captions)})
+        wh.write("evals", pa.Table.from_pylist(rows, schema=SCHEMAS["evals"]), {"run": run_id}, "evals")
+        row.update(rows_in=sum(len(s.captions) for s in suites), rows_out=len(rows), rows_quarantined=0)
+    return {"run_id": run_id, "metrics": rows}
 
 
 def run_pipeline(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool = False) -> dict:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import BankConfig, CurvatureConfig, FeaturizeConfig, ScoreConfig, SketchConfig
+from .cpt import CPTConfig
 from .errors import ChipsError, ConfigError
+from .evaluate import SuiteSpec
 from .models import ModelSpec
 from .score import METHODS
 from .stages import SourceSpec
@@ -54,6 +56,8 @@ class RunConfig:
     shard_size: int = 2048  # pairs per featurize/score shard
     device: str = "cpu"
     outputs: OutputConfig = OutputConfig()
+    cpt: CPTConfig = CPTConfig()  # continual pre-training on a materialised subset (`chips cpt`)
+    eval_suites: tuple[SuiteSpec, ...] = ()  # named evaluation suites (`chips eval`)
     storage_options: dict | None = field(default=None, hash=False)
 
     def __post_init__(self):
@@ -66,6 +70,9 @@ class RunConfig:
         names = [s.name for s in self.pool] + [s.name for s in self.target]
         if len(set(names)) != len(names):
             raise ConfigError(f"pool/target: source names must be distinct, got {names}")
+        suites = [s.name for s in self.eval_suites]
+        if len(set(suites)) != len(suites):
+            raise ConfigError(f"eval_suites: names must be distinct, got {suites}")
         if self.shard_size < 1:
             raise ConfigError(f"shard_size: {self.shard_size!r} must be >= 1")
 

@@ -58,6 +58,11 @@ SCHEMAS: dict[str, pa.Schema] = {
     "subsets": pa.schema([
         ("subset_id", _STR), ("run_id", _STR), ("score_run_id", _STR), ("budget", pa.float64()), ("method", _STR),
         pa.field("pair_id", _STR, nullable=False), ("rank", pa.int64())]),
+    # one row per metric per suite per evaluated model; cpt_run_id / subset_id join it to the selection
+    "evals": pa.schema([
+        pa.field("run_id", _STR, nullable=False), ("cpt_run_id", _STR), ("subset_id", _STR),
+        ("model_checkpoint", _STR), ("model_checksum", _STR), ("suite", _STR), ("metric", _STR),
+        ("value", pa.float64()), ("n", pa.int64())]),
 }
 
 

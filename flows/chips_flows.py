@@ -7,8 +7,8 @@ from functools import lru_cache
 from prefect import flow, get_run_logger, task, unmapped
 
 from chips_core.models import LoadedModel, ModelSpec, load_model
-from chips_core.pipeline import (featurize_curvature, featurize_prepare, featurize_shard, load_bank, materialize_stage,
-                                 score_stage)
+from chips_core.pipeline import (cpt_stage, eval_stage, featurize_curvature, featurize_prepare, featurize_shard,
+                                 load_bank, manifest_data, materialize_stage, score_stage, subset_data)
 from chips_core.provenance import new_run_id, recorded_run
 from chips_core.runconfig import RunConfig, load_run_config
 from chips_core.stages import run_ingest
@@ -116,3 +116,43 @@ def rescore_flow(config: str | dict, featurize_run_id: str) -> dict:
         score = score_flow(config, featurize_run_id, parent_run_id=parent)
         mat = materialize_flow(config, score["run_id"], parent_run_id=parent)
     return {"run_id": parent, "ingest": ingest, "score": score, "materialize": mat}
+
+
+@flow(name="chips-cpt")
+def cpt_flow(config: str | dict, out_dir: str, subset_id: str | None = None, manifest: str | None = None,
+             progress: bool = False) -> dict:
+    """Continual pre-training of the config's model on a materialised subset (read from the warehouse)
+    or on a manifest file; resumes from ``out_dir``'s checkpoints."""
+    if (subset_id is None) == (manifest is None):
+        raise ValueError("give exactly one of subset_id / manifest")
+    cfg, wh = _setup(config)
+    loaded = load_model(cfg.model, cfg.device)  # a fresh copy: training changes it in place
+    data = subset_data(wh, subset_id, loaded) if subset_id else manifest_data(manifest, loaded)
+    out = cpt_stage(cfg, wh, loaded, data, out_dir, subset_id=subset_id, progress=progress)
+    get_run_logger().info("cpt %s: %d pairs, %d steps (resumed from %d), final loss %.4f -> %s", out["run_id"],
+                          out["pairs"], out["steps"], out["resumed_from_step"], out["final_loss"] or float("nan"),
+                          out["final"])
+    return out
+
+
+@flow(name="chips-eval")
+def eval_flow(config: str | dict, checkpoint: str | None = None, cpt_run_id: str | None = None,
+              subset_id: str | None = None) -> dict:
+    """Evaluate the config's model (or ``checkpoint`` of the same architecture) on every configured
+    suite; one ``evals`` row per metric."""
+    import dataclasses
+
+    from chips_core.evaluate import load_suite
+    from chips_core.pipeline import image_preprocess
+
+    cfg, wh = _setup(config)
+    if not cfg.eval_suites:
+        raise ValueError("the config names no eval_suites")
+    spec = dataclasses.replace(cfg.model, checkpoint=checkpoint) if checkpoint else cfg.model
+    loaded = load_model(spec, cfg.device)
+    prep = image_preprocess(loaded.model)
+    suites = [load_suite(s, prep) for s in cfg.eval_suites]
+    out = eval_stage(cfg, wh, loaded, suites, checkpoint=checkpoint or spec.checkpoint, cpt_run_id=cpt_run_id,
+                     subset_id=subset_id)
+    get_run_logger().info("eval %s: %d metrics over %d suites", out["run_id"], len(out["metrics"]), len(suites))
+    return out

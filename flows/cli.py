@@ -64,6 +64,58 @@ def rescore(config: Path = typer.Argument(..., help="pipeline YAML whose `target
 
 
 @app.command()
+def cpt(config: Path = typer.Argument(..., help="pipeline YAML; its `model` is the start point, `cpt` the settings"),
+        out: Path = typer.Option(..., "--out", "-o", help="folder for checkpoints, log.jsonl and final.pt"),
+        subset: Optional[str] = typer.Option(None, help="a subset id from the warehouse, e.g. '<score run>:chips@0.3'"),
+        manifest: Optional[Path] = typer.Option(None, help="or a manifest (Parquet / open_clip CSV: filepath, title)")) -> None:
+    """Continual pre-training on a selected subset (resumes from --out's checkpoints if present)."""
+    from chips_core.errors import ChipsError
+    from chips_core.runconfig import load_run_config
+
+    try:
+        if (subset is None) == (manifest is None):
+            raise ValueError("give exactly one of --subset / --manifest")
+        if manifest is not None and not manifest.is_file():
+            raise FileNotFoundError(f"manifest not found: {str(manifest)!r}")
+        load_run_config(config)
+        from flows.chips_flows import cpt_flow
+
+        r = cpt_flow(str(config), str(out), subset_id=subset, manifest=str(manifest) if manifest else None,
+                     progress=True)
+    except (ChipsError, FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    resumed = f" (resumed at step {r['resumed_from_step']})" if r["resumed_from_step"] else ""
+    typer.echo(f"cpt {r['run_id']}: {r['pairs']} pairs, {r['steps']} steps{resumed}, final loss {r['final_loss']:.4f}\n"
+               f"  weights: {r['final']}\n"
+               f"  next: chips eval {config} --checkpoint {r['final']} --cpt-run {r['run_id']}"
+               + (f" --subset '{subset}'" if subset else ""))
+
+
+@app.command("eval")
+def eval_cmd(config: Path = typer.Argument(..., help="pipeline YAML with `eval_suites`"),
+             checkpoint: Optional[Path] = typer.Option(None, help="weights to evaluate (default: the config's model)"),
+             cpt_run: Optional[str] = typer.Option(None, help="the cpt run that produced the checkpoint"),
+             subset: Optional[str] = typer.Option(None, help="the subset that trained it (joins evals to the selection)")) -> None:
+    """Zero-shot accuracy and retrieval recall@{1,5,10} on every configured suite -> the `evals` table."""
+    from chips_core.errors import ChipsError
+    from chips_core.runconfig import load_run_config
+
+    try:
+        load_run_config(config)
+        if checkpoint is not None and not checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {str(checkpoint)!r}")
+        from flows.chips_flows import eval_flow
+
+        r = eval_flow(str(config), str(checkpoint) if checkpoint else None, cpt_run, subset)
+    except (ChipsError, FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    import pyarrow as pa
+
+    typer.echo(f"eval {r['run_id']}:")
+    _print_table(pa.Table.from_pylist([{k: m[k] for k in ("suite", "metric", "value", "n")} for m in r["metrics"]]), 200)
+
+
+@app.command()
 def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, warehouse and outputs go"),
          pool_size: int = typer.Option(600, help="pool pairs"), eval_size: int = typer.Option(100, help="target pairs"),
          steps: int = typer.Option(300, help="training steps of the demo CLIP, if none is cached")) -> None:
