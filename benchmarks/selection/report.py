@@ -1,0 +1,253 @@
+"""Tables, hypothesis verdicts and plots of the selection benchmark, from its result rows.
+
+A result row (one CPT run, evaluated) is a dict::
+
+    {"target": "fashion", "variant": "main" | "alpha=0.2" | "k=64", "method": "chips" | ... | "full" | "none",
+     "budget": 0.1 (1.0 for full, 0.0 for none), "seed": 0, "pairs": 2000,
+     "metrics": {suite: {metric: value}}, "seconds": 12.3}
+
+``method == "none"`` is the general model before any CPT (the retention reference). Everything here
+is a pure function of the rows, so the verdicts are testable on hand-made rows.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+BASELINES = ("random", "clipscore", "dot", "trak")
+ABLATIONS = ("chips_align", "chips_align_learn", "chips")
+INFLUENCE = ("dot", "trak", "chips")
+METHOD_ORDER = ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn", "chips")
+PRIMARY = "zero_shot_top1"
+
+
+def target_metric(row: dict, metric: str = PRIMARY) -> float:
+    m = row["metrics"][f"{row['target']}_test"]
+    if metric == "retrieval_R@5":
+        return 0.5 * (m["image_to_text_R@5"] + m["text_to_image_R@5"])
+    return m[metric]
+
+
+def general_score(row: dict) -> float:
+    """Mean over the general suites of each suite's headline metric: zero-shot top-1 where the suite
+    has classes, else mean retrieval R@5."""
+    vals = []
+    for suite, m in sorted(row["metrics"].items()):
+        if not suite.startswith("general_"):
+            continue
+        vals.append(m[PRIMARY] if PRIMARY in m else 0.5 * (m["image_to_text_R@5"] + m["text_to_image_R@5"]))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def aggregate(rows, value=target_metric, variant: str = "main") -> dict:
+    """``{(target, method, budget): (mean, std, n)}`` over seeds."""
+    acc = defaultdict(list)
+    for r in rows:
+        if r["variant"] == variant:
+            acc[(r["target"], r["method"], r["budget"])].append(value(r))
+    return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in acc.items()}
+
+
+def _fmt(cell) -> str:
+    if cell is None:
+        return "–"
+    mean, std, n = cell
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
+
+
+def method_table(agg: dict, target: str, budgets) -> str:
+    head = "| method | " + " | ".join(f"{b:.0%}" for b in budgets) + " |\n|---|" + "---:|" * len(budgets) + "\n"
+    lines = []
+    for m in METHOD_ORDER:
+        cells = [_fmt(agg.get((target, m, b))) for b in budgets]
+        best = [max((agg[(target, mm, b)][0] for mm in METHOD_ORDER if (target, mm, b) in agg), default=None)
+                for b in budgets]
+        cells = [f"**{c}**" if agg.get((target, m, b)) and agg[(target, m, b)][0] == best[i] else c
+                 for i, (c, b) in enumerate(zip(cells, budgets))]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    full = agg.get((target, "full", 1.0))
+    lines.append(f"| *full (100%)* | {_fmt(full)} |" + " |" * (len(budgets) - 1))
+    none = agg.get((target, "none", 0.0))
+    if none:
+        lines.append(f"| *no CPT (general model)* | {_fmt(none)} |" + " |" * (len(budgets) - 1))
+    return head + "\n".join(lines) + "\n"
+
+
+def sweep_table(rows, target: str, prefix: str, value=target_metric) -> tuple[str, dict]:
+    acc = defaultdict(list)
+    for r in rows:
+        if r["target"] == target and r["variant"].startswith(prefix + "="):
+            acc[float(r["variant"].split("=")[1])].append(value(r))
+    stats = {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in sorted(acc.items())}
+    head = f"| {prefix} | " + " | ".join(f"{k:g}" for k in stats) + " |\n|---|" + "---:|" * len(stats) + "\n"
+    return head + "| top-1 | " + " | ".join(_fmt(s) for s in stats.values()) + " |\n", stats
+
+
+def _verdict(ok: bool | None) -> str:
+    return {True: "**holds**", False: "**does not hold**", None: "not measured"}[ok]
+
+
+def hypotheses(rows, targets, budgets) -> list[tuple[str, bool | None, str]]:
+    """The paper's claims as (statement, holds?, evidence) on the primary target metric (means over seeds)."""
+    agg = aggregate(rows)
+    gen = aggregate(rows, general_score)
+    out = []
+    small = [b for b in budgets if b <= 0.3 + 1e-9]
+
+    def mean(t, m, b, a=agg):
+        return a[(t, m, b)][0] if (t, m, b) in a else None
+
+    # (1) CHIPS beats every baseline at each budget <= 30%
+    ok, ev = True, []
+    for t in targets:
+        for b in small:
+            c = mean(t, "chips", b)
+            rivals = {m: mean(t, m, b) for m in BASELINES if mean(t, m, b) is not None}
+            if c is None or not rivals:
+                ok = None if ok is True else ok
+                continue
+            best_m = max(rivals, key=rivals.get)
+            won = c > rivals[best_m]
+            ok = ok and won if ok is not None else ok
+            ev.append(f"{t} {b:.0%}: chips {100 * c:.1f} vs best baseline {best_m} {100 * rivals[best_m]:.1f}"
+                      + ("" if won else " ✗"))
+    out.append(("(1) CHIPS beats every baseline (random, clipscore, dot, trak) on the target at each budget ≤ 30%",
+                ok if ev else None, "; ".join(ev)))
+    # (2) CHIPS at 30% >= 95% of full
+    ok, ev = True, []
+    for t in targets:
+        c, f = mean(t, "chips", 0.3), mean(t, "full", 1.0)
+        if c is None or f is None:
+            continue
+        ok = ok and c >= 0.95 * f
+        ev.append(f"{t}: chips@30% {100 * c:.1f} / full {100 * f:.1f} = {c / f:.1%}")
+    out.append(("(2) CHIPS at 30% reaches ≥ 95% of full-data CPT", ok if ev else None, "; ".join(ev)))
+    # (3) CHIPS at 10% beats random at 50%
+    ok, ev = True, []
+    for t in targets:
+        c, r = mean(t, "chips", 0.1), mean(t, "random", 0.5)
+        if c is None or r is None:
+            continue
+        ok = ok and c > r
+        ev.append(f"{t}: chips@10% {100 * c:.1f} vs random@50% {100 * r:.1f}")
+    out.append(("(3) CHIPS at 10% beats random at 50%", ok if ev else None, "; ".join(ev)))
+    # (4) each factor helps: align < align x learn < chips, at each budget <= 30%
+    ok, ev = True, []
+    for t in targets:
+        for b in small:
+            a, al, c = (mean(t, m, b) for m in ABLATIONS)
+            if None in (a, al, c):
+                continue
+            good = a < al < c
+            ok = ok and good
+            ev.append(f"{t} {b:.0%}: {100 * a:.1f} < {100 * al:.1f} < {100 * c:.1f}" + ("" if good else " ✗"))
+    out.append(("(4) each factor helps: chips_align < chips_align_learn < chips (each budget ≤ 30%)",
+                ok if ev else None, "; ".join(ev)))
+    # (5) alpha in [0.6, 0.8] beats alpha = 0
+    ok, ev = True, []
+    for t in targets:
+        _, st = sweep_table(rows, t, "alpha")
+        if 0.0 not in st:
+            continue
+        mids = {a: st[a][0] for a in st if 0.6 - 1e-9 <= a <= 0.8 + 1e-9}
+        if not mids:
+            continue
+        good = all(v > st[0.0][0] for v in mids.values())
+        ok = ok and good
+        ev.append(f"{t} @20%: α=0 {100 * st[0.0][0]:.1f}; " + ", ".join(f"α={a:g} {100 * v:.1f}" for a, v in mids.items()))
+    out.append(("(5) α ∈ [0.6, 0.8] beats α = 0 (each of 0.6, 0.8)", ok if ev else None, "; ".join(ev)))
+    # (6) among influence methods, CHIPS loses the least general-domain performance
+    ok, ev = True, []
+    for t in targets:
+        base = mean(t, "none", 0.0, gen)
+        for b in budgets:
+            drops = {m: base - mean(t, m, b, gen) for m in INFLUENCE if mean(t, m, b, gen) is not None} if base else {}
+            if len(drops) < len(INFLUENCE):
+                continue
+            good = drops["chips"] <= min(drops.values()) + 1e-12
+            ok = ok and good
+            ev.append(f"{t} {b:.0%}: drop " + ", ".join(f"{m} {100 * d:+.1f}" for m, d in drops.items())
+                      + ("" if good else " ✗"))
+    out.append(("(6) among influence methods (dot, trak, chips), CHIPS loses the least general-domain performance",
+                ok if ev else None, "; ".join(ev)))
+    return out
+
+
+def plots(rows, targets, budgets, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    agg = aggregate(rows)
+    fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4.2), squeeze=False)
+    for ax, t in zip(axes[0], targets):
+        for m in METHOD_ORDER:
+            pts = [(b, agg[(t, m, b)]) for b in budgets if (t, m, b) in agg]
+            if pts:
+                ax.errorbar([100 * b for b, _ in pts], [100 * s[0] for _, s in pts], yerr=[100 * s[1] for _, s in pts],
+                            marker="o", capsize=3, label=m, lw=2.2 if m == "chips" else 1.2)
+        for m, style in (("full", "--"), ("none", ":")):
+            if (t, m, 1.0 if m == "full" else 0.0) in agg:
+                ax.axhline(100 * agg[(t, m, 1.0 if m == "full" else 0.0)][0], ls=style, color="k",
+                           label="full data" if m == "full" else "no CPT")
+        ax.set_title(f"target {t}: held-out zero-shot top-1")
+        ax.set_xlabel("budget (% of pool)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=.3)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "budget_curves.png", dpi=110)
+    plt.close(fig)
+    files.append("budget_curves.png")
+    for prefix, xlabel in (("alpha", "α (negative-curvature share)"), ("k", "sketch dimension k")):
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for t in targets:
+            _, st = sweep_table(rows, t, prefix)
+            if st:
+                ax.errorbar(list(st), [100 * s[0] for s in st.values()], yerr=[100 * s[1] for s in st.values()],
+                            marker="o", capsize=3, label=f"{t} test")
+            _, ev = sweep_table(rows, t, prefix, lambda r: r["metrics"][f"{r['target']}_evalset"][PRIMARY])
+            if ev:
+                ax.plot(list(ev), [100 * s[0] for s in ev.values()], ls="--", marker="x", label=f"{t} eval set")
+        if prefix == "k":
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("zero-shot top-1 (%)")
+        ax.set_title(f"CHIPS at 20%: {prefix} sweep")
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"sweep_{prefix}.png", dpi=110)
+        plt.close(fig)
+        files.append(f"sweep_{prefix}.png")
+    return files
+
+
+def retention_table(rows, target: str, budgets) -> str:
+    gen = aggregate(rows, general_score)
+    base = gen.get((target, "none", 0.0))
+    head = "| method | " + " | ".join(f"{b:.0%}" for b in budgets) + " |\n|---|" + "---:|" * len(budgets) + "\n"
+    lines = []
+    for m in METHOD_ORDER + ("full",):
+        bs = [1.0] if m == "full" else budgets
+        cells = []
+        for b in bs:
+            c = gen.get((target, m, b))
+            cells.append("–" if c is None or not base else f"{_fmt(c)} ({c[0] - base[0]:+.1%})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |" + " |" * (len(budgets) - len(bs)))
+    note = f"General model before CPT: {_fmt(base)}.\n\n" if base else ""
+    return note + head + "\n".join(lines) + "\n"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def nan_safe(x) -> float:
+    return float("nan") if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
