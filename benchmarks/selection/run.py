@@ -1,0 +1,449 @@
+"""Selection-quality benchmark: does CHIPS pick better CPT data than the alternatives, on real images?
+
+    benchmarks/selection/install_data.sh               # Debian + PyPI data, once
+    .venv/bin/python benchmarks/selection/run.py --quick   # <= 15 min on 2 CPUs
+    .venv/bin/python benchmarks/selection/run.py           # full: 3 seeds, 4 budgets -> docs/benchmarks/selection.md
+
+1. *General pre-training*: a small open_clip CLIP trained from scratch (with ``chips_core.cpt``) on
+   real general-domain image–text pairs (``data.load_general``); it plays the pretrained CLIP.
+2. Per target (fashion, medical): the noisy pool and the small target eval set go through the
+   platform — ``run_ingest`` (GX validation, quarantine), ``featurize_stage``, ``score_stage``,
+   ``materialize_stage`` — once per seed (sketch, bank, curvature sample and the random baseline are
+   seeded by it). Every subset (method × budget) and the whole pool (``full``) is then used for CPT
+   from the general model with identical settings (``cpt_stage``), and every model is evaluated
+   (``eval_stage``: held-out target test, the target eval set, the general suites) into the
+   warehouse's ``evals`` table.
+3. Sweeps on target A at the 20% budget: α (rescoring only) and k (featurizing again).
+
+Hyper-parameters are the method's defaults (α = 0.7, k = 512, K = 1024, β = 0.5) and CPT settings
+fixed before any run; nothing is tuned on the held-out test. Identical subsets (e.g. α = 0.7 in the
+sweep and the main run) are trained once. Results are appended to ``<workdir>/results.jsonl``; a
+rerun skips what is there (the benchmark resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+import report as rep  # noqa: E402
+from data import PairSet, Suite, load_fashion, load_general, load_medical  # noqa: E402
+
+from chips_core.config import BankConfig, CurvatureConfig, ScoreConfig, SketchConfig  # noqa: E402
+from chips_core.cpt import CPTConfig, TensorPairs, train_cpt  # noqa: E402
+from chips_core.evaluate import EvalSuite  # noqa: E402
+from chips_core.models import LoadedModel, ModelSpec, build_custom_model, load_model  # noqa: E402
+from chips_core.pipeline import (OPENAI_MEAN, OPENAI_STD, cpt_stage, eval_stage, featurize_stage,  # noqa: E402
+                                 materialize_stage, score_stage)
+from chips_core.runconfig import OutputConfig, RunConfig  # noqa: E402
+from chips_core.score import METHODS  # noqa: E402
+from chips_core.stages import SourceSpec, run_ingest  # noqa: E402
+from chips_core.warehouse import Warehouse  # noqa: E402
+
+# The "pretrained" CLIP: an open_clip ViT small enough to train from scratch on 2 CPUs.
+BENCH_MODEL = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+PRETRAIN = CPTConfig(epochs=25, batch_size=256, lr=1e-3, warmup_steps=100, checkpoint_every=200, seed=0)
+TARGET_CPT = dict(epochs=5, batch_size=128, lr=5e-4, warmup_steps=20, checkpoint_every=10**9)
+MODES = {
+    "quick": dict(seeds=[0], budgets=[0.1, 0.3], sweep_seeds=[0], fashion_pool=5000, medical_pool=2500,
+                  test_cap=2000, alphas=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], ks=[64, 128, 256, 512, 1024],
+                  general_quick=True, pretrain_epochs=15),
+    "full": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2, 0.3, 0.5], sweep_seeds=[0, 1, 2], fashion_pool=20000,
+                 medical_pool=6000, test_cap=None, alphas=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], ks=[64, 128, 256, 512, 1024],
+                 general_quick=False, pretrain_epochs=25),
+}
+DEFAULT_ALPHA, DEFAULT_K = CurvatureConfig().alpha, SketchConfig().k
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, R, R, 3) -> normalised float (N, 3, R, R): what the eval transform gives for R = 32."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def eval_suite(name: str, pairs: PairSet, classnames, templates) -> EvalSuite:
+    return EvalSuite(name, to_tensor(pairs.images), list(pairs.captions), np.asarray(pairs.labels, dtype=np.int64),
+                     tuple(classnames), tuple(templates))
+
+
+def write_parquet(pairs: PairSet, path: Path) -> None:
+    from PIL import Image
+
+    blobs = []
+    for im in pairs.images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    pq.write_table(pa.table({"image": pa.array(blobs, pa.binary()), "caption": list(pairs.captions),
+                             "key": [str(k) for k in pairs.keys]}), path)
+
+
+class Bench:
+    def __init__(self, mode: str, workdir: Path, seed_limit: int | None = None):
+        self.mode, self.p = mode, dict(MODES[mode])
+        if seed_limit:
+            self.p["seeds"] = self.p["seeds"][:seed_limit]
+            self.p["sweep_seeds"] = self.p["sweep_seeds"][:seed_limit]
+        self.work = workdir / mode
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.work / "results.jsonl"
+        self.state_path = self.work / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.rows = [json.loads(line) for line in self.results_path.read_text().splitlines()] \
+            if self.results_path.exists() else []
+        self.done = {r["key"] for r in self.rows}
+        self.trained: dict[str, dict] = {r["train_key"]: r for r in self.rows}
+
+    def save_state(self) -> None:
+        self.state_path.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+
+    # -- data and the general model ---------------------------------------------------------
+    def load_data(self) -> None:
+        t0 = time.perf_counter()
+        self.general, self.general_suites, self.general_recipe = load_general(seed=0, quick=self.p["general_quick"])
+        self.targets = {
+            "fashion": load_fashion(self.general, seed=0, pool_size=self.p["fashion_pool"], test_size=self.p["test_cap"]),
+            "medical": load_medical(self.general, seed=0, pool_size=self.p["medical_pool"]),
+        }
+        log(f"data loaded in {time.perf_counter() - t0:.0f} s: general {len(self.general)} pairs, "
+            + ", ".join(f"{n}: pool {len(t.pool)}, eval {len(t.eval_set)}, test {len(t.test.pairs)}"
+                        for n, t in self.targets.items()))
+        self.suites = [eval_suite(s.name, s.pairs, s.pairs.classnames, s.templates) for s in self.general_suites]
+
+    def general_model(self) -> Path:
+        import open_clip
+
+        cfg = dataclasses.replace(PRETRAIN, epochs=self.p["pretrain_epochs"])
+        out = self.work / "general"
+        final = out / "final.pt"
+        if not final.exists():
+            log(f"pre-training the general CLIP on {len(self.general)} pairs ({cfg.epochs} epochs)")
+            t0 = time.perf_counter()
+            torch.manual_seed(0)
+            model = build_custom_model(BENCH_MODEL)
+            tok = open_clip.tokenizer.SimpleTokenizer(context_length=BENCH_MODEL["text_cfg"]["context_length"])
+            data = TensorPairs(to_tensor(self.general.images), tok(list(self.general.captions)),
+                               [str(k) for k in self.general.keys])
+            r = train_cpt(model, data, cfg, out, progress=sys.stderr.isatty())
+            self.state["pretrain_seconds"] = time.perf_counter() - t0
+            self.state["pretrain_final_loss"] = r["final_loss"]
+            self.save_state()
+        return final
+
+    # -- per target ---------------------------------------------------------------------------
+    def run_config(self, target: str, seed: int, k: int = DEFAULT_K, alpha: float = DEFAULT_ALPHA,
+                   budgets=None, methods=METHODS) -> RunConfig:
+        d = self.work / target
+        return RunConfig(
+            warehouse=str(d / "wh"),
+            pool=(SourceSpec("pool", "parquet", (str(d / "pool.parquet"),)),),
+            target=(SourceSpec("evalset", "parquet", (str(d / "evalset.parquet"),)),),
+            model=ModelSpec(config=BENCH_MODEL, checkpoint=str(self.work / "general" / "final.pt")),
+            sketch=SketchConfig(k=k, seed=seed), bank=BankConfig(seed=seed), curvature=CurvatureConfig(alpha=alpha, seed=seed),
+            score=ScoreConfig(random_seed=seed), budgets=tuple(budgets or self.p["budgets"]), methods=tuple(methods),
+            shard_size=4096, outputs=OutputConfig(dir=str(d / "out"), formats=()),
+            cpt=CPTConfig(**TARGET_CPT, seed=seed))
+
+    def ingest(self, name: str) -> dict:
+        t = self.targets[name]
+        d = self.work / name
+        d.mkdir(exist_ok=True)
+        key = f"ingest:{name}"
+        if key not in self.state:
+            write_parquet(t.pool, d / "pool.parquet")
+            write_parquet(t.eval_set, d / "evalset.parquet")
+            cfg = self.run_config(name, 0)
+            out = run_ingest(list(cfg.pool) + list(cfg.target), Warehouse(cfg.warehouse), progress=sys.stderr.isatty())
+            self.state[key] = out
+            self.save_state()
+        wh = Warehouse(str(d / "wh"))
+        src = wh.read("pair_sources", columns=["pair_id", "source", "source_key"])
+        src = src.filter(pc.field("source") == "pool").to_pylist()
+        index: dict[str, int] = {}
+        for r in src:
+            row = int(r["source_key"].rsplit("#row=", 1)[1])
+            index[r["pair_id"]] = min(row, index.get(r["pair_id"], row))
+        self.index = getattr(self, "index", {})
+        self.index[name] = index
+        log(f"{name}: ingest {self.state[key]['read']} read, {self.state[key]['kept']} kept, "
+            f"{self.state[key]['quarantined']} quarantined; {len(index)} pool pairs")
+        return self.state[key]
+
+    def featurize(self, name: str, loaded: LoadedModel, seed: int, k: int) -> str:
+        key = f"featurize:{name}:{seed}:{k}"
+        if key not in self.state:
+            cfg = self.run_config(name, seed, k=k)
+            t0 = time.perf_counter()
+            out = featurize_stage(cfg, Warehouse(cfg.warehouse), loaded)
+            self.state[key] = out["run_id"]
+            self.state[f"{key}:seconds"] = time.perf_counter() - t0
+            self.save_state()
+            log(f"{name}: featurized {out['pairs']} pairs (seed {seed}, k={k}) in {time.perf_counter() - t0:.1f} s")
+        return self.state[key]
+
+    def select(self, name: str, loaded: LoadedModel, seed: int, k: int = DEFAULT_K, alpha: float = DEFAULT_ALPHA,
+               budgets=None, methods=METHODS) -> dict[tuple[str, float], tuple[str, list[int]]]:
+        """``{(method, budget): (subset_id, pool row indices)}`` through score and materialize."""
+        feat = self.featurize(name, loaded, seed, k)
+        cfg = self.run_config(name, seed, k=k, alpha=alpha, budgets=budgets, methods=methods)
+        wh = Warehouse(cfg.warehouse)
+        score = score_stage(cfg, wh, loaded, feat)
+        mat = materialize_stage(cfg, wh, score["run_id"])
+        sub = wh.read("subsets", columns=["subset_id", "method", "budget", "pair_id"],
+                      filter=pc.field("run_id") == mat["run_id"])
+        out: dict = {}
+        for r in sub.to_pylist():
+            out.setdefault((r["method"], r["budget"]), (r["subset_id"], []))[1].append(self.index[name][r["pair_id"]])
+        return {key: (sid, sorted(ix)) for key, (sid, ix) in out.items()}
+
+    def train_and_eval(self, name: str, general_ckpt: Path, rowkey: str, meta: dict, idx: list[int],
+                       subset_id: str | None, seed: int) -> None:
+        if rowkey in self.done:
+            return
+        t = self.targets[name]
+        train_key = f"{name}:seed={seed}:" + hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16]
+        if train_key in self.trained:  # the same subset and seed was trained already (e.g. alpha = 0.7 = main)
+            row = {**self.trained[train_key], **meta, "key": rowkey, "reused": True}
+        else:
+            cfg = self.run_config(name, seed)
+            wh = Warehouse(cfg.warehouse)
+            loaded = load_model(cfg.model)
+            data = TensorPairs(to_tensor(t.pool.images[idx]), loaded.tokenizer([t.pool.captions[i] for i in idx]),
+                               [str(t.pool.keys[i]) for i in idx])
+            out_dir = self.work / name / "cpt" / train_key.replace(":", "_").replace("=", "")
+            t0 = time.perf_counter()
+            c = cpt_stage(cfg, wh, loaded, data, out_dir, subset_id=subset_id)
+            secs = time.perf_counter() - t0
+            for ck in (out_dir / "checkpoints").glob("*.pt"):  # resume points of a finished run: not needed
+                ck.unlink()
+            e = eval_stage(cfg, wh, loaded, self.target_suites[name], checkpoint=c["final"], cpt_run_id=c["run_id"],
+                           subset_id=subset_id)
+            row = {**meta, "key": rowkey, "train_key": train_key, "pairs": len(idx), "seconds": secs,
+                   "cpt_run_id": c["run_id"], "eval_run_id": e["run_id"], "final_loss": c["final_loss"],
+                   "composition": self.composition(name, idx), "metrics": _metrics(e["metrics"])}
+            self.trained[train_key] = row
+        self.rows.append(row)
+        self.done.add(rowkey)
+        with open(self.results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"{name} {meta['variant']:>10} {meta['method']:<18} {meta['budget']:>4.0%} seed {seed}: "
+            f"top-1 {rep.target_metric(row):.3f}, general {rep.general_score(row):.3f}"
+            + (" (reused)" if row.get("reused") else f" [{row['pairs']} pairs, {row['seconds']:.0f} s]"))
+
+    def composition(self, name: str, idx) -> dict:
+        idx = np.asarray(idx, dtype=np.int64)
+        kinds = self.targets[name].pool.kind[idx]
+        out = {k: float(np.mean(kinds == k)) for k in ("clean", "mismatched", "off_domain", "near_duplicate")}
+        labels = np.asarray(self.targets[name].pool.labels)[idx]
+        labels = labels[labels >= 0]
+        counts = np.bincount(labels) if len(labels) else np.zeros(1)
+        out["largest_class_share"] = float(counts.max() / max(1, counts.sum()))  # among in-domain picks
+        return out
+
+    def run_target(self, name: str, general_ckpt: Path) -> None:
+        t = self.targets[name]
+        self.target_suites = getattr(self, "target_suites", {})
+        self.target_suites[name] = [eval_suite(f"{name}_test", t.test.pairs, t.test.pairs.classnames, t.test.templates),
+                                    eval_suite(f"{name}_evalset", t.eval_set, t.test.pairs.classnames, t.test.templates),
+                                    *self.suites]
+        self.ingest(name)
+        loaded = load_model(self.run_config(name, 0).model)
+        all_idx = sorted(self.index[name].values())
+        if f"{name}:none" not in self.done:  # the general model itself: the retention reference
+            cfg = self.run_config(name, 0)
+            e = eval_stage(cfg, Warehouse(cfg.warehouse), loaded, self.target_suites[name],
+                           checkpoint=str(general_ckpt))
+            row = {"key": f"{name}:none", "train_key": f"{name}:none", "target": name, "variant": "main",
+                   "method": "none", "budget": 0.0, "seed": 0, "pairs": 0, "seconds": 0.0,
+                   "metrics": _metrics(e["metrics"])}
+            self.rows.append(row)
+            self.done.add(row["key"])
+            with open(self.results_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        for seed in self.p["seeds"]:
+            picks = self.select(name, loaded, seed)
+            for (method, budget), (sid, idx) in sorted(picks.items()):
+                meta = {"target": name, "variant": "main", "method": method, "budget": budget, "seed": seed}
+                self.train_and_eval(name, general_ckpt, f"{name}:main:{method}:{budget}:{seed}", meta, idx, sid, seed)
+            meta = {"target": name, "variant": "main", "method": "full", "budget": 1.0, "seed": seed}
+            self.train_and_eval(name, general_ckpt, f"{name}:main:full:1.0:{seed}", meta, all_idx, None, seed)
+
+    def sweeps(self, name: str, general_ckpt: Path) -> None:
+        loaded = load_model(self.run_config(name, 0).model)
+        for seed in self.p["sweep_seeds"]:
+            for alpha in self.p["alphas"]:
+                (sid, idx), = self.select(name, loaded, seed, alpha=alpha, budgets=[0.2], methods=["chips"]).values()
+                meta = {"target": name, "variant": f"alpha={alpha:g}", "method": "chips", "budget": 0.2, "seed": seed}
+                self.train_and_eval(name, general_ckpt, f"{name}:alpha={alpha:g}:{seed}", meta, idx, sid, seed)
+            for k in self.p["ks"]:
+                (sid, idx), = self.select(name, loaded, seed, k=k, budgets=[0.2], methods=["chips"]).values()
+                meta = {"target": name, "variant": f"k={k}", "method": "chips", "budget": 0.2, "seed": seed}
+                self.train_and_eval(name, general_ckpt, f"{name}:k={k}:{seed}", meta, idx, sid, seed)
+
+
+def _metrics(rows) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["suite"], {})[r["metric"]] = r["value"]
+    return out
+
+
+def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
+    rows, p = bench.rows, bench.p
+    targets = [t for t in ("fashion", "medical") if any(r["target"] == t for r in rows)]
+    img_dir = out_md.parent / out_md.stem
+    files = rep.plots(rows, targets, p["budgets"], img_dir)
+    rel = img_dir.name
+    agg = rep.aggregate(rows)
+    agg_r = rep.aggregate(rows, lambda r: rep.target_metric(r, "retrieval_R@5"))
+    agg_e = rep.aggregate(rows, lambda r: r["metrics"][f"{r['target']}_evalset"][rep.PRIMARY])
+    n_seeds = len(p["seeds"])
+    cpu = _cpu_name()
+    L = [f"# Selection-quality benchmark ({bench.mode} mode)", "",
+         f"Generated by `{command}` on {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
+         f"{platform.python_version()}; wall time **{rep.fmt_seconds(wall)}** (sum over "
+         f"{len(bench.state.get('invocations', []))} invocation(s) of the resumable run: "
+         f"{', '.join(rep.fmt_seconds(s) for s in bench.state.get('invocations', []))}) "
+         f"(pre-training {rep.fmt_seconds(bench.state.get('pretrain_seconds', 0))} when it ran). "
+         f"{n_seeds} seed(s) per cell: selection (sketch, bank, curvature sample, random baseline) and CPT data order. "
+         "Cells are mean ± sample std over seeds, in % (bold: best method at that budget).", "",
+         "## Verdicts on the paper's claims", "",
+         "Primary metric: zero-shot top-1 accuracy on the held-out target test set (means over seeds). "
+         "Differences smaller than the seed std are not evidence either way.", ""]
+    for statement, ok, ev in rep.hypotheses(rows, targets, p["budgets"]):
+        L += [f"- {statement}: {rep._verdict(ok)}.  ", f"  {ev or '—'}"]
+    L += ["", f"![target metric vs budget]({rel}/budget_curves.png)", ""]
+    for t in targets:
+        L += [f"## Target {t}", "", "Held-out test, zero-shot top-1 (%):", "", rep.method_table(agg, t, p["budgets"]),
+              "Held-out test, retrieval R@5 (mean of image→text and text→image, %; captions are templated, so a "
+              "caption's exact wording must rank in the top 5 among the whole test set — near the floor for every "
+              "method):", "",
+              rep.method_table(agg_r, t, p["budgets"]),
+              "Target eval set (the 300 pairs that drive selection — not held out), zero-shot top-1 (%):", "",
+              rep.method_table(agg_e, t, p["budgets"]), "What each method picked at 10% (share of the subset, seed 0):", "",
+              _composition_table(rows, t), ""]
+    L += ["## General-domain retention", "",
+          "General score = mean over the general suites of zero-shot top-1 (suites with classes) or retrieval "
+          "R@5; in brackets the change from the general model before CPT.", ""]
+    for t in targets:
+        L += [f"After CPT on target **{t}**:", "", rep.retention_table(rows, t, p["budgets"]), ""]
+    L += ["## Sweeps (target fashion, CHIPS at 20%)", "",
+          "α mixes the negative-pair curvature into M; k is the JL sketch dimension. Test = held-out; "
+          "eval set = the selection-time set (the only one a user may choose on).", ""]
+    for prefix in ("alpha", "k"):
+        tab, st = rep.sweep_table(rows, "fashion", prefix)
+        tab_e, st_e = rep.sweep_table(rows, "fashion", prefix,
+                                      lambda r: r["metrics"][f"{r['target']}_evalset"][rep.PRIMARY])
+        if st:
+            best = max(st_e, key=lambda a: st_e[a][0])
+            L += [f"{prefix} — held-out test:", "", tab, f"{prefix} — target eval set:", "", tab_e,
+                  f"Choosing on the eval set would pick {prefix} = {best:g} (the runs above use the default "
+                  f"{prefix} = {DEFAULT_ALPHA if prefix == 'alpha' else DEFAULT_K:g}).", "",
+                  f"![{prefix} sweep]({rel}/sweep_{prefix}.png)", ""]
+    L += ["## Data recipe", "", "General domain:", "", "```", json.dumps(bench.general_recipe, indent=1, default=str), "```", ""]
+    for t, tgt in bench.targets.items():
+        ing = bench.state.get(f"ingest:{t}", {})
+        L += [f"Target {t} (ingest: {ing.get('read')} pool + eval rows read, {ing.get('kept')} kept, "
+              f"{ing.get('quarantined')} quarantined by the GX row rules):", "", "```",
+              json.dumps(tgt.recipe, indent=1, default=str), "```", ""]
+    L += ["## Settings", "",
+          f"- Model: open_clip CLIP, custom config `{json.dumps(BENCH_MODEL)}`, trained from scratch: "
+          f"`{dataclasses.replace(PRETRAIN, epochs=p['pretrain_epochs'])}` (final loss "
+          f"{bench.state.get('pretrain_final_loss', float('nan')):.3f}).",
+          f"- CPT for every method, budget and `full`: `CPTConfig({', '.join(f'{k}={v}' for k, v in TARGET_CPT.items())}, "
+          "seed=<seed>)` — a fixed number of epochs, so a smaller subset also means fewer steps (as in the paper): "
+          + "; ".join(f"{t} {b:.0%} = {n} pairs = {TARGET_CPT['epochs'] * -(-n // TARGET_CPT['batch_size'])} steps"
+                      for t, b, n in sorted({(r["target"], r["budget"], r["pairs"]) for r in rows
+                                             if r["variant"] == "main" and r["method"] in ("random", "full")})) + ".",
+          f"- CHIPS: defaults of CHIPS_METHOD.md (α = {DEFAULT_ALPHA}, k = {DEFAULT_K}, K = {BankConfig().size}, "
+          f"β = {ScoreConfig().beta}, λ_rel = {CurvatureConfig().lambda_rel}); not tuned. "
+          "`trak` is TRAK's estimator (Fisher-preconditioned sketched gradient) computed from the same features.",
+          f"- Modes: `{json.dumps({k: v for k, v in p.items()})}`.",
+          f"- Per-run results (JSON lines, with the warehouse run ids): `{bench.results_path}`; every CPT and eval is "
+          "also a `runs` row and `evals` rows in `<workdir>/<mode>/<target>/wh` (query `mart_eval_by_selection`).", ""]
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text("\n".join(L))
+    log(f"report: {out_md} (+ {', '.join(files)})")
+
+
+def _composition_table(rows, target: str) -> str:
+    head = ("| method | clean | mismatched | off-domain | near-duplicate | largest class (of in-domain) |\n"
+            "|---|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for m in rep.METHOD_ORDER:
+        r = next((r for r in rows if r["target"] == target and r["variant"] == "main" and r["method"] == m
+                  and abs(r["budget"] - 0.1) < 1e-9 and r["seed"] == 0), None)
+        if r and "composition" in r:
+            c = r["composition"]
+            lines.append(f"| {m} | " + " | ".join(f"{c[k]:.0%}" for k in ("clean", "mismatched", "off_domain",
+                                                                            "near_duplicate"))
+                         + f" | {c.get('largest_class_share', float('nan')):.0%} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, budgets 10/30%%, smaller pools (<= 15 min on 2 CPUs)")
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("CHIPS_CACHE", Path.home() / ".cache/chips"))
+                    / "selection_bench")
+    ap.add_argument("--out", type=Path, default=None, help="report path (default: docs/benchmarks/selection.md in full "
+                                                          "mode, <workdir>/quick/selection.md in quick mode)")
+    ap.add_argument("--seeds", type=int, default=None, help="use only the first N seeds")
+    ap.add_argument("--targets", default="fashion,medical")
+    ap.add_argument("--no-sweeps", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1)) if os.cpu_count() and os.cpu_count() <= 2 else None
+    mode = "quick" if args.quick else "full"
+    t0 = time.perf_counter()
+    bench = Bench(mode, args.workdir, args.seeds)
+    bench.load_data()
+    ckpt = bench.general_model()
+    for name in args.targets.split(","):
+        bench.run_target(name, ckpt)
+    if not args.no_sweeps and "fashion" in args.targets:
+        bench.sweeps("fashion", ckpt)
+    out = args.out or (ROOT / "docs/benchmarks/selection.md" if mode == "full" else bench.work / "selection.md")
+    bench.state.setdefault("invocations", []).append(round(time.perf_counter() - t0, 1))
+    bench.save_state()
+    write_report(bench, out, sum(bench.state["invocations"]), "python benchmarks/selection/run.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
