@@ -13,7 +13,7 @@ def test_every_deployment_entrypoint_loads_and_parameters_validate():
 
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     names = [d["name"] for d in spec["deployments"]]
-    assert names == ["scheduled-refresh", "adhoc-rescore"]
+    assert names == ["scheduled-refresh", "adhoc-rescore", "adhoc-cpt", "adhoc-eval"]
     for dep in spec["deployments"]:
         path, _, func = dep["entrypoint"].partition(":")
         flow = load_flow_from_entrypoint(str(ROOT / path) + ":" + func)
