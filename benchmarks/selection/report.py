@@ -200,7 +200,7 @@ def plots(rows, targets, budgets, out_dir: Path) -> list[str]:
         ax.set_xlabel("budget (% of pool)")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=.3)
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out_dir / "budget_curves.png", dpi=110)
     plt.close(fig)

@@ -428,18 +428,24 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="use only the first N seeds")
     ap.add_argument("--targets", default="fashion,medical")
     ap.add_argument("--no-sweeps", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, train nothing")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if os.cpu_count() and os.cpu_count() <= 2 else None
     mode = "quick" if args.quick else "full"
     t0 = time.perf_counter()
     bench = Bench(mode, args.workdir, args.seeds)
     bench.load_data()
+    out = args.out or (ROOT / "docs/benchmarks/selection.md" if mode == "full" else bench.work / "selection.md")
+    if args.report_only:
+        write_report(bench, out, sum(bench.state.get("invocations", [])), bench.state.get(
+            "command", f"python benchmarks/selection/run.py{' --quick' if args.quick else ''} --workdir {args.workdir}"))
+        return
+    bench.state["command"] = "python benchmarks/selection/run.py " + " ".join(a for a in sys.argv[1:])
     ckpt = bench.general_model()
     for name in args.targets.split(","):
         bench.run_target(name, ckpt)
     if not args.no_sweeps and "fashion" in args.targets:
         bench.sweeps("fashion", ckpt)
-    out = args.out or (ROOT / "docs/benchmarks/selection.md" if mode == "full" else bench.work / "selection.md")
     bench.state.setdefault("invocations", []).append(round(time.perf_counter() - t0, 1))
     bench.save_state()
     write_report(bench, out, sum(bench.state["invocations"]), "python benchmarks/selection/run.py " + " ".join(sys.argv[1:]))
