@@ -710,6 +710,16 @@ def _noise_counts(pool_size: int) -> dict:
     return n
 
 
+def _numbered_keys(keys, tag: str) -> np.ndarray:
+    """``key#<tag>N``: the N-th copy of each key, so copies of one item get distinct keys."""
+    seen: dict[str, int] = {}
+    out = []
+    for k in keys:
+        seen[k] = seen.get(k, 0) + 1
+        out.append(f"{k}#{tag}{seen[k]}")
+    return np.array(out)
+
+
 def _jitter(images: np.ndarray, rng) -> np.ndarray:
     """Near-duplicate jitter: a 1-pixel shift (edge replicated) and/or brightness/contrast noise."""
     out = images.copy()
@@ -874,12 +884,7 @@ def load_fashion(general: PairSet, res: int = 32, seed: int = 0, pool_size: int 
     recap = _fashion_captions(dup.labels, _rng(seed, "fashion", "cap-dup"))
     dup.captions = [c2 if r.random() < 0.5 else c1 for c1, c2 in zip(dup.captions, recap)]
     dup.kind = np.full(len(dup), "near_duplicate")
-    seen: dict[str, int] = {}
-    keys = []
-    for k in dup.keys:
-        seen[k] = seen.get(k, 0) + 1
-        keys.append(f"{k}#dup{seen[k]}")
-    dup.keys = np.array(keys)
+    dup.keys = _numbered_keys(dup.keys, "dup")
     off = _off_domain(general, cnt["off_domain"], res, _rng(seed, "fashion", "off"), "offdomain-fashion")
     pool = _concat([p for p in (clean, mis, dup, off) if p is not None], classnames=list(FASHION_CLASSES))
     pool = pool.subset(_rng(seed, "fashion", "order").permutation(len(pool)))
@@ -1382,12 +1387,7 @@ def load_medical(general: PairSet, res: int = 32, seed: int = 0, pool_size: int 
     dup = clean.subset(di)
     dup.images = _jitter(dup.images, r)
     dup.kind = np.full(len(dup), "near_duplicate")
-    seen: dict[str, int] = {}
-    keys = []
-    for k in dup.keys:
-        seen[k] = seen.get(k, 0) + 1
-        keys.append(f"{k}#dup{seen[k]}")
-    dup.keys = np.array(keys)
+    dup.keys = _numbered_keys(dup.keys, "dup")
     bidx = {k: i for i, k in enumerate(skey)}
     recap = [_medical_caption(bank, bidx[k.split("#")[0]], r) for k in dup.keys]
     dup.captions = [c2 if r.random() < 0.5 else c1 for c1, c2 in zip(dup.captions, recap)]
