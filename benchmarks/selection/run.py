@@ -339,7 +339,8 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
          "Differences smaller than the seed std are not evidence either way.", ""]
     for statement, ok, ev in rep.hypotheses(rows, targets, p["budgets"]):
         L += [f"- {statement}: {rep._verdict(ok)}.  ", f"  {ev or '—'}"]
-    L += ["", f"![target metric vs budget]({rel}/budget_curves.png)", ""]
+    L += ["", f"![target metric vs budget]({rel}/budget_curves.png)", "", "## Observations (computed from the rows)", ""]
+    L += _observations(rows, targets, p["budgets"], agg) + [""]
     for t in targets:
         L += [f"## Target {t}", "", "Held-out test, zero-shot top-1 (%):", "", rep.method_table(agg, t, p["budgets"]),
               "Held-out test, retrieval R@5 (mean of image→text and text→image, %; captions are templated, so a "
@@ -391,6 +392,36 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(L))
     log(f"report: {out_md} (+ {', '.join(files)})")
+
+
+def _observations(rows, targets, budgets, agg) -> list[str]:
+    """Plain statements with the numbers behind them: how CHIPS's picks differ from random's, and
+    where the gap to random opens and closes."""
+    out = []
+    gen = rep.aggregate(rows, rep.general_score)
+    for t in targets:
+        comp = {m: [r["composition"] for r in rows if r["target"] == t and r["variant"] == "main" and r["method"] == m
+                    and abs(r["budget"] - budgets[0]) < 1e-9 and "composition" in r] for m in ("chips", "random")}
+        if all(comp.values()):
+            c, r = ({k: float(np.mean([x.get(k, np.nan) for x in comp[m]])) for k in
+                     ("clean", "mismatched", "off_domain", "near_duplicate", "largest_class_share")}
+                    for m in ("chips", "random"))
+            out.append(f"- {t}, {budgets[0]:.0%} budget: CHIPS's subset is {c['off_domain']:.0%} off-domain "
+                       f"(random {r['off_domain']:.0%}), {c['mismatched']:.0%} mismatched captions (random "
+                       f"{r['mismatched']:.0%}, pool 15%), {c['near_duplicate']:.0%} near-duplicates (random "
+                       f"{r['near_duplicate']:.0%}); its largest class is {c['largest_class_share']:.0%} of the "
+                       f"in-domain picks (random {r['largest_class_share']:.0%}).")
+        gaps = [(b, agg[(t, "chips", b)][0] - agg[(t, "random", b)][0]) for b in budgets
+                if (t, "chips", b) in agg and (t, "random", b) in agg]
+        if gaps:
+            out.append(f"- {t}: CHIPS minus random, top-1 points: "
+                       + ", ".join(f"{b:.0%} {100 * g:+.1f}" for b, g in gaps) + ".")
+        gg = [(b, gen[(t, "chips", b)][0] - gen[(t, "random", b)][0]) for b in budgets
+              if (t, "chips", b) in gen and (t, "random", b) in gen]
+        if gg:
+            out.append(f"- {t}: general score after CPT, CHIPS minus random: "
+                       + ", ".join(f"{b:.0%} {100 * g:+.1f}" for b, g in gg) + " points.")
+    return out
 
 
 def _composition_table(rows, target: str) -> str:
