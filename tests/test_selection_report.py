@@ -38,10 +38,10 @@ def _rows(chips_gain=0.05, general_drop=None):
 
 
 def test_verdicts_follow_the_numbers():
-    v = {s[:3]: ok for s, ok, _ in rep.hypotheses(_rows(), ["fashion"], BUDGETS)}
+    v = {s[:3]: ok for s, ok, _, _ in rep.hypotheses(_rows(), ["fashion"], BUDGETS)}
     # chips beats all baselines; 0.40+0.06+0.05=0.51 < 0.95*0.60 -> (2) fails; chips@10% 0.47 < random@50% 0.50
     assert v == {"(1)": True, "(2)": False, "(3)": False, "(4)": True, "(5)": True, "(6)": True}
-    v = {s[:3]: ok for s, ok, _ in rep.hypotheses(_rows(chips_gain=0.015, general_drop=0.40), ["fashion"], BUDGETS)}
+    v = {s[:3]: ok for s, ok, _, _ in rep.hypotheses(_rows(chips_gain=0.015, general_drop=0.40), ["fashion"], BUDGETS)}
     # chips below align_learn breaks (4); general score 0.40 is the largest drop -> (6) fails
     assert v["(1)"] is True and v["(4)"] is False and v["(6)"] is False
 
@@ -55,7 +55,16 @@ def test_aggregate_mean_and_sample_std_over_seeds():
 
 def test_missing_measurements_are_reported_as_such():
     rows = [r for r in _rows() if r["method"] not in ("full",) and not r["variant"].startswith("alpha")]
-    v = {s[:3]: ok for s, ok, _ in rep.hypotheses(rows, ["fashion"], BUDGETS)}
+    v = {s[:3]: ok for s, ok, _, _ in rep.hypotheses(rows, ["fashion"], BUDGETS)}
     assert v["(2)"] is None and v["(5)"] is None
     table = rep.method_table(rep.aggregate(rows), "fashion", BUDGETS)
     assert "**" in table and "| chips |" in table
+
+
+def test_verdicts_are_given_per_target():
+    rows = _rows() + [{**r, "target": "medical", "metrics": {k.replace("fashion", "medical"): v
+                                                             for k, v in r["metrics"].items()}}
+                      for r in _rows(chips_gain=-0.05)]
+    res = {s[:3]: (ok, per) for s, ok, _, per in rep.hypotheses(rows, ["fashion", "medical"], BUDGETS)}
+    assert res["(1)"] == (False, {"fashion": True, "medical": False})
+    assert "fashion: **holds**; medical: **does not hold**" == rep.verdict_line(res["(1)"][1])

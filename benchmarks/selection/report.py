@@ -90,90 +90,83 @@ def _verdict(ok: bool | None) -> str:
     return {True: "**holds**", False: "**does not hold**", None: "not measured"}[ok]
 
 
-def hypotheses(rows, targets, budgets) -> list[tuple[str, bool | None, str]]:
-    """The paper's claims as (statement, holds?, evidence) on the primary target metric (means over seeds)."""
+def verdict_line(per_target: dict) -> str:
+    """``fashion: **holds**; medical: **does not hold**``"""
+    return "; ".join(f"{t}: {_verdict(ok)}" for t, ok in per_target.items()) or _verdict(None)
+
+
+def _all(flags: list[bool]) -> bool | None:
+    return None if not flags else all(flags)
+
+
+def hypotheses(rows, targets, budgets) -> list[tuple[str, bool | None, str, dict]]:
+    """The paper's claims as ``(statement, holds overall?, evidence, {target: holds?})`` on the primary
+    target metric (means over seeds). Overall: holds on every measured target; None if not measured."""
     agg = aggregate(rows)
     gen = aggregate(rows, general_score)
-    out = []
     small = [b for b in budgets if b <= 0.3 + 1e-9]
 
     def mean(t, m, b, a=agg):
         return a[(t, m, b)][0] if (t, m, b) in a else None
 
-    # (1) CHIPS beats every baseline at each budget <= 30%
-    ok, ev = True, []
-    for t in targets:
+    def claim(statement, check):
+        per, ev = {}, []
+        for t in targets:
+            flags = []
+            for ok, text in check(t):
+                flags.append(ok)
+                ev.append(f"{t} {text}" + ("" if ok else " ✗"))
+            if flags:
+                per[t] = all(flags)
+        overall = None if not per else all(per.values())
+        return statement, overall, "; ".join(ev), per
+
+    def c1(t):  # CHIPS beats every baseline at each budget <= 30%
         for b in small:
             c = mean(t, "chips", b)
             rivals = {m: mean(t, m, b) for m in BASELINES if mean(t, m, b) is not None}
-            if c is None or not rivals:
-                ok = None if ok is True else ok
-                continue
-            best_m = max(rivals, key=rivals.get)
-            won = c > rivals[best_m]
-            ok = ok and won if ok is not None else ok
-            ev.append(f"{t} {b:.0%}: chips {100 * c:.1f} vs best baseline {best_m} {100 * rivals[best_m]:.1f}"
-                      + ("" if won else " ✗"))
-    out.append(("(1) CHIPS beats every baseline (random, clipscore, dot, trak) on the target at each budget ≤ 30%",
-                ok if ev else None, "; ".join(ev)))
-    # (2) CHIPS at 30% >= 95% of full
-    ok, ev = True, []
-    for t in targets:
+            if c is not None and rivals:
+                best = max(rivals, key=rivals.get)
+                yield c > rivals[best], f"{b:.0%}: chips {100 * c:.1f} vs best baseline {best} {100 * rivals[best]:.1f}"
+
+    def c2(t):  # CHIPS at 30% >= 95% of full
         c, f = mean(t, "chips", 0.3), mean(t, "full", 1.0)
-        if c is None or f is None:
-            continue
-        ok = ok and c >= 0.95 * f
-        ev.append(f"{t}: chips@30% {100 * c:.1f} / full {100 * f:.1f} = {c / f:.1%}")
-    out.append(("(2) CHIPS at 30% reaches ≥ 95% of full-data CPT", ok if ev else None, "; ".join(ev)))
-    # (3) CHIPS at 10% beats random at 50%
-    ok, ev = True, []
-    for t in targets:
+        if c is not None and f is not None:
+            yield c >= 0.95 * f, f"chips@30% {100 * c:.1f} / full {100 * f:.1f} = {c / f:.1%}"
+
+    def c3(t):  # CHIPS at 10% beats random at 50%
         c, r = mean(t, "chips", 0.1), mean(t, "random", 0.5)
-        if c is None or r is None:
-            continue
-        ok = ok and c > r
-        ev.append(f"{t}: chips@10% {100 * c:.1f} vs random@50% {100 * r:.1f}")
-    out.append(("(3) CHIPS at 10% beats random at 50%", ok if ev else None, "; ".join(ev)))
-    # (4) each factor helps: align < align x learn < chips, at each budget <= 30%
-    ok, ev = True, []
-    for t in targets:
+        if c is not None and r is not None:
+            yield c > r, f"chips@10% {100 * c:.1f} vs random@50% {100 * r:.1f}"
+
+    def c4(t):  # align < align x learn < chips at each budget <= 30%
         for b in small:
-            a, al, c = (mean(t, m, b) for m in ABLATIONS)
-            if None in (a, al, c):
-                continue
-            good = a < al < c
-            ok = ok and good
-            ev.append(f"{t} {b:.0%}: {100 * a:.1f} < {100 * al:.1f} < {100 * c:.1f}" + ("" if good else " ✗"))
-    out.append(("(4) each factor helps: chips_align < chips_align_learn < chips (each budget ≤ 30%)",
-                ok if ev else None, "; ".join(ev)))
-    # (5) alpha in [0.6, 0.8] beats alpha = 0
-    ok, ev = True, []
-    for t in targets:
+            v = [mean(t, m, b) for m in ABLATIONS]
+            if None not in v:
+                yield v[0] < v[1] < v[2], f"{b:.0%}: {100 * v[0]:.1f} < {100 * v[1]:.1f} < {100 * v[2]:.1f}"
+
+    def c5(t):  # alpha in [0.6, 0.8] beats alpha = 0
         _, st = sweep_table(rows, t, "alpha")
-        if 0.0 not in st:
-            continue
         mids = {a: st[a][0] for a in st if 0.6 - 1e-9 <= a <= 0.8 + 1e-9}
-        if not mids:
-            continue
-        good = all(v > st[0.0][0] for v in mids.values())
-        ok = ok and good
-        ev.append(f"{t} @20%: α=0 {100 * st[0.0][0]:.1f}; " + ", ".join(f"α={a:g} {100 * v:.1f}" for a, v in mids.items()))
-    out.append(("(5) α ∈ [0.6, 0.8] beats α = 0 (each of 0.6, 0.8)", ok if ev else None, "; ".join(ev)))
-    # (6) among influence methods, CHIPS loses the least general-domain performance
-    ok, ev = True, []
-    for t in targets:
+        if 0.0 in st and mids:
+            yield (all(v > st[0.0][0] for v in mids.values()),
+                   f"@20%: α=0 {100 * st[0.0][0]:.1f}; " + ", ".join(f"α={a:g} {100 * v:.1f}" for a, v in mids.items()))
+
+    def c6(t):  # among influence methods, CHIPS loses the least general-domain performance
         base = mean(t, "none", 0.0, gen)
         for b in budgets:
-            drops = {m: base - mean(t, m, b, gen) for m in INFLUENCE if mean(t, m, b, gen) is not None} if base else {}
-            if len(drops) < len(INFLUENCE):
-                continue
-            good = drops["chips"] <= min(drops.values()) + 1e-12
-            ok = ok and good
-            ev.append(f"{t} {b:.0%}: drop " + ", ".join(f"{m} {100 * d:+.1f}" for m, d in drops.items())
-                      + ("" if good else " ✗"))
-    out.append(("(6) among influence methods (dot, trak, chips), CHIPS loses the least general-domain performance",
-                ok if ev else None, "; ".join(ev)))
-    return out
+            drops = {m: base - mean(t, m, b, gen) for m in INFLUENCE if base is not None
+                     and mean(t, m, b, gen) is not None}
+            if len(drops) == len(INFLUENCE):
+                yield (drops["chips"] <= min(drops.values()) + 1e-12,
+                       f"{b:.0%}: drop " + ", ".join(f"{m} {100 * d:.1f}" for m, d in drops.items()))
+
+    return [claim("(1) CHIPS beats every baseline (random, clipscore, dot, trak) on the target at each budget ≤ 30%", c1),
+            claim("(2) CHIPS at 30% reaches ≥ 95% of full-data CPT", c2),
+            claim("(3) CHIPS at 10% beats random at 50%", c3),
+            claim("(4) each factor helps: chips_align < chips_align_learn < chips (each budget ≤ 30%)", c4),
+            claim("(5) α ∈ [0.6, 0.8] beats α = 0 (each of 0.6, 0.8)", c5),
+            claim("(6) among influence methods (dot, trak, chips), CHIPS loses the least general-domain performance", c6)]
 
 
 def plots(rows, targets, budgets, out_dir: Path) -> list[str]:
@@ -239,9 +232,9 @@ def retention_table(rows, target: str, budgets) -> str:
         cells = []
         for b in bs:
             c = gen.get((target, m, b))
-            cells.append("–" if c is None or not base else f"{_fmt(c)} ({c[0] - base[0]:+.1%})")
+            cells.append("–" if c is None or not base else f"{_fmt(c)} ({100 * (c[0] - base[0]):+.1f})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |" + " |" * (len(budgets) - len(bs)))
-    note = f"General model before CPT: {_fmt(base)}.\n\n" if base else ""
+    note = f"General model before CPT: {_fmt(base)}; in brackets the change in points.\n\n" if base else ""
     return note + head + "\n".join(lines) + "\n"
 
 

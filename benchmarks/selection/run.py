@@ -366,8 +366,8 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
          "## Verdicts on the paper's claims", "",
          "Primary metric: zero-shot top-1 accuracy on the held-out target test set (means over seeds). "
          "Differences smaller than the seed std are not evidence either way.", ""]
-    for statement, ok, ev in rep.hypotheses(rows, targets, p["budgets"]):
-        L += [f"- {statement}: {rep._verdict(ok)}.  ", f"  {ev or '—'}"]
+    for statement, ok, ev, per in rep.hypotheses(rows, targets, p["budgets"]):
+        L += [f"- {statement}: {rep.verdict_line(per)}.  ", f"  {ev or '—'}"]
     L += ["", f"![target metric vs budget]({rel}/budget_curves.png)", "", "## Observations (computed from the rows)", ""]
     L += _observations(rows, targets, p["budgets"], agg) + [""]
     for t in targets:
@@ -399,7 +399,7 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
         L.append("")
     L += ["## General-domain retention", "",
           "General score = mean over the general suites of zero-shot top-1 (suites with classes) or retrieval "
-          "R@5; in brackets the change from the general model before CPT.", ""]
+          "R@5 (%).", ""]
     for t in targets:
         L += [f"After CPT on target **{t}**:", "", rep.retention_table(rows, t, p["budgets"]), ""]
     L += ["## Sweeps (target fashion, CHIPS at 20%)", "",
