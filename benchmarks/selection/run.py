@@ -447,6 +447,13 @@ def _observations(rows, targets, budgets, agg) -> list[str]:
     out = []
     gen = rep.aggregate(rows, rep.general_score)
     for t in targets:
+        full, none = agg.get((t, "full", 1.0)), agg.get((t, "none", 0.0))
+        if full and none:
+            moved = full[0] - none[0]
+            out.append(f"- {t}: CPT on the whole pool moves the target metric from {100 * none[0]:.1f} (general model) "
+                       f"to {100 * full[0]:.1f} ± {100 * full[1]:.1f}"
+                       + (": less than one seed std, so this target does not respond to CPT here and its verdicts "
+                          "carry no signal about selection." if moved <= max(full[1], 1e-9) else "."))
         comp = {m: [r["composition"] for r in rows if r["target"] == t and r["variant"] == "main" and r["method"] == m
                     and abs(r["budget"] - budgets[0]) < 1e-9 and "composition" in r] for m in ("chips", "random")}
         if all(comp.values()):
