@@ -470,6 +470,16 @@ def _observations(rows, targets, budgets, agg) -> list[str]:
         if gaps:
             out.append(f"- {t}: CHIPS minus random, top-1 points: "
                        + ", ".join(f"{b:.0%} {100 * g:+.1f}" for b, g in gaps) + ".")
+        diag = rep.aggregate(rows, variant="diagnostic")
+        dd = [(b, diag[(t, "random_in_domain", b)][0], agg[(t, "random", b)][0], agg[(t, "chips", b)][0])
+              for b in budgets if (t, "random_in_domain", b) in diag and (t, "random", b) in agg
+              and (t, "chips", b) in agg]
+        if dd:
+            out.append(f"- {t}: random over in-domain pairs only (oracle) vs random vs CHIPS, top-1: "
+                       + ", ".join(f"{b:.0%} {100 * d:.1f} / {100 * r:.1f} / {100 * c:.1f}" for b, d, r, c in dd)
+                       + ". Where the first is below the second, leaving the off-domain pairs out costs target "
+                       "accuracy by itself; where CHIPS is below the first, CHIPS also ranks the in-domain pairs "
+                       "worse than chance.")
         gg = [(b, gen[(t, "chips", b)][0] - gen[(t, "random", b)][0]) for b in budgets
               if (t, "chips", b) in gen and (t, "random", b) in gen]
         if gg:
