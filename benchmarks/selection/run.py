@@ -44,7 +44,7 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
 
 import report as rep  # noqa: E402
-from data import PairSet, Suite, load_fashion, load_general, load_medical  # noqa: E402
+from data import PairSet, load_fashion, load_general, load_medical  # noqa: E402
 
 from chips_core.config import BankConfig, CurvatureConfig, ScoreConfig, SketchConfig  # noqa: E402
 from chips_core.cpt import CPTConfig, TensorPairs, train_cpt  # noqa: E402
@@ -300,20 +300,16 @@ class Bench:
 
     def sweeps(self, name: str, general_ckpt: Path) -> None:
         loaded = load_model(self.run_config(name, 0).model)
+        variants = [(f"alpha={a:g}", {"alpha": a}) for a in self.p["alphas"]] + \
+                   [(f"k={k}", {"k": k}) for k in self.p["ks"]]
         for seed in self.p["sweep_seeds"]:
-            for alpha in self.p["alphas"]:
-                if f"{name}:alpha={alpha:g}:{seed}" in self.done:
+            for variant, kw in variants:
+                key = f"{name}:{variant}:{seed}"
+                if key in self.done:
                     continue
-                (sid, idx), = self.select(name, loaded, seed, alpha=alpha, budgets=[0.2], methods=["chips"]).values()
-                meta = {"target": name, "variant": f"alpha={alpha:g}", "method": "chips", "budget": 0.2, "seed": seed}
-                self.train_and_eval(name, general_ckpt, f"{name}:alpha={alpha:g}:{seed}", meta, idx, sid, seed)
-            for k in self.p["ks"]:
-                if f"{name}:k={k}:{seed}" in self.done:
-                    continue
-                (sid, idx), = self.select(name, loaded, seed, k=k, budgets=[0.2], methods=["chips"]).values()
-                meta = {"target": name, "variant": f"k={k}", "method": "chips", "budget": 0.2, "seed": seed}
-                self.train_and_eval(name, general_ckpt, f"{name}:k={k}:{seed}", meta, idx, sid, seed)
-
+                (sid, idx), = self.select(name, loaded, seed, budgets=[0.2], methods=["chips"], **kw).values()
+                meta = {"target": name, "variant": variant, "method": "chips", "budget": 0.2, "seed": seed}
+                self.train_and_eval(name, general_ckpt, key, meta, idx, sid, seed)
 
     def diagnostics(self, name: str, general_ckpt: Path) -> None:
         """Oracle subsets (they read the ground-truth kind of each pool pair, which no user has): random
