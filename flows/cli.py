@@ -225,6 +225,9 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
 
 def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # An ephemeral API started by this process would try to send usage telemetry (offline here: it
+    # can only fail, and once logged a 'database is locked' traceback in the demo's output).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app()
 
 
