@@ -430,8 +430,12 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
           f"β = {ScoreConfig().beta}, λ_rel = {CurvatureConfig().lambda_rel}); not tuned. "
           "`trak` is TRAK's estimator (Fisher-preconditioned sketched gradient) computed from the same features.",
           f"- Modes: `{json.dumps({k: v for k, v in p.items()})}`.",
-          f"- Per-run results (JSON lines, with the warehouse run ids): `{bench.results_path}`; every CPT and eval is "
+          f"- Per-run results (JSON lines: every suite's metrics, subset composition, warehouse run ids): "
+          f"`{bench.results_path}`, copied beside this report as `{rel}/results.jsonl`; every CPT and eval is "
           "also a `runs` row and `evals` rows in `<workdir>/<mode>/<target>/wh` (query `mart_eval_by_selection`).", ""]
+    import shutil
+
+    shutil.copyfile(bench.results_path, img_dir / "results.jsonl")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(L))
     log(f"report: {out_md} (+ {', '.join(files)})")
