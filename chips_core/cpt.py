@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -113,14 +112,11 @@ class ImageFilePairs:
         return len(self.ids)
 
     def batch(self, idx):
-        from PIL import Image
+        from .evaluate import open_rgb
 
         idx = list(idx)
-        ims = []
-        for i in idx:
-            src = self.images[i]
-            ims.append(self.preprocess(Image.open(io.BytesIO(src) if isinstance(src, bytes) else src).convert("RGB")))
-        return torch.stack(ims), self.tokenizer([self.captions[i] for i in idx])
+        images = torch.stack([self.preprocess(open_rgb(self.images[i])) for i in idx])
+        return images, self.tokenizer([self.captions[i] for i in idx])
 
     def fingerprint(self) -> str:
         return hashlib.sha256("\n".join(self.ids).encode()).hexdigest()[:16]
@@ -174,8 +170,10 @@ def train_cpt(model, data: PairData, config: CPTConfig, out_dir: str | Path, dev
     model.to(device)
     identity = {"config": json.dumps(dataclasses.asdict(config), sort_keys=True), "data": data.fingerprint(),
                 "pairs": n, "start_model": state_dict_checksum(model)[:16]}
-    decay = [p for nme, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "embedding" not in nme]
-    no_decay = [p for nme, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "embedding" not in nme)]
+    # weight decay on matrices only: not on gains, biases, embeddings or the temperature
+    params = [(p.ndim >= 2 and "embedding" not in name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decay = [p for wd, p in params if wd]
+    no_decay = [p for wd, p in params if not wd]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=config.lr, betas=tuple(config.betas), eps=config.eps)

@@ -91,13 +91,10 @@ class EvalSuite:
 
 def load_suite(spec: SuiteSpec, preprocess) -> EvalSuite:
     """Read a suite table; errors name the suite, the file and the missing column."""
-    import io
     from pathlib import Path
 
-    from PIL import Image
-
     path = Path(spec.path)
-    t = _read_table(spec)
+    t = read_pair_table(spec.path, f"eval suite {spec.name!r}")
     img_col = "image" if "image" in t.column_names else "filepath"
     for col in (img_col, spec.caption_column):
         if col not in t.column_names:
@@ -108,7 +105,7 @@ def load_suite(spec: SuiteSpec, preprocess) -> EvalSuite:
         src = r[img_col]
         if isinstance(src, str) and not Path(src).is_absolute():
             src = str(path.parent / src)
-        ims.append(preprocess(Image.open(io.BytesIO(src) if isinstance(src, bytes) else src).convert("RGB")))
+        ims.append(preprocess(open_rgb(src)))
     labels, classnames = None, tuple(spec.classnames)
     if spec.label_column in t.column_names:
         names = [r[spec.label_column] for r in rows]
@@ -119,18 +116,28 @@ def load_suite(spec: SuiteSpec, preprocess) -> EvalSuite:
                      tuple(spec.templates))
 
 
-def _read_table(spec: SuiteSpec):
+def read_pair_table(path, what: str):
+    """A Parquet, CSV or TSV table of pairs (a suite, a manifest); errors name ``what`` and the path."""
     from pathlib import Path
 
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    path = Path(spec.path)
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"eval suite {spec.name!r}: file not found: {spec.path!r}")
+        raise ConfigError(f"{what}: file not found: {str(path)!r}")
     if path.suffix == ".parquet":
         return pq.read_table(path)
     return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ","))
+
+
+def open_rgb(src):
+    """A PIL RGB image from encoded bytes or a file path."""
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src).convert("RGB")
 
 
 @torch.no_grad()

@@ -281,9 +281,9 @@ def subset_data(wh: Warehouse, subset_id: str, loaded: LoadedModel):
 def manifest_data(path: str | Path, loaded: LoadedModel):
     """The pairs of a manifest (Parquet or open_clip CSV/TSV with ``filepath`` and ``title``)."""
     from .cpt import ImageFilePairs
-    from .evaluate import SuiteSpec, _read_table
+    from .evaluate import read_pair_table
 
-    t = _read_table(SuiteSpec(name="manifest", path=str(path)))
+    t = read_pair_table(path, "manifest")
     for col in ("filepath", "title"):
         if col not in t.column_names:
             raise KeyError(f"manifest {str(path)!r} has no column {col!r} (has {t.column_names})")

@@ -11,7 +11,6 @@ is a pure function of the rows, so the verdicts are testable on hand-made rows.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -93,10 +92,6 @@ def _verdict(ok: bool | None) -> str:
 def verdict_line(per_target: dict) -> str:
     """``fashion: **holds**; medical: **does not hold**``"""
     return "; ".join(f"{t}: {_verdict(ok)}" for t, ok in per_target.items()) or _verdict(None)
-
-
-def _all(flags: list[bool]) -> bool | None:
-    return None if not flags else all(flags)
 
 
 def hypotheses(rows, targets, budgets) -> list[tuple[str, bool | None, str, dict]]:
@@ -240,7 +235,3 @@ def retention_table(rows, target: str, budgets) -> str:
 
 def fmt_seconds(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
-
-
-def nan_safe(x) -> float:
-    return float("nan") if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)

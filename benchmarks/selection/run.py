@@ -120,6 +120,8 @@ class Bench:
             if self.results_path.exists() else []
         self.done = {r["key"] for r in self.rows}
         self.trained: dict[str, dict] = {r["train_key"]: r for r in self.rows}
+        self.index: dict[str, dict[str, int]] = {}  # per target: pool pair_id -> row of the pool Parquet
+        self.target_suites: dict[str, list[EvalSuite]] = {}
 
     def save_state(self) -> None:
         self.state_path.write_text(json.dumps(self.state, indent=1, sort_keys=True))
@@ -190,7 +192,6 @@ class Bench:
         for r in src:
             row = int(r["source_key"].rsplit("#row=", 1)[1])
             index[r["pair_id"]] = min(row, index.get(r["pair_id"], row))
-        self.index = getattr(self, "index", {})
         self.index[name] = index
         log(f"{name}: ingest {self.state[key]['read']} read, {self.state[key]['kept']} kept, "
             f"{self.state[key]['quarantined']} quarantined; {len(index)} pool pairs")
@@ -223,7 +224,7 @@ class Bench:
             out.setdefault((r["method"], r["budget"]), (r["subset_id"], []))[1].append(self.index[name][r["pair_id"]])
         return {key: (sid, sorted(ix)) for key, (sid, ix) in out.items()}
 
-    def train_and_eval(self, name: str, general_ckpt: Path, rowkey: str, meta: dict, idx: list[int],
+    def train_and_eval(self, name: str, rowkey: str, meta: dict, idx: list[int],
                        subset_id: str | None, seed: int) -> None:
         if rowkey in self.done:
             return
@@ -249,13 +250,17 @@ class Bench:
                    "cpt_run_id": c["run_id"], "eval_run_id": e["run_id"], "final_loss": c["final_loss"],
                    "composition": self.composition(name, idx), "metrics": _metrics(e["metrics"])}
             self.trained[train_key] = row
-        self.rows.append(row)
-        self.done.add(rowkey)
-        with open(self.results_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.record(row)
         log(f"{name} {meta['variant']:>10} {meta['method']:<18} {meta['budget']:>4.0%} seed {seed}: "
             f"top-1 {rep.target_metric(row):.3f}, general {rep.general_score(row):.3f}"
             + (" (reused)" if row.get("reused") else f" [{row['pairs']} pairs, {row['seconds']:.0f} s]"))
+
+    def record(self, row: dict) -> None:
+        """Keep a result row and append it to results.jsonl (what a resumed run skips)."""
+        self.rows.append(row)
+        self.done.add(row["key"])
+        with open(self.results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def composition(self, name: str, idx) -> dict:
         idx = np.asarray(idx, dtype=np.int64)
@@ -267,9 +272,8 @@ class Bench:
         out["largest_class_share"] = float(counts.max() / max(1, counts.sum()))  # among in-domain picks
         return out
 
-    def run_target(self, name: str, general_ckpt: Path) -> None:
+    def run_target(self, name: str) -> None:
         t = self.targets[name]
-        self.target_suites = getattr(self, "target_suites", {})
         self.target_suites[name] = [eval_suite(f"{name}_test", t.test.pairs, t.test.pairs.classnames, t.test.templates),
                                     eval_suite(f"{name}_evalset", t.eval_set, t.test.pairs.classnames, t.test.templates),
                                     *self.suites]
@@ -279,14 +283,11 @@ class Bench:
         if f"{name}:none" not in self.done:  # the general model itself: the retention reference
             cfg = self.run_config(name, 0)
             e = eval_stage(cfg, Warehouse(cfg.warehouse), loaded, self.target_suites[name],
-                           checkpoint=str(general_ckpt))
+                           checkpoint=cfg.model.checkpoint)
             row = {"key": f"{name}:none", "train_key": f"{name}:none", "target": name, "variant": "main",
                    "method": "none", "budget": 0.0, "seed": 0, "pairs": 0, "seconds": 0.0,
                    "metrics": _metrics(e["metrics"])}
-            self.rows.append(row)
-            self.done.add(row["key"])
-            with open(self.results_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            self.record(row)
         for seed in self.p["seeds"]:
             keys = [f"{name}:main:{m}:{b}:{seed}" for m in METHODS for b in self.p["budgets"]]
             if all(k in self.done for k in keys + [f"{name}:main:full:1.0:{seed}"]):
@@ -294,11 +295,11 @@ class Bench:
             picks = self.select(name, loaded, seed)
             for (method, budget), (sid, idx) in sorted(picks.items()):
                 meta = {"target": name, "variant": "main", "method": method, "budget": budget, "seed": seed}
-                self.train_and_eval(name, general_ckpt, f"{name}:main:{method}:{budget}:{seed}", meta, idx, sid, seed)
+                self.train_and_eval(name, f"{name}:main:{method}:{budget}:{seed}", meta, idx, sid, seed)
             meta = {"target": name, "variant": "main", "method": "full", "budget": 1.0, "seed": seed}
-            self.train_and_eval(name, general_ckpt, f"{name}:main:full:1.0:{seed}", meta, all_idx, None, seed)
+            self.train_and_eval(name, f"{name}:main:full:1.0:{seed}", meta, all_idx, None, seed)
 
-    def sweeps(self, name: str, general_ckpt: Path) -> None:
+    def sweeps(self, name: str) -> None:
         loaded = load_model(self.run_config(name, 0).model)
         variants = [(f"alpha={a:g}", {"alpha": a}) for a in self.p["alphas"]] + \
                    [(f"k={k}", {"k": k}) for k in self.p["ks"]]
@@ -309,9 +310,9 @@ class Bench:
                     continue
                 (sid, idx), = self.select(name, loaded, seed, budgets=[0.2], methods=["chips"], **kw).values()
                 meta = {"target": name, "variant": variant, "method": "chips", "budget": 0.2, "seed": seed}
-                self.train_and_eval(name, general_ckpt, key, meta, idx, sid, seed)
+                self.train_and_eval(name, key, meta, idx, sid, seed)
 
-    def diagnostics(self, name: str, general_ckpt: Path) -> None:
+    def diagnostics(self, name: str) -> None:
         """Oracle subsets (they read the ground-truth kind of each pool pair, which no user has): random
         over in-domain pairs only, and random over clean pairs only, at the main budgets. They separate
         two explanations of a gap to random: what the subset leaves out vs how it ranks the rest."""
@@ -329,7 +330,7 @@ class Bench:
                     if n > len(cand):
                         continue
                     meta = {"target": name, "variant": "diagnostic", "method": method, "budget": b, "seed": seed}
-                    self.train_and_eval(name, general_ckpt, f"{name}:diag:{method}:{b}:{seed}", meta,
+                    self.train_and_eval(name, f"{name}:diag:{method}:{b}:{seed}", meta,
                                         sorted(order[:n].tolist()), None, seed)
 
 
@@ -536,12 +537,12 @@ def main() -> None:
             "command", f"python benchmarks/selection/run.py{' --quick' if args.quick else ''} --workdir {args.workdir}"))
         return
     bench.state["command"] = "python benchmarks/selection/run.py " + " ".join(a for a in sys.argv[1:])
-    ckpt = bench.general_model()
+    bench.general_model()
     for name in args.targets.split(","):
-        bench.run_target(name, ckpt)
+        bench.run_target(name)
     if not args.no_sweeps and "fashion" in args.targets:
-        bench.sweeps("fashion", ckpt)
-        bench.diagnostics("fashion", ckpt)
+        bench.sweeps("fashion")
+        bench.diagnostics("fashion")
     bench.state.setdefault("invocations", []).append(round(time.perf_counter() - t0, 1))
     bench.save_state()
     write_report(bench, out, sum(bench.state["invocations"]), "python benchmarks/selection/run.py " + " ".join(sys.argv[1:]))
