@@ -32,10 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from chips_core.config import FeaturizeConfig, SketchConfig  # noqa: E402
-from chips_core.demo import DEMO_MODEL_CONFIG  # noqa: E402
-from chips_core.featurize import Featurizer, ReferenceBank  # noqa: E402
-from chips_core.models import EndpointModel, build_custom_model, state_dict_checksum  # noqa: E402
+from chips_core.scoring.endpoint import EndpointModel, build_custom_model, state_dict_checksum  # noqa: E402
+from chips_core.scoring.featurize import FeaturizeConfig, Featurizer, ReferenceBank  # noqa: E402
+from chips_core.scoring.sketch import SketchConfig  # noqa: E402
+from chips_core.train.synthetic import DEMO_MODEL_CONFIG  # noqa: E402
 
 
 def make_model(name: str, device: str):
@@ -113,7 +113,7 @@ def math_cost(model, feat, images, texts, ids, device: str):
     math's own time (median of 5): a noise-free view of the overhead that the throughput ratio measures."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from chips_core.featurize import sample_features
+    from chips_core.scoring.featurize import sample_features
 
     hv, ht = feat.endpoint.encode_pre(images, texts)
     with FlopCounterMode(display=False) as fc:

@@ -37,11 +37,10 @@ def main() -> None:
     a = p.parse_args()
     from prefect_dask import DaskTaskRunner
 
-    from chips_core.models import load_model
-    from chips_core.pipeline import featurize_stage
-    from chips_core.runconfig import load_run_config
-    from chips_core.stages import run_ingest
-    from chips_core.warehouse import Warehouse
+    from chips_core.platform.warehouse import Warehouse
+    from chips_core.scoring.endpoint import load_model
+    from chips_core.stages import featurize_stage, ingest_stage
+    from chips_core.stages.runconfig import load_run_config
     from flows.chips_flows import featurize_flow
     from flows.demo import prepare_demo
 
@@ -55,7 +54,7 @@ def main() -> None:
         cfg_dict = {**base, "shard_size": 250}
         cfg = load_run_config(cfg_dict)
         wh = Warehouse(cfg.warehouse)
-        run_ingest(list(cfg.pool), wh)
+        ingest_stage(list(cfg.pool), wh)
         featurize_flow(cfg_dict, run_id="warmup")  # starts the temporary Prefect API, loads the model
         dask = {}
         for n in (1, 2):

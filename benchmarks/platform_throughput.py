@@ -58,14 +58,15 @@ def make_shards(folder: Path, n: int, per_shard: int = 10_000, seed: int = 0) ->
 
 
 def child_ingest(n: int) -> None:
-    from chips_core.stages import SourceSpec, run_ingest
-    from chips_core.warehouse import Warehouse
+    from chips_core.platform.readers import SourceSpec
+    from chips_core.platform.warehouse import Warehouse
+    from chips_core.stages import ingest_stage
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp), n)
         wh = Warehouse(str(Path(tmp) / "wh"))
         t0 = time.perf_counter()
-        out = run_ingest([SourceSpec("gen", "webdataset", tuple(shards))], wh)
+        out = ingest_stage([SourceSpec("gen", "webdataset", tuple(shards))], wh)
         dt = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"n": n, **{k: out[k] for k in ("read", "kept", "quarantined")}, "seconds": dt,
@@ -75,8 +76,8 @@ def child_ingest(n: int) -> None:
 def child_sql(n: int) -> None:
     import pyarrow as pa
 
-    from chips_core.query import connect, query
-    from chips_core.warehouse import SCHEMAS, Warehouse
+    from chips_core.platform.query import connect, query
+    from chips_core.platform.warehouse import SCHEMAS, Warehouse
 
     with tempfile.TemporaryDirectory() as tmp:
         wh = Warehouse(str(Path(tmp) / "wh"))

@@ -22,16 +22,15 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chips_core.config import CurvatureConfig, FeaturizeConfig, ScoreConfig, SketchConfig  # noqa: E402
-from chips_core.demo import make_pairs, train_demo_clip  # noqa: E402
-from chips_core.featurize import Featurizer, ReferenceBank  # noqa: E402
-from chips_core.identity import FeatureIdentity, seeded_sample  # noqa: E402
-from chips_core.models import EndpointModel, state_dict_checksum  # noqa: E402
-from chips_core.reference import (full_parameter_alignment, reference_curvature, reference_features,  # noqa: E402
-                                  reference_target)
-from chips_core.score import score_features  # noqa: E402
-from chips_core.sketch import IdentityProjection  # noqa: E402
-from chips_core.target import curvature_stats_pre, target_stats_pre  # noqa: E402
+from chips_core.scoring.endpoint import EndpointModel, state_dict_checksum  # noqa: E402
+from chips_core.scoring.featurize import FeaturizeConfig, Featurizer, ReferenceBank  # noqa: E402
+from chips_core.scoring.identity import FeatureIdentity, seeded_sample  # noqa: E402
+from chips_core.scoring.reference import (full_parameter_alignment, reference_curvature,  # noqa: E402
+                                          reference_features, reference_target)
+from chips_core.scoring.score import ScoreConfig, score_features  # noqa: E402
+from chips_core.scoring.sketch import IdentityProjection, SketchConfig  # noqa: E402
+from chips_core.scoring.target import CurvatureConfig, curvature_stats_pre, target_stats_pre  # noqa: E402
+from chips_core.train.synthetic import make_pairs, train_demo_clip  # noqa: E402
 
 OUT = Path(__file__).resolve().parent
 KS = (64, 128, 256, 512, 1024)

@@ -1,21 +1,46 @@
-"""The ``chips`` command line: demo, run, sql, runs. Errors are one line and a non-zero exit."""
+"""The ``chips`` command line: demo, run, rescore, cpt, eval, sql, runs, report. Every error a user can
+cause is one line on stderr and exit code 1 (the one boundary: :func:`_one_line_errors`).
+
+Prefect reads its settings from the environment when it is first imported, so ``flows.chips_flows``
+is imported inside the commands, after :func:`main` and ``demo`` have set them."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+import duckdb
+import polars as pl
+import pyarrow as pa
 import typer
+
+from chips_core.errors import ChipsError
+from chips_core.platform.query import connect
+from chips_core.platform.query import query as run_query
+from chips_core.platform.report import write_report
+from chips_core.platform.warehouse import Warehouse
+from chips_core.scoring.endpoint import load_model
+from chips_core.stages.runconfig import load_run_config
+from flows.demo import prepare_demo, run_core_demo
 
 app = typer.Typer(help="chips — CHIPS data selection for domain-adaptive CLIP, as a data platform.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 
-def _fail(e: BaseException) -> None:
-    typer.echo(f"chips: error: {e}", err=True)
-    raise typer.Exit(code=1)
+@contextlib.contextmanager
+def _one_line_errors():
+    """Errors a user can cause (config, paths, ids, SQL) become one line and exit code 1."""
+    try:
+        yield
+    except (ChipsError, FileNotFoundError, ValueError, KeyError, PermissionError, duckdb.Error) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, duckdb.Error) and not isinstance(e, ChipsError):
+            msg = f"{type(e).__name__}: {e}"
+        typer.echo(f"chips: error: {msg}", err=True)
+        raise typer.Exit(code=1) from None
 
 
 def _warehouse_option():
@@ -25,39 +50,26 @@ def _warehouse_option():
 @app.command()
 def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/runconfig.py)")) -> None:
     """Run the whole pipeline (ingest, featurize, score, materialize) as a Prefect flow."""
-    from chips_core.errors import ChipsError
-    from chips_core.runconfig import load_run_config
-
-    try:
+    with _one_line_errors():
         cfg = load_run_config(config)  # fail fast, before any flow starts, with the bad key named
-        from chips_core.models import load_model
-        from chips_core.warehouse import Warehouse
-
         Warehouse(cfg.warehouse, cfg.storage_options)  # reachable and writable, or a named error
         if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
             load_model(cfg.model)  # raises CheckpointNotFoundError naming the path
         from flows.chips_flows import pipeline_flow
 
         out = pipeline_flow(str(config), progress=True)
-    except (ChipsError, FileNotFoundError, ValueError, KeyError) as e:
-        _fail(e)
-    _summary(out, load_run_config(config))
+    _summary(out, cfg)
 
 
 @app.command()
 def rescore(config: Path = typer.Argument(..., help="pipeline YAML whose `target` is the new evaluation set"),
             featurize_run_id: str = typer.Option(..., "--featurize-run", help="run id of the pool's featurization")) -> None:
     """Score an already featurized pool for a new target set (the model runs over the target only)."""
-    from chips_core.errors import ChipsError
-    from chips_core.runconfig import load_run_config
-
-    try:
+    with _one_line_errors():
         load_run_config(config)
         from flows.chips_flows import rescore_flow
 
         out = rescore_flow(str(config), featurize_run_id)
-    except (ChipsError, FileNotFoundError, ValueError, KeyError) as e:
-        _fail(e)
     s, m = out["score"], out["materialize"]
     typer.echo(f"rescore {out['run_id']}: {s['pairs']} pool pairs scored against {s['eval_pairs']} target pairs; "
                f"{len(m['subsets'])} subsets in {m['files'][0].rsplit('/', 1)[0] if m['files'] else '-'}")
@@ -69,10 +81,7 @@ def cpt(config: Path = typer.Argument(..., help="pipeline YAML; its `model` is t
         subset: Optional[str] = typer.Option(None, help="a subset id from the warehouse, e.g. '<score run>:chips@0.3'"),
         manifest: Optional[Path] = typer.Option(None, help="or a manifest (Parquet / open_clip CSV: filepath, title)")) -> None:
     """Continual pre-training on a selected subset (resumes from --out's checkpoints if present)."""
-    from chips_core.errors import ChipsError
-    from chips_core.runconfig import load_run_config
-
-    try:
+    with _one_line_errors():
         if (subset is None) == (manifest is None):
             raise ValueError("give exactly one of --subset / --manifest")
         if manifest is not None and not manifest.is_file():
@@ -82,8 +91,6 @@ def cpt(config: Path = typer.Argument(..., help="pipeline YAML; its `model` is t
 
         r = cpt_flow(str(config), str(out), subset_id=subset, manifest=str(manifest) if manifest else None,
                      progress=True)
-    except (ChipsError, FileNotFoundError, ValueError, KeyError) as e:
-        _fail(e)
     resumed = f" (resumed at step {r['resumed_from_step']})" if r["resumed_from_step"] else ""
     typer.echo(f"cpt {r['run_id']}: {r['pairs']} pairs, {r['steps']} steps{resumed}, final loss {r['final_loss']:.4f}\n"
                f"  weights: {r['final']}\n"
@@ -97,20 +104,13 @@ def eval_cmd(config: Path = typer.Argument(..., help="pipeline YAML with `eval_s
              cpt_run: Optional[str] = typer.Option(None, help="the cpt run that produced the checkpoint"),
              subset: Optional[str] = typer.Option(None, help="the subset that trained it (joins evals to the selection)")) -> None:
     """Zero-shot accuracy and retrieval recall@{1,5,10} on every configured suite -> the `evals` table."""
-    from chips_core.errors import ChipsError
-    from chips_core.runconfig import load_run_config
-
-    try:
+    with _one_line_errors():
         load_run_config(config)
         if checkpoint is not None and not checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint not found: {str(checkpoint)!r}")
         from flows.chips_flows import eval_flow
 
         r = eval_flow(str(config), str(checkpoint) if checkpoint else None, cpt_run, subset)
-    except (ChipsError, FileNotFoundError, ValueError, KeyError) as e:
-        _fail(e)
-    import pyarrow as pa
-
     typer.echo(f"eval {r['run_id']}:")
     _print_table(pa.Table.from_pylist([{k: m[k] for k in ("suite", "metric", "value", "n")} for m in r["metrics"]]), 200)
 
@@ -118,18 +118,20 @@ def eval_cmd(config: Path = typer.Argument(..., help="pipeline YAML with `eval_s
 @app.command()
 def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, warehouse and outputs go"),
          pool_size: int = typer.Option(600, help="pool pairs"), eval_size: int = typer.Option(100, help="target pairs"),
-         steps: int = typer.Option(300, help="training steps of the demo CLIP, if none is cached")) -> None:
+         steps: int = typer.Option(300, help="training steps of the demo CLIP, if none is cached"),
+         core: bool = typer.Option(False, "--core", help="the scoring library alone, in memory: no warehouse, "
+                                                         "no Prefect (~20 s)")) -> None:
     """The embedded default: train (or reuse) a tiny CLIP, build a noisy pool and a 'scan' target set,
     and run the whole pipeline on them — no network, a few minutes on 2 CPUs."""
-    from flows.demo import prepare_demo
-
+    if core:
+        run_core_demo(out_dir=str(workdir / "core"))
+        return
     if "PREFECT_API_URL" not in os.environ and "prefect" not in sys.modules:
         # no server configured: keep the ephemeral API's database with the demo, so a ~/.prefect
         # written by another Prefect version cannot stop the demo from starting
         os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / ".prefect"))
     t0 = time.perf_counter()
     cfg_dict = prepare_demo(workdir, pool_size, eval_size, steps)
-    from chips_core.runconfig import load_run_config
     from flows.chips_flows import pipeline_flow
 
     out = pipeline_flow(cfg_dict, progress=True)
@@ -141,28 +143,19 @@ def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, ware
 def sql_cmd(query: str = typer.Argument(..., help="one SELECT over the stg_*/mart_*/audit_* views"),
             warehouse: str = _warehouse_option(), limit: int = typer.Option(50, help="rows to print")) -> None:
     """Run a read-only SQL query over the warehouse."""
-    from chips_core.errors import ChipsError
-    from chips_core.query import connect, query as run_query
-    from chips_core.warehouse import Warehouse
-
-    try:
+    with _one_line_errors():
         table = run_query(connect(Warehouse(warehouse)), query)
-    except ChipsError as e:
-        _fail(e)
-    except Exception as e:  # noqa: BLE001 - DuckDB's own errors (bad SQL) are user errors here
-        _fail(f"{type(e).__name__}: {e}")
     _print_table(table, limit)
 
 
 @app.command()
 def runs(warehouse: str = _warehouse_option(), stage: Optional[str] = typer.Option(None, help="only this stage")) -> None:
     """List stage runs (provenance), newest first."""
-    from chips_core.query import connect, query as run_query
-    from chips_core.warehouse import Warehouse
-
     sql = ("select run_id, stage, status, parent_run_id, rows_in, rows_out, rows_quarantined, started_at "
            "from stg_runs where $stage is null or stage = $stage order by started_at desc")
-    _print_table(run_query(connect(Warehouse(warehouse)), sql, {"stage": stage}), 200)
+    with _one_line_errors():
+        table = run_query(connect(Warehouse(warehouse)), sql, {"stage": stage})
+    _print_table(table, 200)
 
 
 @app.command()
@@ -170,27 +163,17 @@ def report(run_id: str = typer.Argument(..., help="a score, materialize, pipelin
            warehouse: str = _warehouse_option(),
            out: Path = typer.Option(None, help="output folder (default: chips-report-<run id>)")) -> None:
     """Write an HTML report with PNG plots for a scoring run."""
-    from chips_core.report import write_report
-    from chips_core.warehouse import Warehouse
-
-    try:
+    with _one_line_errors():
         page = write_report(Warehouse(warehouse), run_id, out or Path(f"chips-report-{run_id}"))
-    except KeyError as e:
-        _fail(e.args[0])
     typer.echo(f"report: {page}")
 
 
-def _print_table(table, limit: int) -> None:
-    import polars as pl
-
+def _print_table(table: pa.Table, limit: int) -> None:
     with pl.Config(tbl_rows=limit, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200):
         typer.echo(pl.from_arrow(table).head(limit))
 
 
 def _summary(out: dict, cfg, demo: bool = False) -> None:
-    from chips_core.query import connect, query as run_query
-    from chips_core.warehouse import Warehouse
-
     con = connect(Warehouse(cfg.warehouse, cfg.storage_options))
     i, f, s, m = out["ingest"], out["featurize"], out["score"], out["materialize"]
     typer.echo(f"\nPipeline run {out['run_id']}")

@@ -1,10 +1,23 @@
-"""Data and model for ``chips demo``: synthetic pool and target folders, and the demo CLIP (cached)."""
+"""``chips demo``: the synthetic pool and target folders and the demo CLIP (trained once, cached) for
+the platform demo, and the scoring-core demo (``chips demo --core``: the library alone, in memory)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from chips_core.scoring.endpoint import EndpointModel, state_dict_checksum
+from chips_core.scoring.featurize import BankConfig, FeaturizeConfig, Featurizer, ReferenceBank
+from chips_core.scoring.score import METHODS, Preconditioners, ScoreConfig, score_features, select_top
+from chips_core.scoring.sketch import SketchConfig
+from chips_core.scoring.target import CurvatureConfig, curvature_sample, curvature_stats, target_stats
+from chips_core.train.synthetic import DEMO_MODEL_CONFIG, SyntheticPairs, make_pairs, train_demo_clip
+from chips_core.util import atomic_write, torch_bytes
 
 
 def cache_dir() -> Path:
@@ -13,24 +26,14 @@ def cache_dir() -> Path:
 
 def demo_checkpoint(steps: int) -> Path:
     """The demo CLIP's weights: trained once (seconds) and cached by step count."""
-    import torch
-
-    from chips_core.demo import train_demo_clip
-
     path = cache_dir() / f"demo_clip_{steps}.pt"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
         print(f"training the demo CLIP ({steps} steps; cached at {path})...", flush=True)
-        model = train_demo_clip(steps=steps, seed=0)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
+        atomic_write(path, torch_bytes(train_demo_clip(steps=steps, seed=0).state_dict()))
     return path
 
 
 def write_folder(folder: Path, data, n: int) -> None:
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         arr = (np.clip(data.images[i].numpy() * 0.3 + 0.3, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
@@ -39,16 +42,12 @@ def write_folder(folder: Path, data, n: int) -> None:
 
 
 def _subset(data, idx):
-    from chips_core.demo import SyntheticPairs
-
     return SyntheticPairs(data.images[idx], [data.captions[i] for i in idx], [data.pair_ids[i] for i in idx],
                           data.domain[idx], data.noisy[idx])
 
 
 def prepare_demo(workdir: Path, pool_size: int = 600, eval_size: int = 100, steps: int = 300) -> dict:
     """Write the demo's pool and target folders (once) and return its run configuration."""
-    from chips_core.demo import DEMO_MODEL_CONFIG, make_pairs
-
     workdir = Path(workdir).resolve()
     data = workdir / "data" / f"pool-{pool_size}"
     scans, photos = data / "scans", data / "photos"
@@ -78,3 +77,56 @@ def prepare_demo(workdir: Path, pool_size: int = 600, eval_size: int = 100, step
         "budgets": [0.1, 0.3, 0.5], "shard_size": 200,
         "outputs": {"dir": str(workdir / "out")},
     }
+
+
+def run_core_demo(pool_size: int = 2000, eval_size: int = 200, steps: int = 300, budget: float = 0.3,
+                  out_dir: str | None = None, seed: int = 0) -> dict:
+    """The scoring library alone (no warehouse, no Prefect), step by step on synthetic pairs, printing
+    what each method picked (``chips demo --core``)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    print(f"[1/5] training the demo CLIP ({steps} steps on synthetic pairs)...")
+    model = train_demo_clip(steps=steps, seed=seed)
+    checksum = state_dict_checksum(model)
+    if out_dir:
+        atomic_write(Path(out_dir) / "demo_clip.pt", torch_bytes(model.state_dict()))
+    tok = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    pool = make_pairs(pool_size, seed + 1)
+    target = make_pairs(4 * eval_size, seed + 2, scan_fraction=1.0, noise_fraction=0.0)
+    target_images, target_texts = target.images[:eval_size], tok(target.captions[:eval_size])
+    pool_texts = tok(pool.captions)
+    endpoint = EndpointModel(model)
+    fcfg, sk, bcfg, ccfg = FeaturizeConfig(), SketchConfig(k=512), BankConfig(size=512), CurvatureConfig(n_curv=2000)
+    print(f"[2/5] reference bank of {bcfg.size} pairs, sketch k={sk.k}")
+    index = {p: i for i, p in enumerate(pool.pair_ids)}
+    bank_ids = ReferenceBank.draw_ids(pool.pair_ids, bcfg)
+    bidx = [index[p] for p in bank_ids]
+    bank = ReferenceBank.from_pairs(endpoint, pool.images[bidx], pool_texts[bidx], bank_ids,
+                                    model_checksum=checksum, seed=bcfg.seed, micro_batch=fcfg.micro_batch)
+    feat = Featurizer(endpoint, bank, sk, fcfg)
+    print(f"[3/5] featurizing {pool_size} pool pairs")
+    features = feat.featurize(pool.images, pool_texts, pool.pair_ids)
+    print("[4/5] target statistics and curvature")
+    tstats = target_stats(feat.ctx, target_images, target_texts, target.pair_ids[:eval_size], fcfg)
+    sample = curvature_sample(pool.pair_ids, ccfg)
+    sidx = [index[p] for p in sample]
+    curv = curvature_stats(feat.ctx, pool.images[sidx], pool_texts[sidx], sample, ccfg, fcfg)
+    print("[5/5] scoring and selecting")
+    scores = score_features(features, tstats, curv, ccfg, ScoreConfig(), Preconditioners.solve(tstats, curv, ccfg))
+    clean_scan = (pool.domain == "scan") & ~pool.noisy
+    rows = []
+    for method in METHODS:
+        keep = select_top(scores[method], features.pair_id, budget)
+        rows.append((method, float(clean_scan[keep].mean()), float(pool.noisy[keep].mean())))
+    print(f"\nPool: {pool_size} pairs, {clean_scan.mean():.0%} clean scans, {pool.noisy.mean():.0%} mismatched captions; "
+          f"target eval set: {eval_size} scans; budget {budget:.0%}")
+    print(f"{'method':<20}{'clean scans picked':>20}{'mismatched picked':>20}")
+    for method, cs, nz in rows:
+        print(f"{method:<20}{cs:>20.1%}{nz:>20.1%}")
+    order = select_top(scores["chips"], features.pair_id, 5 / pool_size)
+    print("\nTop pairs by CHIPS utility (align x learnability x relevance):")
+    for i in order:
+        print(f"  {features.pair_id[i][:12]}  {pool.captions[i]!r:46}  A={scores['chips_align'][i]:+.3g} "
+              f"wL={scores['w_learn'][i]:.2f} wR={scores['w_relevance'][i]:.2f}")
+    print(f"\nDone in {time.perf_counter() - t0:.1f}s.")
+    return {"rows": rows, "scores": scores, "features": features, "pool": pool}

@@ -4,12 +4,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chips_core.demo import DEMO_MODEL_CONFIG, make_pairs, train_demo_clip
-from chips_core.featurize import ReferenceBank
-from chips_core.identity import seeded_sample
-from chips_core.models import EndpointModel, build_custom_model, state_dict_checksum
+from chips_core.scoring.endpoint import EndpointModel, build_custom_model, state_dict_checksum
+from chips_core.scoring.featurize import ReferenceBank
+from chips_core.scoring.identity import seeded_sample
+from chips_core.train.synthetic import DEMO_MODEL_CONFIG, make_pairs, train_demo_clip
 
 torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run where CUDA is; elsewhere they are skipped, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker: gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 # A ViT small enough that dense float64 references (P = D*d_v + D*d_t + 1 = 1025) stay cheap.
 TINY_VIT = {
@@ -81,7 +91,7 @@ def prefect_api():
 
 def tiny_pipeline_config(tmp, model, n_pool: int, n_target: int, seed: int, **overrides) -> dict:
     """Image folders of synthetic pairs, the model saved as a checkpoint, and a small run config."""
-    from chips_core.demo import make_pairs
+    from chips_core.train.synthetic import make_pairs
     from flows.demo import write_folder
 
     write_folder(tmp / "pool", make_pairs(n_pool, seed=seed), n_pool)

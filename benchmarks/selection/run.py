@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/selection/run.py --quick   # <= 15 min on 2 CPUs
     .venv/bin/python benchmarks/selection/run.py           # full: 3 seeds, 4 budgets -> docs/benchmarks/selection.md
 
-1. *General pre-training*: a small open_clip CLIP trained from scratch (with ``chips_core.cpt``) on
-   real general-domain image–text pairs (``data.load_general``); it plays the pretrained CLIP.
+1. *General pre-training*: a small open_clip CLIP trained from scratch (with ``chips_core.train.cpt``) on
+   real general-domain image–text pairs (``datasets.load_general``); it plays the pretrained CLIP.
 2. Per target (fashion, medical): the noisy pool and the small target eval set go through the
-   platform — ``run_ingest`` (GX validation, quarantine), ``featurize_stage``, ``score_stage``,
+   platform — ``ingest_stage`` (GX validation, quarantine), ``featurize_stage``, ``score_stage``,
    ``materialize_stage`` — once per seed (sketch, bank, curvature sample and the random baseline are
    seeded by it). Every subset (method × budget) and the whole pool (``full``) is then used for CPT
    from the general model with identical settings (``cpt_stage``), and every model is evaluated
@@ -44,18 +44,21 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
 
 import report as rep  # noqa: E402
-from data import PairSet, load_fashion, load_general, load_medical  # noqa: E402
+from datasets import PairSet, load_fashion, load_general, load_medical  # noqa: E402
 
-from chips_core.config import BankConfig, CurvatureConfig, ScoreConfig, SketchConfig  # noqa: E402
-from chips_core.cpt import CPTConfig, TensorPairs, train_cpt  # noqa: E402
-from chips_core.evaluate import EvalSuite  # noqa: E402
-from chips_core.models import LoadedModel, ModelSpec, build_custom_model, load_model  # noqa: E402
-from chips_core.pipeline import (OPENAI_MEAN, OPENAI_STD, cpt_stage, eval_stage, featurize_stage,  # noqa: E402
-                                 materialize_stage, score_stage)
-from chips_core.runconfig import OutputConfig, RunConfig  # noqa: E402
-from chips_core.score import METHODS  # noqa: E402
-from chips_core.stages import SourceSpec, run_ingest  # noqa: E402
-from chips_core.warehouse import Warehouse  # noqa: E402
+from chips_core.platform.readers import SourceSpec  # noqa: E402
+from chips_core.platform.warehouse import Warehouse  # noqa: E402
+from chips_core.scoring.endpoint import (OPENAI_MEAN, OPENAI_STD, LoadedModel, ModelSpec,  # noqa: E402
+                                         build_custom_model, load_model)
+from chips_core.scoring.featurize import BankConfig  # noqa: E402
+from chips_core.scoring.score import METHODS, ScoreConfig  # noqa: E402
+from chips_core.scoring.sketch import SketchConfig  # noqa: E402
+from chips_core.scoring.target import CurvatureConfig  # noqa: E402
+from chips_core.stages import (cpt_stage, eval_stage, featurize_stage, ingest_stage,  # noqa: E402
+                               materialize_stage, score_stage)
+from chips_core.stages.runconfig import OutputConfig, RunConfig  # noqa: E402
+from chips_core.train.cpt import CPTConfig, TensorPairs, train_cpt  # noqa: E402
+from chips_core.train.evaluate import EvalSuite  # noqa: E402
 
 # The "pretrained" CLIP: an open_clip ViT small enough to train from scratch on 2 CPUs.
 BENCH_MODEL = {
@@ -182,7 +185,7 @@ class Bench:
             write_parquet(t.pool, d / "pool.parquet")
             write_parquet(t.eval_set, d / "evalset.parquet")
             cfg = self.run_config(name, 0)
-            out = run_ingest(list(cfg.pool) + list(cfg.target), Warehouse(cfg.warehouse), progress=sys.stderr.isatty())
+            out = ingest_stage(list(cfg.pool) + list(cfg.target), Warehouse(cfg.warehouse), progress=sys.stderr.isatty())
             self.state[key] = out
             self.save_state()
         wh = Warehouse(str(d / "wh"))

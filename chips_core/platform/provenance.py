@@ -1,0 +1,88 @@
+"""The ``runs`` table: one row per stage run, with what it read, how it was configured, what it made."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+
+from .. import __version__
+from .warehouse import SCHEMAS, Warehouse
+
+
+def new_run_id(stage: str) -> str:
+    return f"{stage}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def code_version() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return f"chips_core {__version__}"
+
+
+def fingerprint(path_or_bytes) -> str:
+    """sha256 of a file's bytes (or of bytes), for ``input_fingerprints``."""
+    h = hashlib.sha256()
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        h.update(path_or_bytes)
+    else:
+        with open(path_or_bytes, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def input_fingerprint(path: str) -> str:
+    """sha256 of a local file; size and modification time (or ETag) of a folder or remote object."""
+    if "://" not in path and os.path.isfile(path):
+        return "sha256:" + fingerprint(path)
+    fs, p = fsspec.core.url_to_fs(path)
+    info = fs.info(p)
+    return f"{info.get('type')}:{info.get('size')}:{info.get('ETag') or info.get('mtime') or ''}"
+
+
+def config_json(config) -> str:
+    """A config (a dataclass, possibly nested, or a mapping) as canonical JSON."""
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def config_hash(config) -> str:
+    """Stable short hash of a config (the ``runs.config_hash`` column)."""
+    return hashlib.sha256(config_json(config).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def recorded_run(wh: Warehouse, stage: str, config=None, *, run_id: str | None = None, parent_run_id: str | None = None,
+                 inputs: dict | None = None, **fields):
+    """Context manager yielding a mutable row; the row is written to ``runs`` when the block ends,
+    with status ``succeeded`` or ``failed`` (the error re-raised). Set ``row["rows_in"]`` etc. inside."""
+    row = {"run_id": run_id or new_run_id(stage), "parent_run_id": parent_run_id, "stage": stage, "status": "running",
+           "config_json": config_json(config), "config_hash": config_hash(config),
+           "input_fingerprints": json.dumps(inputs or {}, sort_keys=True), "code_version": code_version(),
+           "host": socket.gethostname(), "started_at": dt.datetime.now(dt.timezone.utc), **fields}
+    try:
+        yield row
+        row["status"] = "succeeded"
+    except BaseException as e:
+        row["status"] = f"failed: {type(e).__name__}: {e}"[:2000]
+        raise
+    finally:
+        row["ended_at"] = dt.datetime.now(dt.timezone.utc)
+        full = {name: row.get(name) for name in SCHEMAS["runs"].names}
+        wh.write("runs", pa.Table.from_pylist([full], schema=SCHEMAS["runs"]), {"kind": stage}, row["run_id"])

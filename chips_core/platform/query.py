@@ -1,0 +1,71 @@
+"""Read-only SQL over the warehouse: DuckDB with the ``sql/`` views loaded.
+
+``raw_<table>`` relations read the Parquet parts (Hive partitions), or given Arrow tables (tests feed
+rows this way), or an empty table of the right schema when a table has no parts yet. The files in
+``sql/staging`` become ``stg_*`` views, ``sql/marts`` ``mart_*`` views, ``sql/audits`` ``audit_*``
+views. Queries are bound with driver parameters, and anything but a SELECT is refused.
+A remote warehouse is read through its fsspec filesystem registered with DuckDB, so no DuckDB
+extension (httpfs) has to be downloaded at run time.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from ..errors import ChipsError
+from .warehouse import SCHEMAS, Warehouse
+
+_PREFIX = {"staging": "", "marts": "mart_", "audits": "audit_"}
+
+
+class ReadOnlyQueryError(ChipsError, PermissionError):
+    """A query that would write (or is not a single SELECT) was refused."""
+
+
+def sql_dir() -> Path:
+    """The ``sql/`` project: ``$CHIPS_SQL_DIR`` (read when called), else the repository's ``sql/``."""
+    return Path(os.environ.get("CHIPS_SQL_DIR", Path(__file__).resolve().parents[2] / "sql"))
+
+
+def connect(wh: Warehouse | None = None, tables: dict[str, pa.Table] | None = None) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(":memory:")
+    tables = tables or {}
+    if wh is not None and not wh.is_local:
+        con.register_filesystem(wh.fs)
+    for name, schema in SCHEMAS.items():
+        if name in tables:
+            con.register(f"raw_{name}", tables[name])
+        elif wh is not None and wh.fs.exists(wh.table_dir(name)) and wh.fs.glob(
+                posixpath.join(wh.table_dir(name), "**", "*.parquet")):
+            con.execute(f"set variable chips_{name} = ?", [wh.url_of(posixpath.join(wh.table_dir(name), "**", "*.parquet"))])
+            con.execute(f"create view raw_{name} as select * from read_parquet(getvariable('chips_{name}'), "
+                        "hive_partitioning = true, union_by_name = true)")
+        else:
+            con.register(f"raw_{name}", schema.empty_table())
+    for folder, prefix in _PREFIX.items():
+        for path in sorted((sql_dir() / folder).glob("*.sql")):
+            con.execute(f"create view {prefix}{path.stem} as {path.read_text().strip().rstrip(';')}")
+    return con
+
+
+def query(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None = None) -> pa.Table:
+    """Run one read-only SELECT with bound parameters; return an Arrow table."""
+    statements = con.extract_statements(sql)
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kinds = [s.type.name for s in statements]
+        raise ReadOnlyQueryError(f"only a single SELECT is allowed, got {kinds or 'nothing'}: {sql.strip()[:200]!r}")
+    return con.sql(sql, params=params or None).to_arrow_table()
+
+
+def run_audits(con: duckdb.DuckDBPyConnection) -> dict[str, pa.Table]:
+    """Every audit's failing rows (an empty table means the audit passed)."""
+    return {p.stem: query(con, f"select * from audit_{p.stem}") for p in sorted((sql_dir() / "audits").glob("*.sql"))}
+
+
+def lineage(con: duckdb.DuckDBPyConnection, subset_id: str, pair_id: str) -> pa.Table:
+    sql = (sql_dir() / "lineage" / "subset_pair_lineage.sql").read_text()
+    return query(con, sql, {"subset_id": subset_id, "pair_id": pair_id})

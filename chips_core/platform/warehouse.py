@@ -1,0 +1,187 @@
+"""The Parquet warehouse: explicit Arrow schemas, Hive-style partitions, atomic writes (PLATFORM.md).
+
+Any fsspec URL works (a local path, ``s3://``, ``gs://``...). A file is written under a hidden
+temporary name that no reader globs (``.<name>.tmp``) and then moved into place, so a reader never
+sees half a file. Writing the same part again replaces it whole (a run's own ``runs`` row does this).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Sequence
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from ..errors import ChipsError
+from ..util import atomic_write
+
+
+class WarehouseError(ChipsError):
+    """The warehouse URL cannot be reached or a table cannot be written/read."""
+
+
+_STR = pa.string()
+
+SCHEMAS: dict[str, pa.Schema] = {
+    # one row per distinct pair (first source seen; every source key lives in pair_sources)
+    "pairs": pa.schema([
+        pa.field("pair_id", _STR, nullable=False), ("source", _STR), ("source_key", _STR), ("caption", _STR),
+        ("image_uri", _STR), ("image_sha256", _STR), ("width", pa.int32()), ("height", pa.int32()),
+        ("image_format", _STR), ("image", pa.binary()), ("ingest_run_id", _STR)]),
+    # one row per (pair, source, source key): duplicates across sources collapse in pairs, not here
+    "pair_sources": pa.schema([
+        pa.field("pair_id", _STR, nullable=False), ("source", _STR), ("source_key", _STR), ("ingest_run_id", _STR)]),
+    # one row per rejected input row
+    "quarantine": pa.schema([
+        ("source", _STR), ("source_key", _STR), ("reason", _STR), ("detail", _STR), ("run_id", _STR)]),
+    # one row per stage run
+    "runs": pa.schema([
+        pa.field("run_id", _STR, nullable=False), ("parent_run_id", _STR), ("stage", _STR), ("status", _STR),
+        ("config_json", _STR), ("config_hash", _STR), ("model_name", _STR), ("model_checksum", _STR),
+        ("sketch_seed", pa.int64()), ("sketch_k", pa.int32()), ("bank_id", _STR), ("input_fingerprints", _STR),
+        ("rows_in", pa.int64()), ("rows_out", pa.int64()), ("rows_quarantined", pa.int64()),
+        ("rows_unchanged", pa.int64()),
+        ("code_version", _STR), ("host", _STR), ("started_at", pa.timestamp("us", tz="UTC")),
+        ("ended_at", pa.timestamp("us", tz="UTC"))]),
+    # one row per pair per scoring run: every factor and baseline score, utility = chips, rank by utility
+    "scores": pa.schema([
+        pa.field("pair_id", _STR, nullable=False), ("run_id", _STR),
+        *[(m, pa.float64()) for m in ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn",
+                                      "chips", "w_learn", "w_relevance", "utility")],
+        ("rank", pa.int64())]),
+    # one row per pair per subset
+    "subsets": pa.schema([
+        ("subset_id", _STR), ("run_id", _STR), ("score_run_id", _STR), ("budget", pa.float64()), ("method", _STR),
+        pa.field("pair_id", _STR, nullable=False), ("rank", pa.int64())]),
+    # one row per metric per suite per evaluated model; cpt_run_id / subset_id join it to the selection
+    "evals": pa.schema([
+        pa.field("run_id", _STR, nullable=False), ("cpt_run_id", _STR), ("subset_id", _STR),
+        ("model_checkpoint", _STR), ("model_checksum", _STR), ("suite", _STR), ("metric", _STR),
+        ("value", pa.float64()), ("n", pa.int64())]),
+}
+
+
+@dataclass
+class Warehouse:
+    url: str
+    storage_options: dict | None = None
+
+    def __post_init__(self):
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
+            self.fs.makedirs(self.root, exist_ok=True)
+        except Exception as e:  # noqa: BLE001 - any backend error means the same thing to the user
+            raise WarehouseError(f"cannot open warehouse {self.url!r}: {type(e).__name__}: {e}") from e
+
+    def table_dir(self, table: str) -> str:
+        return posixpath.join(self.root, table)
+
+    def part_path(self, table: str, partition: dict[str, str], name: str) -> str:
+        parts = [f"{k}={v}" for k, v in partition.items()]
+        return posixpath.join(self.table_dir(table), *parts, f"{name}.parquet")
+
+    def write(self, table: str, data: pa.Table, partition: dict[str, str], name: str,
+              metadata: dict[str, str] | None = None) -> str:
+        """Write one part atomically; the table's Arrow schema is enforced (cast, or a named error).
+        ``metadata`` goes into the Parquet footer's key-value metadata."""
+        schema = SCHEMAS.get(table)
+        if schema is not None:
+            data = conform(data, schema, table)
+        if metadata:
+            data = data.replace_schema_metadata({**(data.schema.metadata or {}), **metadata})
+        path = self.part_path(table, partition, name)
+        buf = io.BytesIO()
+        pq.write_table(data, buf, compression="zstd")
+        self.write_bytes(path, buf.getvalue())
+        return path
+
+    @contextlib.contextmanager
+    def lock(self, name: str):
+        """An exclusive, blocking lock for stages that read-then-write shared state (ingest's
+        de-duplication). Local warehouses use ``flock`` on ``<root>/_locks/<name>.lock``; object
+        stores have no such primitive, so there the caller must not run two ingests at once."""
+        if not self.is_local:
+            yield
+            return
+        path = posixpath.join(self.root, "_locks", f"{name}.lock")
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @property
+    def protocol(self) -> str:
+        return self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol in ("file", "local")
+
+    def url_of(self, path: str) -> str:
+        """A path inside the warehouse as a URL other engines (DuckDB, deltalake) open."""
+        return path if self.is_local else f"{self.protocol}://{path}"
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def write_bytes(self, path: str, data: bytes) -> str:
+        """Write one file atomically (see :func:`chips_core.util.atomic_write`); errors name the path."""
+        try:
+            return atomic_write(path, data, self.fs)
+        except Exception as e:  # noqa: BLE001 - any backend error means the same thing to the user
+            raise WarehouseError(f"cannot write {path!r} in warehouse {self.url!r}: {e}") from e
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open(path, "rb") as f:
+            return f.read()
+
+    def has_part(self, table: str, partition: dict[str, str], name: str) -> bool:
+        return self.fs.exists(self.part_path(table, partition, name))
+
+    def part_metadata(self, table: str, partition: dict[str, str], name: str) -> dict[str, str]:
+        with self.fs.open(self.part_path(table, partition, name), "rb") as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+        return {k.decode(): v.decode() for k, v in meta.items()}
+
+    def read(self, table: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+        """Read a whole table (all partitions); an absent table reads as empty with its schema."""
+        d = self.table_dir(table)
+        if not self.fs.exists(d):
+            schema = SCHEMAS[table]
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        ds = pads.dataset(d, filesystem=self.fs, format="parquet", partitioning="hive",
+                          exclude_invalid_files=False)
+        return ds.to_table(columns=columns, filter=filter)
+
+    def read_pairs(self, ids: Sequence[str], columns: Sequence[str] = ("pair_id", "caption", "image")) -> list[dict]:
+        """Rows of ``pairs`` for ``ids``, in the order of ``ids``; an id not in the table is a named error."""
+        cols = list(dict.fromkeys(["pair_id", *columns]))
+        t = self.read("pairs", columns=cols, filter=pc.field("pair_id").isin(list(ids)))
+        rows = {r["pair_id"]: r for r in t.to_pylist()}
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise KeyError(f"{len(missing)} pair ids not in the warehouse's pairs table, e.g. {missing[:3]}")
+        return [rows[i] for i in ids]
+
+
+def conform(data: pa.Table, schema: pa.Schema, table: str) -> pa.Table:
+    """Select and cast ``data`` to ``schema``; a missing column is a named error, never a silent null."""
+    missing = [f.name for f in schema if f.name not in data.column_names]
+    if missing:
+        raise WarehouseError(f"table {table!r}: missing column(s) {missing} (have {data.column_names})")
+    try:
+        return data.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise WarehouseError(f"table {table!r}: cannot cast to its schema: {e}") from e

@@ -1,0 +1,301 @@
+r"""Loading open_clip models and reading their end-point subspace (CHIPS_METHOD.md §1).
+
+The end-point parameters are :math:`\theta = \{W_v, W_t, t\}`: the two projections from the
+towers' pre-projection features :math:`h_v, h_t` to the joint space, and the log logit scale.
+:class:`EndpointModel` runs the trunks forward only and returns :math:`h_v, h_t` (with a
+constant 1 appended where the projection has a bias), and exposes :math:`W_v, W_t` as
+``(D, d)`` matrices so that :math:`e = W h`.
+
+How :math:`h` is read: for the duration of one forward pass the projection is taken out of the
+tower — a projection *Parameter* (ViT ``visual.proj``, text ``text_projection``) is set to
+``None``, which open_clip skips, and a projection *Linear* (ResNet ``attnpool.c_proj``, timm
+``head.proj``, a Linear ``text_projection``, HF ``text.proj``) is replaced by an identity Linear
+of the input width. This gives exactly the projection input even where open_clip uses the
+projection's weights without calling the module (``AttentionPool2d`` hands ``c_proj.weight``
+to ``F.multi_head_attention_forward``, so a forward hook on it would never fire).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointNotFoundError, EndpointNotFoundError, IncompatibleFeaturesError, UnsupportedModelError
+
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load. Exactly one of ``name`` / ``config`` selects the architecture."""
+
+    name: str | None = None  # open_clip architecture name, e.g. "ViT-B-32"
+    config: dict | None = field(default=None, hash=False)  # custom open_clip model config (embed_dim, vision_cfg, text_cfg[, custom_text])
+    checkpoint: str | None = None  # local checkpoint file (.pt/.bin/.safetensors); loaded with weights_only=True
+    pretrained: str | None = None  # open_clip pretrained tag (needs a network, or open_clip's cache)
+    hf_dir: str | None = None  # local Hugging Face folder holding open_clip_config.json and weights
+
+    def __post_init__(self):
+        chosen = [n for n in ("name", "config", "hf_dir") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise UnsupportedModelError(
+                f"ModelSpec needs exactly one of name / config / hf_dir, got {chosen or 'none'}")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    checksum: str  # sha256 over the state dict (names, dtypes, shapes, bytes)
+    label: str  # architecture name or "custom"
+    spec: ModelSpec | None = None  # what it was loaded from (None: built in memory)
+    device: str = "cpu"
+
+    def __reduce_ex__(self, protocol):
+        """A model loaded from a spec pickles as that spec, not as its weights: a worker process
+        (Dask) loads it once from the same files, and the checksum proves it got the same weights.
+        Do not pickle a model changed in memory (CPT trains a fresh copy, never a shared one)."""
+        if self.spec is None:
+            return super().__reduce_ex__(protocol)
+        return _load_expected, (self.spec, self.device, self.checksum)
+
+
+@functools.lru_cache(maxsize=4)
+def shared_model(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
+    """One loaded model per (spec, device) and process, shared by the threads that score shards."""
+    return load_model(spec, device)
+
+
+def _load_expected(spec: ModelSpec, device: str, checksum: str) -> LoadedModel:
+    loaded = shared_model(spec, device)
+    if loaded.checksum != checksum:
+        raise IncompatibleFeaturesError(f"model {spec.checkpoint or spec.name or spec.hf_dir!r} now has checksum "
+                                        f"{loaded.checksum[:12]}, not {checksum[:12]} as when it was sent")
+    return loaded
+
+
+def image_preprocess(model: nn.Module):
+    """open_clip's eval transform for the model's input size and normalisation (OpenAI's by default)."""
+    from open_clip.transform import image_transform
+
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    size = cfg.get("size") or model.visual.image_size
+    return image_transform(size, is_train=False, mean=cfg.get("mean", OPENAI_MEAN), std=cfg.get("std", OPENAI_STD))
+
+
+def build_custom_model(config: dict) -> nn.Module:
+    """Instantiate an open_clip model from a config dict in open_clip's JSON layout."""
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = dict(config)
+    custom_text = cfg.pop("custom_text", False)
+    cfg.pop("preprocess_cfg", None)
+    cls = CustomTextCLIP if custom_text or "hf_model_name" in cfg.get("text_cfg", {}) else CLIP
+    try:
+        return cls(**cfg)
+    except TypeError as e:
+        raise UnsupportedModelError(f"could not build an open_clip model from config {config!r}: {e}") from e
+
+
+def _tokenizer_for(model: nn.Module, name: str | None):
+    import open_clip
+
+    ctx = getattr(model, "context_length", None) or getattr(getattr(model, "text", None), "context_length", 77)
+    if name is not None:
+        return open_clip.get_tokenizer(name, context_length=ctx)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+
+
+def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an open_clip model in eval mode; never downloads unless ``spec.pretrained`` asks to."""
+    import open_clip
+
+    if spec.checkpoint is not None and not Path(spec.checkpoint).is_file():
+        raise CheckpointNotFoundError(f"checkpoint not found: {os.fspath(spec.checkpoint)!r}")
+    if spec.hf_dir is not None:
+        if not Path(spec.hf_dir).is_dir():
+            raise CheckpointNotFoundError(f"Hugging Face model folder not found: {spec.hf_dir!r}")
+        model = open_clip.create_model(f"local-dir:{spec.hf_dir}", device=device)
+        label, tok = f"local-dir:{spec.hf_dir}", open_clip.get_tokenizer(f"local-dir:{spec.hf_dir}")
+    elif spec.config is not None:
+        model, label = build_custom_model(spec.config), "custom"
+        tok = _tokenizer_for(model, None)
+    else:
+        if spec.name not in open_clip.list_models():
+            raise UnsupportedModelError(f"unknown open_clip architecture {spec.name!r}")
+        model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device=device,
+                                       pretrained_text=False)
+        label, tok = spec.name, _tokenizer_for(model, spec.name)
+    if spec.checkpoint is not None:
+        open_clip.load_checkpoint(model, spec.checkpoint, weights_only=True)
+    model = model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tok, checksum=state_dict_checksum(model), label=label, spec=spec,
+                       device=str(device))
+
+
+def state_dict_checksum(model: nn.Module) -> str:
+    """sha256 over the state dict: identifies the weights whatever file format they came in."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# End-point sites
+
+@dataclass
+class _Site:
+    owner: nn.Module
+    attr: str
+    path: str  # dotted path, for messages
+
+    @property
+    def value(self):
+        return getattr(self.owner, self.attr)
+
+    def weight(self) -> torch.Tensor:
+        """The projection as a (D, d[+1]) matrix, bias appended as the last column."""
+        v = self.value
+        if isinstance(v, nn.Linear):
+            w = v.weight
+            return torch.cat([w, v.bias[:, None]], dim=1) if v.bias is not None else w
+        return v.t()  # open_clip stores Parameter projections as (d, D) and applies x @ P
+
+    @property
+    def has_bias(self) -> bool:
+        v = self.value
+        return isinstance(v, nn.Linear) and v.bias is not None
+
+    @contextlib.contextmanager
+    def removed(self):
+        original = self.value
+        if isinstance(original, nn.Linear):
+            ident = nn.Linear(original.in_features, original.in_features, bias=False)
+            with torch.no_grad():
+                ident.weight.copy_(torch.eye(original.in_features))
+            ident = ident.to(device=original.weight.device, dtype=original.weight.dtype)
+            setattr(self.owner, self.attr, ident)
+        else:
+            setattr(self.owner, self.attr, None)
+        try:
+            yield
+        finally:
+            setattr(self.owner, self.attr, original)
+
+
+def _find_site(root: nn.Module, root_name: str, candidates: list[str]) -> _Site | None:
+    for dotted in candidates:
+        *parents, attr = dotted.split(".")
+        owner = root
+        for p in parents:
+            owner = getattr(owner, p, None)
+            if owner is None:
+                break
+        if owner is None or not hasattr(owner, attr):
+            continue
+        v = getattr(owner, attr)
+        if isinstance(v, (nn.Parameter, nn.Linear)) and (not isinstance(v, nn.Parameter) or v.ndim == 2):
+            return _Site(owner, attr, f"{root_name}.{dotted}")
+    return None
+
+
+_VISION_CANDIDATES = ["proj", "attnpool.c_proj", "head.proj"]  # ViT, ModifiedResNet, timm
+_TEXT_CANDIDATES = ["text_projection", "text.text_projection", "text.proj"]  # CLIP, CustomTextCLIP, HF
+
+
+def resolve_sites(model: nn.Module) -> tuple[_Site, _Site]:
+    if getattr(model, "logit_bias", None) is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has a logit_bias (a SigLIP-style sigmoid model); CHIPS scores "
+            "InfoNCE models only")
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        raise EndpointNotFoundError(f"{type(model).__name__} has no 'visual' tower")
+    vsite = _find_site(visual, "visual", _VISION_CANDIDATES)
+    if vsite is None:
+        raise EndpointNotFoundError(
+            f"no linear image projection found in vision tower {type(visual).__name__}: looked for "
+            + ", ".join(f"visual.{c}" for c in _VISION_CANDIDATES)
+            + " as an nn.Parameter (d, D) or nn.Linear")
+    tsite = _find_site(model, "model", _TEXT_CANDIDATES)
+    if tsite is None:
+        text = getattr(model, "text", model)
+        raise EndpointNotFoundError(
+            f"no linear text projection found in {type(model).__name__} (text tower "
+            f"{type(text).__name__}): looked for " + ", ".join(f"model.{c}" for c in _TEXT_CANDIDATES)
+            + " as an nn.Parameter (d, D) or nn.Linear")
+    return vsite, tsite
+
+
+class EndpointModel:
+    r"""A CLIP model seen through its end-point parameters :math:`\{W_v, W_t, t\}` (§1).
+
+    :meth:`encode_pre` briefly takes the projections out of the shared model, under a per-model
+    lock that construction and :meth:`weights` take too; concurrent use through EndpointModel is
+    safe, but another thread calling the model's own ``encode_image`` directly at that moment
+    would see the projection missing."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+        with _model_lock(model):  # another thread may have the projections out right now
+            self.vision_site, self.text_site = resolve_sites(model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    def weights(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``W_v (D, d_v[+1]), W_t (D, d_t[+1]), t ()`` detached, in ``dtype``."""
+        with torch.no_grad(), _model_lock(self.model):
+            wv = self.vision_site.weight().detach().to(dtype)
+            wt = self.text_site.weight().detach().to(dtype)
+            t = self.model.logit_scale.detach().reshape(()).to(dtype)
+        return wv, wt, t
+
+    @torch.no_grad()
+    def encode_pre(self, images: torch.Tensor | None, texts: torch.Tensor | None):
+        """Pre-projection features ``h_v (B, d_v[+1])``, ``h_t (B, d_t[+1])`` (either may be None), float32
+        (float64 for a float64 model)."""
+        hv = ht = None
+        with _model_lock(self.model):  # the swap is visible to every thread using this model
+            if images is not None:
+                with self.vision_site.removed():
+                    hv = self.model.encode_image(images.to(self.device))
+            if texts is not None:
+                with self.text_site.removed():
+                    ht = self.model.encode_text(texts.to(self.device))
+        hv = None if hv is None else _append_one(_at_least_float32(hv), self.vision_site.has_bias)
+        ht = None if ht is None else _append_one(_at_least_float32(ht), self.text_site.has_bias)
+        return hv, ht
+
+
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> threading.Lock:
+    """One lock per model object: reading h swaps the projection out, which other threads would see."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.Lock())
+
+
+def _at_least_float32(h: torch.Tensor) -> torch.Tensor:
+    return h if h.dtype == torch.float64 else h.float()  # fp16/bf16 trunks: accumulate in float32
+
+
+def _append_one(h: torch.Tensor, bias: bool) -> torch.Tensor:
+    if h.ndim != 2:
+        raise EndpointNotFoundError(f"expected pooled features of shape (B, d), got {tuple(h.shape)}")
+    return torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1) if bias else h

@@ -1,0 +1,359 @@
+r"""Per-pair features against a fixed reference bank (CHIPS_METHOD.md §2–§4).
+
+For pair :math:`i` and bank pairs :math:`b = 1..K` (embeddings :math:`x, y`, pre-projection norms
+:math:`n_v = \|e_v\|, n_t = \|e_t\|`, logit scale :math:`s`):
+
+.. math::
+    \ell_i = \tfrac12\big[-\log P_0 - \log Q_0\big],\quad
+    P = \mathrm{softmax}(s[c_{ii}, c_{i1}..c_{iK}]),\quad Q = \mathrm{softmax}(s[c_{ii}, c_{1i}..c_{Ki}])
+
+and the per-sample gradient is the exact sum of rank-one pair Jacobians (§3). With the sketch
+(§4) every term is :math:`(U a) \odot (V h)`, so the sketched gradient of a micro-batch of ``B``
+pairs costs six ``(B, K) @ (K, k)`` products on top of the forward pass; no per-pair
+``D x d`` gradient is ever formed.
+
+Batch invariance: every pair is computed inside a padded micro-batch of exactly
+``FeaturizeConfig.micro_batch`` rows, so its outputs are bit-identical whatever the caller's
+batch size, order or shard layout (BLAS results depend on the matrix shapes, not on the other
+rows' values).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..errors import NonFiniteEmbeddingError, check
+from .endpoint import EndpointModel
+from .identity import FeatureIdentity, seeded_sample
+from .sketch import RankOneSketch, SketchConfig
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    size: int = 1024  # K: number of reference pairs every pair is scored against (§2)
+    seed: int = 0  # seed of the draw of bank pairs from the pool
+
+    def __post_init__(self):
+        check(isinstance(self.size, int) and self.size >= 1, "BankConfig", "size", self.size, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class FeaturizeConfig:
+    micro_batch: int = 64  # every pair is computed in a padded chunk of exactly this many rows,
+    #                        so its outputs are bit-identical whatever the caller's batch size
+    eval_chunk: int = 4096  # rows of the eval-set logit matrix held at once (§2)
+
+    def __post_init__(self):
+        check(self.micro_batch >= 1, "FeaturizeConfig", "micro_batch", self.micro_batch, "must be >= 1")
+        check(self.eval_chunk >= 1, "FeaturizeConfig", "eval_chunk", self.eval_chunk, "must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batching
+
+def padded_chunks(n: int, size: int) -> Iterator[tuple[slice, int]]:
+    """``(rows, n_real)`` for each chunk of ``size`` rows; the last is padded to ``size``."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n)), min(size, n - start)
+
+
+def pad_rows(t: torch.Tensor, size: int) -> torch.Tensor:
+    if t.shape[0] == size:
+        return t
+    return torch.cat([t, t[:1].expand(size - t.shape[0], *t.shape[1:])])
+
+
+def forward_pre(endpoint: EndpointModel, images, texts, micro_batch: int):
+    """Trunk forward in padded micro-batches: ``h_v (B, d_v), h_t (B, d_t)`` float32 on CPU-or-device."""
+    hv, ht = [], []
+    for rows, n in padded_chunks(images.shape[0], micro_batch):
+        a, b = endpoint.encode_pre(pad_rows(images[rows], micro_batch), pad_rows(texts[rows], micro_batch))
+        hv.append(a[:n])
+        ht.append(b[:n])
+    return torch.cat(hv), torch.cat(ht)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference bank
+
+@dataclass
+class ReferenceBank:
+    """``K`` reference pairs' pre-projection features, from one forward pass of the model (§2)."""
+
+    pair_ids: list[str]
+    h_v: torch.Tensor  # (K, d_v[+1]) float32
+    h_t: torch.Tensor  # (K, d_t[+1]) float32
+    model_checksum: str
+    seed: int
+
+    @property
+    def bank_id(self) -> str:
+        h = hashlib.sha256(f"{self.model_checksum}|{self.seed}|".encode())
+        h.update("\x1f".join(self.pair_ids).encode())
+        return h.hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    @staticmethod
+    def draw_ids(pool_ids: Sequence[str], config: BankConfig) -> list[str]:
+        """The bank's pair ids: the ``K`` pool pairs of smallest seeded key (order- and shard-free)."""
+        return seeded_sample(pool_ids, min(config.size, len(pool_ids)), config.seed)
+
+    @classmethod
+    def from_pairs(cls, endpoint: EndpointModel, images, texts, pair_ids: Sequence[str], *,
+                   model_checksum: str, seed: int, micro_batch: int = 64) -> "ReferenceBank":
+        if len(pair_ids) < 2:
+            raise ValueError(f"a reference bank needs at least 2 pairs, got {len(pair_ids)}")
+        hv, ht = forward_pre(endpoint, images, texts, micro_batch)
+        return cls(list(pair_ids), hv.cpu(), ht.cpu(), model_checksum, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings and their sketched coordinates
+
+@dataclass
+class Embedded:
+    """A set of pairs in the end-point frame: embeddings, norms and sketched coordinates."""
+
+    pair_ids: list
+    h_v: torch.Tensor
+    h_t: torch.Tensor
+    x: torch.Tensor  # (B, D) normalised image embedding
+    y: torch.Tensor  # (B, D) normalised text embedding
+    nv: torch.Tensor  # (B,) ||e_v||
+    nt: torch.Tensor  # (B,) ||e_t||
+    uxv: torch.Tensor  # (B, k) U_v x
+    uyv: torch.Tensor  # (B, k) U_v y
+    uxt: torch.Tensor  # (B, k) U_t x
+    uyt: torch.Tensor  # (B, k) U_t y
+    vhv: torch.Tensor  # (B, k) V_v h_v
+    vht: torch.Tensor  # (B, k) V_t h_t
+
+
+def _check_finite(pair_ids, h_v, h_t, nv, nt) -> None:
+    bad = ~(torch.isfinite(h_v).all(1) & torch.isfinite(h_t).all(1) & torch.isfinite(nv) & torch.isfinite(nt))
+    zero = (nv <= 0) | (nt <= 0)
+    for mask, what in ((bad, "non-finite pre-projection features or embeddings"),
+                       (zero, "a zero-norm projection (cannot normalise)")):
+        # padding rows (id None) repeat a real row, which is reported under its own id
+        idx = [i for i in torch.nonzero(mask).flatten().tolist() if pair_ids[i] is not None]
+        if idx:
+            named = ", ".join(repr(pair_ids[i]) for i in idx[:5])
+            more = f" and {len(idx) - 5} more" if len(idx) > 5 else ""
+            raise NonFiniteEmbeddingError(f"pair {named}{more}: {what}")
+
+
+class ScoringContext:
+    r"""Everything a micro-batch needs: :math:`W_v, W_t, s`, the sketch, and the embedded bank."""
+
+    def __init__(self, endpoint: EndpointModel, bank: ReferenceBank, sketch: SketchConfig,
+                 dtype: torch.dtype = torch.float32):
+        self.endpoint, self.dtype = endpoint, dtype
+        self.device = endpoint.device
+        self.W_v, self.W_t, t = (w.to(self.device) for w in endpoint.weights(dtype))
+        self.s = t.exp()
+        D, d_v = self.W_v.shape
+        self.sketch = RankOneSketch(D, d_v, self.W_t.shape[1], sketch.k, sketch.seed)
+        self.mats = self.sketch.mats(dtype, self.device)
+        self.k = sketch.k
+        self.identity = FeatureIdentity(bank.model_checksum, bank.bank_id, sketch.seed, sketch.k)
+        self.bank = self.embed(bank.h_v, bank.h_t, bank.pair_ids)
+        self.bank_index = {pid: j for j, pid in enumerate(bank.pair_ids)}
+        self.bank_uxv_vhv = self.bank.uxv * self.bank.vhv  # (K, k)
+        self.bank_uyt_vht = self.bank.uyt * self.bank.vht  # (K, k)
+        # W @ (bank rows sketched) can also be (W @ bank rows) @ sketch^T: the same product,
+        # reassociated. Take whichever costs fewer multiply-adds per pair: K*k, or K*d + d*k.
+        U_v, V_v, U_t, V_t, _ = self.mats
+        K, b = len(bank), self.bank
+        self._bank_terms = {
+            name: (dense, mat.t(), None) if K * mat.shape[1] + mat.shape[1] * self.k < K * self.k else (None, None, sk)
+            for name, dense, mat, sk in (("uyv", b.y, U_v, b.uyv), ("vhv", b.h_v, V_v, b.vhv),
+                                          ("uxt", b.x, U_t, b.uxt), ("vht", b.h_t, V_t, b.vht))}
+
+    def bank_mm(self, W: torch.Tensor, name: str) -> torch.Tensor:
+        """``W (B, K) @ bank.<name> (K, k)``, computed in the cheaper association."""
+        dense, mat_t, sketched = self._bank_terms[name]
+        return W @ sketched if sketched is not None else (W @ dense) @ mat_t
+
+    def embed(self, h_v: torch.Tensor, h_t: torch.Tensor, pair_ids) -> Embedded:
+        h_v = h_v.to(self.device, self.dtype)
+        h_t = h_t.to(self.device, self.dtype)
+        e_v, e_t = h_v @ self.W_v.t(), h_t @ self.W_t.t()
+        nv, nt = e_v.norm(dim=1), e_t.norm(dim=1)
+        _check_finite(pair_ids, h_v, h_t, nv, nt)
+        x, y = e_v / nv[:, None], e_t / nt[:, None]
+        U_v, V_v, U_t, V_t, _ = self.mats
+        return Embedded(list(pair_ids), h_v, h_t, x, y, nv, nt,
+                        x @ U_v.t(), y @ U_v.t(), x @ U_t.t(), y @ U_t.t(), h_v @ V_v.t(), h_t @ V_t.t())
+
+    def bank_mask(self, pair_ids) -> torch.Tensor:
+        """(B, K) True where pair i *is* bank pair b: it is masked out of its own negatives."""
+        mask = torch.zeros(len(pair_ids), len(self.bank_index), dtype=torch.bool)
+        for i, pid in enumerate(pair_ids):
+            j = self.bank_index.get(pid)
+            if j is not None:
+                mask[i, j] = True
+        return mask.to(self.device)
+
+    def bank_logits(self, emb: Embedded):
+        """Cosines against the bank, ``C_it[i,b] = x_i·y_b``, ``C_ti[i,b] = x_b·y_i``, and the mask."""
+        C_it = emb.x @ self.bank.y.t()
+        C_ti = emb.y @ self.bank.x.t()
+        return C_it, C_ti, self.bank_mask(emb.pair_ids)
+
+
+def sample_features(ctx: ScoringContext, emb: Embedded) -> dict[str, torch.Tensor]:
+    r"""Sketched per-sample gradient and the per-pair statistics of §2–§6 for one micro-batch.
+
+    Returns ``g (B, k)``, ``loss, p_corr, margin, clipscore (B,)``. ``g`` is :math:`S(g_i)` with
+
+    .. math:: g_i = \tfrac12\sum_j (P_j-\delta_{j0}) J(i, j_{text}) + \tfrac12\sum_j (Q_j-\delta_{j0}) J(j_{image}, i)
+    """
+    s, bank = ctx.s, ctx.bank
+    C_it, C_ti, mask = ctx.bank_logits(emb)
+    c = (emb.x * emb.y).sum(1)  # (B,) c_ii
+    neg_inf = torch.finfo(c.dtype).min
+    L_it = torch.cat([c[:, None], C_it.masked_fill(mask, -math.inf)], 1) * s
+    L_ti = torch.cat([c[:, None], C_ti.masked_fill(mask, -math.inf)], 1) * s
+    logP, logQ = L_it.log_softmax(1), L_ti.log_softmax(1)
+    P, Q = logP.exp(), logQ.exp()
+    Pb, Qb = P[:, 1:], Q[:, 1:]  # (B, K); zero where masked
+    d0 = (P[:, 0] - 1) + (Q[:, 0] - 1)  # (P_0 - 1) + (Q_0 - 1)
+    sPC, sQC = (Pb * C_it).sum(1), (Qb * C_ti).sum(1)
+
+    # W_v block: the pair's own image (self) plus the bank images of the text->image row (cross).
+    a_self = (s / (2 * emb.nv))[:, None] * (d0[:, None] * emb.uyv + ctx.bank_mm(Pb, "uyv")
+                                            - (d0 * c + sPC)[:, None] * emb.uxv)
+    Wq = 0.5 * s * Qb / bank.nv[None, :]
+    img = a_self * emb.vhv + emb.uyv * ctx.bank_mm(Wq, "vhv") - (Wq * C_ti) @ ctx.bank_uxv_vhv
+    # W_t block: the pair's own text plus the bank texts of the image->text row.
+    b_self = (s / (2 * emb.nt))[:, None] * (d0[:, None] * emb.uxt + ctx.bank_mm(Qb, "uxt")
+                                            - (d0 * c + sQC)[:, None] * emb.uyt)
+    Wp = 0.5 * s * Pb / bank.nt[None, :]
+    txt = b_self * emb.vht + emb.uxt * ctx.bank_mm(Wp, "vht") - (Wp * C_it) @ ctx.bank_uyt_vht
+    g_t = 0.5 * s * (d0 * c + sPC + sQC)
+    g = (img + txt + g_t[:, None] * ctx.mats[4]) / math.sqrt(ctx.k)
+
+    hardest = torch.maximum(C_it.masked_fill(mask, neg_inf).amax(1), C_ti.masked_fill(mask, neg_inf).amax(1))
+    return {
+        "g": g,
+        "loss": -0.5 * (logP[:, 0] + logQ[:, 0]),
+        "p_corr": 0.5 * (P[:, 0] + Q[:, 0]),
+        "margin": c - hardest,
+        "clipscore": c,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature batches and their Arrow form
+
+FEATURE_SCALARS = ("p_corr", "margin", "clipscore", "loss")
+
+
+@dataclass
+class FeatureBatch:
+    """Per-pair features of one featurization run, as numpy arrays (float32 in memory)."""
+
+    pair_id: list[str]
+    x: np.ndarray  # (B, D)
+    y: np.ndarray  # (B, D)
+    g: np.ndarray  # (B, k) sketched per-sample gradient
+    p_corr: np.ndarray
+    margin: np.ndarray
+    clipscore: np.ndarray
+    loss: np.ndarray
+    identity: FeatureIdentity
+
+    def __len__(self) -> int:
+        return len(self.pair_id)
+
+    @classmethod
+    def concat(cls, batches: Sequence["FeatureBatch"]) -> "FeatureBatch":
+        if not batches:
+            raise ValueError("FeatureBatch.concat needs at least one batch")
+        first = batches[0].identity
+        for b in batches[1:]:
+            first.require_same(b.identity, "feature batches")
+        return cls(
+            pair_id=[p for b in batches for p in b.pair_id],
+            **{f: np.concatenate([getattr(b, f) for b in batches]) for f in ("x", "y", "g", *FEATURE_SCALARS)},
+            identity=first,
+        )
+
+    def to_arrow(self, storage: str = "float16") -> pa.Table:
+        """Arrow table; vectors as fixed-size lists of ``storage`` floats, identity in the schema metadata."""
+        store = {"float16": pa.float16(), "float32": pa.float32()}[storage]
+        np_store = {"float16": np.float16, "float32": np.float32}[storage]
+
+        def vec(a: np.ndarray) -> pa.FixedSizeListArray:
+            flat = pa.array(np.ascontiguousarray(a, dtype=np_store).reshape(-1), type=store)
+            return pa.FixedSizeListArray.from_arrays(flat, a.shape[1])
+
+        cols = {"pair_id": pa.array(self.pair_id, pa.string()), "x": vec(self.x), "y": vec(self.y), "g": vec(self.g)}
+        cols.update({f: pa.array(getattr(self, f), pa.float32()) for f in FEATURE_SCALARS})
+        return pa.table(cols).replace_schema_metadata({"chips.identity": self.identity.to_json()})
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> "FeatureBatch":
+        meta = table.schema.metadata or {}
+        if b"chips.identity" not in meta:
+            raise ValueError("Arrow table carries no 'chips.identity' metadata; is it a CHIPS feature table?")
+
+        def mat(name: str) -> np.ndarray:
+            col = table.column(name).combine_chunks()
+            return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+
+        return cls(
+            pair_id=table.column("pair_id").to_pylist(),
+            x=mat("x"), y=mat("y"), g=mat("g"),
+            **{f: table.column(f).to_numpy().astype(np.float32) for f in FEATURE_SCALARS},
+            identity=FeatureIdentity.from_json(meta[b"chips.identity"]),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The featurizer
+
+class Featurizer:
+    """Turns batches of (image, tokenized caption, pair id) into :class:`FeatureBatch` rows."""
+
+    def __init__(self, endpoint: EndpointModel, bank: ReferenceBank, sketch: SketchConfig = SketchConfig(),
+                 config: FeaturizeConfig = FeaturizeConfig(), dtype: torch.dtype = torch.float32):
+        self.endpoint, self.config = endpoint, config
+        self.ctx = ScoringContext(endpoint, bank, sketch, dtype)
+
+    @property
+    def identity(self) -> FeatureIdentity:
+        return self.ctx.identity
+
+    def featurize(self, images: torch.Tensor, texts: torch.Tensor, pair_ids: Sequence[str]) -> FeatureBatch:
+        """Run the trunks (forward only) and compute every pair's features."""
+        if not (len(images) == len(texts) == len(pair_ids)):
+            raise ValueError(f"images ({len(images)}), texts ({len(texts)}) and pair_ids ({len(pair_ids)}) differ in length")
+        mb, out = self.config.micro_batch, []
+        for rows, n in padded_chunks(len(pair_ids), mb):
+            hv, ht = self.endpoint.encode_pre(pad_rows(images[rows], mb), pad_rows(texts[rows], mb))
+            out.append(self._features(hv, ht, list(pair_ids[rows]), n))
+        return FeatureBatch.concat(out)
+
+    def featurize_pre(self, h_v: torch.Tensor, h_t: torch.Tensor, pair_ids: Sequence[str]) -> FeatureBatch:
+        """Features from pre-projection features already computed (same micro-batching)."""
+        mb, out = self.config.micro_batch, []
+        for rows, n in padded_chunks(len(pair_ids), mb):
+            out.append(self._features(pad_rows(h_v[rows], mb), pad_rows(h_t[rows], mb), list(pair_ids[rows]), n))
+        return FeatureBatch.concat(out)
+
+    def _features(self, hv, ht, ids: list, n: int) -> FeatureBatch:
+        ids_padded = ids + [None] * (hv.shape[0] - n)
+        emb = self.ctx.embed(hv, ht, ids_padded)
+        f = sample_features(self.ctx, emb)
+        as_np = lambda t: t[:n].detach().to("cpu", torch.float32).numpy()  # noqa: E731
+        return FeatureBatch(pair_id=ids, x=as_np(emb.x), y=as_np(emb.y),
+                            **{k: as_np(v) for k, v in f.items()}, identity=self.identity)

@@ -1,0 +1,65 @@
+"""What a piece of derived data depends on, and the refusal to mix incompatible pieces (§8)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import IncompatibleFeaturesError
+
+
+@dataclass(frozen=True)
+class FeatureIdentity:
+    """Features, banks and curvature are valid only for one (model, bank, sketch seed, k)."""
+
+    model_checksum: str
+    bank_id: str
+    sketch_seed: int
+    k: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str | bytes) -> "FeatureIdentity":
+        return cls(**json.loads(s))
+
+    def require_same(self, other: "FeatureIdentity", what: str, fields: tuple[str, ...] | None = None) -> None:
+        """Raise :class:`IncompatibleFeaturesError` naming every field where ``other`` differs."""
+        names = fields or ("model_checksum", "bank_id", "sketch_seed", "k")
+        diffs = [f"{n}: {getattr(other, n)!r} != {getattr(self, n)!r}"
+                 for n in names if getattr(self, n) != getattr(other, n)]
+        if diffs:
+            raise IncompatibleFeaturesError(
+                f"{what} were produced under a different configuration than the scorer's ("
+                + "; ".join(diffs) + "); refusing to mix them")
+
+
+def seeded_unit(pair_ids, seed: int) -> np.ndarray:
+    """A uniform [0, 1) key per pair, a function of (pair_id, seed) only: order- and shard-free."""
+    out = np.empty(len(pair_ids), dtype=np.float64)
+    for i, pid in enumerate(pair_ids):
+        digest = hashlib.blake2b(f"{seed}\x1f{pid}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little") / 2.0**64
+    return out
+
+
+def seeded_sample(pair_ids, n: int, seed: int) -> list[str]:
+    """The ``n`` pairs of smallest seeded key, in key order (canonical, whatever the input order)."""
+    ids = list(pair_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("seeded_sample needs distinct pair ids")
+    keys = seeded_unit(ids, seed)
+    order = np.lexsort((np.array(ids, dtype=object).astype(str), keys))[:n]
+    return [ids[i] for i in order]
+
+
+def content_pair_id(image_bytes: bytes, caption: str) -> str:
+    """A pair's id: sha256 over its image bytes and caption (re-ingesting the same pair is a no-op)."""
+    h = hashlib.sha256()
+    h.update(len(image_bytes).to_bytes(8, "little"))
+    h.update(image_bytes)
+    h.update(caption.encode("utf-8"))
+    return h.hexdigest()[:32]

@@ -1,0 +1,113 @@
+r"""Utilities, baselines and budgeted selection (CHIPS_METHOD.md §6–§7).
+
+.. math::
+    \hat A(z) = \hat g(z)^\top M^{-1}\hat u,\quad
+    w_L(z) = (1-p_{corr}(z))\,(1+\sigma(-m(z))),\quad
+    w_R(z) = \sigma\big((1-\beta)\cos(x,\mu_x) + \beta\cos(y,\mu_y)\big),\quad
+    I(z) = \hat A\, w_L\, w_R
+
+Everything here reads stored features plus target and curvature statistics; the model is not
+needed. Scores are computed in float64 from the (possibly float16-stored) features.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from ..errors import check
+from .featurize import FeatureBatch
+from .identity import seeded_unit
+from .target import CurvatureConfig, CurvatureStats, TargetStats
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    beta: float = 0.5  # text share of the relevance weight w_R (§6)
+    random_seed: int = 0  # seed of the `random` baseline's keys
+
+    def __post_init__(self):
+        check(0.0 <= self.beta <= 1.0, "ScoreConfig", "beta", self.beta, "must lie in [0, 1]")
+
+
+METHODS = ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn", "chips")
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
+
+
+def learnability_weight(p_corr: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """:math:`w_L = (1 - p_{corr})(1 + \\sigma(-m))`: high for pairs the model has not learned yet."""
+    return (1.0 - p_corr) * (1.0 + sigmoid(-margin))
+
+
+def relevance_weight(x: np.ndarray, y: np.ndarray, mu_x: np.ndarray, mu_y: np.ndarray, beta: float) -> np.ndarray:
+    """:math:`w_R \\in [\\sigma(-1), \\sigma(1)]`: a soft domain weight, never a hard filter."""
+    cx = _cos(x, mu_x)
+    cy = _cos(y, mu_y)
+    return sigmoid((1.0 - beta) * cx + beta * cy)
+
+
+def _cos(v: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    # Stored embeddings are unit vectors up to float16 rounding; renormalise so |cos| <= 1 exactly.
+    v = v.astype(np.float64)
+    return np.clip(v @ mu / np.maximum(np.linalg.norm(v, axis=1), 1e-300), -1.0, 1.0)
+
+
+@dataclass
+class Preconditioners:
+    """Solved once per (target, curvature, alpha): ``v = M^{-1} u`` and TRAK's ``(F + λI)^{-1} u``."""
+
+    v_chips: np.ndarray
+    v_trak: np.ndarray
+    lam_chips: float
+    lam_trak: float
+
+    @classmethod
+    def solve(cls, target: TargetStats, curv: CurvatureStats, config: CurvatureConfig = CurvatureConfig()):
+        M, lam = curv.matrix(config.alpha, config.lambda_rel)
+        F, lam_f = curv.fisher_matrix(config.lambda_rel)
+        return cls(_spd_solve(M, target.u), _spd_solve(F, target.u), lam, lam_f)
+
+
+def _spd_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return scipy.linalg.solve(A, b, assume_a="pos")
+
+
+def score_features(features: FeatureBatch, target: TargetStats, curv: CurvatureStats,
+                   curvature: CurvatureConfig = CurvatureConfig(), config: ScoreConfig = ScoreConfig(),
+                   pre: Preconditioners | None = None) -> dict[str, np.ndarray]:
+    """Every factor and every score of the §7 table for each pair (float64 arrays)."""
+    features.identity.require_same(curv.identity, "curvature statistics")
+    features.identity.require_same(target.identity, "target statistics", ("model_checksum", "sketch_seed", "k"))
+    pre = pre or Preconditioners.solve(target, curv, curvature)
+    g = features.g.astype(np.float64)
+    align = g @ pre.v_chips
+    w_l = learnability_weight(features.p_corr.astype(np.float64), features.margin.astype(np.float64))
+    w_r = relevance_weight(features.x, features.y, target.mu_x, target.mu_y, config.beta)
+    return {
+        "random": seeded_unit(features.pair_id, config.random_seed),
+        "clipscore": features.clipscore.astype(np.float64),
+        "dot": g @ target.u,
+        "trak": g @ pre.v_trak,
+        "chips_align": align,
+        "chips_align_learn": align * w_l,
+        "chips": align * w_l * w_r,
+        "w_learn": w_l,
+        "w_relevance": w_r,
+    }
+
+
+def select_top(scores: np.ndarray, pair_ids, budget: float) -> np.ndarray:
+    """Indices of the ``ceil(budget * N)`` largest scores, ties broken by ascending ``pair_id``."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget={budget!r} must lie in (0, 1]")
+    scores = np.asarray(scores, dtype=np.float64)
+    if np.isnan(scores).any():
+        raise ValueError(f"{int(np.isnan(scores).sum())} scores are NaN; refusing to rank them")
+    n_keep = math.ceil(budget * len(scores) - 1e-9)
+    order = np.lexsort((np.asarray(pair_ids, dtype=str), -scores))
+    return order[:n_keep]

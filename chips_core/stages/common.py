@@ -1,0 +1,46 @@
+"""What the stages share: how shard work is mapped, the model fields of a ``runs`` row, and reading
+a set of sources' pairs as model inputs."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from ..platform.readers import SourceSpec
+from ..platform.warehouse import Warehouse
+from ..scoring.endpoint import LoadedModel, image_preprocess
+from ..util import open_rgb
+from .runconfig import RunConfig
+
+T = TypeVar("T")
+ShardFn = Callable[[int, Sequence[str]], T]
+MapShards = Callable[[ShardFn, Sequence[Sequence[str]]], Iterable[T]]
+
+
+def local_map(fn: ShardFn, shards: Sequence[Sequence[str]]) -> Iterable[T]:
+    """The default executor: shard ``n`` is ``fn(n, shards[n])``, one after another in this process.
+    An orchestrator passes its own (the Prefect flows pass a mapped task), yielding results in order."""
+    return (fn(n, shard) for n, shard in enumerate(shards))
+
+
+def model_fields(cfg: RunConfig, loaded: LoadedModel) -> dict:
+    """The ``runs`` columns that say which model and sketch a stage ran with."""
+    return {"model_name": loaded.label, "model_checksum": loaded.checksum, "sketch_seed": cfg.sketch.seed,
+            "sketch_k": cfg.sketch.k}
+
+
+def source_pair_ids(wh: Warehouse, sources: Sequence[SourceSpec]) -> list[str]:
+    """Distinct pair ids recorded under any of the named sources, sorted (the canonical order)."""
+    t = wh.read("pair_sources", columns=["pair_id", "source"])
+    t = t.filter(pc.is_in(t.column("source"), pa.array([s.name for s in sources])))
+    return sorted(set(t.column("pair_id").to_pylist()))
+
+
+def load_pairs(wh: Warehouse, ids: Sequence[str], loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (preprocessed) and tokenized captions for ``ids``, in the order of ``ids``."""
+    rows = wh.read_pairs(ids)
+    prep = image_preprocess(loaded.model)
+    images = torch.stack([prep(open_rgb(r["image"])) for r in rows])
+    return images, loaded.tokenizer([r["caption"] for r in rows])

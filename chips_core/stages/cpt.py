@@ -1,0 +1,52 @@
+"""The CPT stage: continual pre-training of a model on a materialised subset (read from the
+warehouse) or on a manifest file, recorded as a ``cpt`` run whose inputs name the subset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from ..platform.provenance import new_run_id, recorded_run
+from ..platform.warehouse import Warehouse
+from ..scoring.endpoint import LoadedModel, image_preprocess
+from ..train.cpt import ImageFilePairs, PairData, train_cpt
+from ..util import read_pair_table
+from .common import model_fields
+from .runconfig import RunConfig
+
+
+def subset_data(wh: Warehouse, subset_id: str, loaded: LoadedModel) -> ImageFilePairs:
+    """The pairs of one materialised subset (``<score run>:<method>@<budget>``), images decoded on demand."""
+    sub = wh.read("subsets", columns=["subset_id", "pair_id", "rank"], filter=pc.field("subset_id") == subset_id)
+    if sub.num_rows == 0:
+        known = sorted(set(wh.read("subsets", columns=["subset_id"]).column("subset_id").to_pylist()))
+        raise KeyError(f"subset {subset_id!r} not in the subsets table (known: {known[:8]}{' ...' if len(known) > 8 else ''})")
+    ids = sorted(set(sub.column("pair_id").to_pylist()))
+    rows = wh.read_pairs(ids)
+    return ImageFilePairs([r["image"] for r in rows], [r["caption"] for r in rows],
+                          image_preprocess(loaded.model), loaded.tokenizer, ids)
+
+
+def manifest_data(path: str | Path, loaded: LoadedModel) -> ImageFilePairs:
+    """The pairs of a manifest (Parquet or open_clip CSV/TSV with ``filepath`` and ``title``)."""
+    t = read_pair_table(path, "manifest")
+    for col in ("filepath", "title"):
+        if col not in t.column_names:
+            raise KeyError(f"manifest {str(path)!r} has no column {col!r} (has {t.column_names})")
+    files, titles = t.column("filepath").to_pylist(), t.column("title").to_pylist()
+    base = Path(path).parent
+    files = [f if Path(f).is_absolute() else str(base / f) for f in files]
+    return ImageFilePairs(files, titles, image_preprocess(loaded.model), loaded.tokenizer, files)
+
+
+def cpt_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, data: PairData, out_dir: str | Path,
+              subset_id: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
+              progress: bool = False) -> dict:
+    """Train ``loaded.model`` (in place) on ``data`` with ``cfg.cpt``; resumes from ``out_dir``'s checkpoints."""
+    run_id = run_id or new_run_id("cpt")
+    with recorded_run(wh, "cpt", cfg, run_id=run_id, parent_run_id=parent_run_id,
+                      inputs={"subset_id": subset_id, "data": data.fingerprint(), "out_dir": str(out_dir)},
+                      **model_fields(cfg, loaded)) as row:
+        out = train_cpt(loaded.model, data, cfg.cpt, out_dir, device=cfg.device, progress=progress)
+        row.update(rows_in=len(data), rows_out=out["steps"], rows_quarantined=0)
+    return {"run_id": run_id, **out}

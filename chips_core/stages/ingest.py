@@ -1,0 +1,118 @@
+"""The ingest stage: read every shard of every source, validate it (Great Expectations), and write
+``pairs``, ``pair_sources`` and ``quarantine`` per shard, with counts that reconcile
+(read = kept + quarantined + unchanged)."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import tempfile
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+
+from ..platform.provenance import input_fingerprint, new_run_id, recorded_run
+from ..platform.readers import RawRecord, SourceSpec, open_shard, shard_name
+from ..platform.validate import Validated, check_batch, validate_records
+from ..platform.warehouse import SCHEMAS, Warehouse
+from ..util import progress as progress_bar
+
+
+def known_pairs(wh: Warehouse) -> tuple[dict[str, str], set[tuple[str, str, str]]]:
+    """Pair ids already kept (-> a source key), and every (pair_id, source, source_key) already recorded."""
+    ps = wh.read("pair_sources", columns=["pair_id", "source", "source_key"]).to_pylist()
+    seen = {}
+    for r in ps:
+        seen.setdefault(r["pair_id"], r["source_key"])
+    return seen, {(r["pair_id"], r["source"], r["source_key"]) for r in ps}
+
+
+def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard: str,
+                 seen: dict[str, str] | None = None, recorded: set | None = None, chunk: int = 2048,
+                 docs_dir: str | None = None) -> dict:
+    """Validate a stream of records chunk by chunk and write this shard's parts of ``pairs``,
+    ``pair_sources`` and ``quarantine``. Rows already recorded under the same source key are
+    ``unchanged`` (re-ingesting the same data is a no-op): read = kept + quarantined + unchanged."""
+    if seen is None or recorded is None:
+        seen, recorded = known_pairs(wh)
+    parts = Validated([], [], [], 0)
+    unchanged = 0
+    it = iter(records)
+    while batch := list(itertools.islice(it, chunk)):
+        v = validate_records(batch, run_id, seen)
+        parts.read += v.read
+        for row in v.pairs:
+            parts.pairs.append(row)
+        parts.quarantine.extend(v.quarantine)
+        again = set()  # source keys recorded before: no new quarantine row, no new source row
+        for s in v.pair_sources:
+            key = (s["pair_id"], s["source"], s["source_key"])
+            if key in recorded:
+                unchanged += 1
+                again.add(s["source_key"])
+                continue
+            recorded.add(key)
+            parts.pair_sources.append(s)
+        if again:  # one pass per chunk, not one per unchanged row
+            parts.quarantine = [q for q in parts.quarantine
+                                if q["source_key"] not in again or q["reason"] != "duplicate"]
+    pairs = pa.Table.from_pylist(parts.pairs, schema=SCHEMAS["pairs"])
+    check_batch(pairs.drop_columns(["image"]).to_pandas().assign(image=None), parts.read, len(parts.pairs),
+                len(parts.quarantine) + unchanged, docs_dir)
+    partition = {"run": run_id}
+    counts = {"read": parts.read, "kept": len(parts.pairs), "quarantined": len(parts.quarantine), "unchanged": unchanged}
+    wh.write("pair_sources", pa.Table.from_pylist(parts.pair_sources, schema=SCHEMAS["pair_sources"]), partition, shard)
+    wh.write("quarantine", pa.Table.from_pylist(parts.quarantine, schema=SCHEMAS["quarantine"]), partition, shard)
+    # the pairs part goes last and carries the shard's counts: its presence marks the shard complete
+    wh.write("pairs", pairs, partition, shard, metadata={"chips.counts": json.dumps(counts)})
+    return counts
+
+
+def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | None = None,
+                 parent_run_id: str | None = None, progress: bool = False) -> dict:
+    """Ingest every shard of every source into the warehouse, recording one ``runs`` row.
+    Shards already written under this ``run_id`` are skipped (resume at shard granularity).
+    Shards run one after another under the warehouse's ingest lock: de-duplication reads what the
+    shards before wrote."""
+    run_id = run_id or new_run_id("ingest")
+    shards = [(spec, p) for spec in sources for p in spec.paths]
+    inputs = {f"{spec.name}:{p}": input_fingerprint(p) for spec, p in shards}
+    totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0}
+    docs = _DataDocs(wh)
+    with wh.lock("ingest"), recorded_run(wh, "ingest", {"sources": [dataclasses.asdict(s) for s in sources]},
+                                         run_id=run_id, parent_run_id=parent_run_id, inputs=inputs) as row, docs:
+        seen, recorded = known_pairs(wh)
+        for spec, path in progress_bar(shards, enabled=progress, desc="ingest"):
+            name = shard_name(spec, path)
+            if wh.has_part("pairs", {"run": run_id}, name):
+                counts = _written_counts(wh, run_id, name)
+            else:
+                counts = ingest_shard(open_shard(spec, path), wh, run_id, name, seen, recorded, docs_dir=docs.local)
+            for k in totals:
+                totals[k] += counts[k]
+        row.update(rows_in=totals["read"], rows_out=totals["kept"], rows_quarantined=totals["quarantined"],
+                   rows_unchanged=totals["unchanged"])
+    return {"run_id": run_id, **totals}
+
+
+class _DataDocs:
+    """GX Data Docs beside the warehouse (``<warehouse>/data_docs/index.html``): rendered in place for a
+    local warehouse, rendered to a temporary folder and uploaded for a remote one."""
+
+    def __init__(self, wh: Warehouse):
+        self.wh, self.target = wh, wh.path("data_docs")
+        self._tmp = None if wh.is_local else tempfile.TemporaryDirectory(prefix="chips-docs-")
+        self.local = self.target if wh.is_local else self._tmp.name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._tmp is not None:
+            self.wh.fs.put(self._tmp.name + "/", self.target, recursive=True)
+            self._tmp.cleanup()
+        return False
+
+
+def _written_counts(wh: Warehouse, run_id: str, shard: str) -> dict:
+    return json.loads(wh.part_metadata("pairs", {"run": run_id}, shard)["chips.counts"])

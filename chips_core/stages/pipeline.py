@@ -1,0 +1,75 @@
+"""The one stage sequence: ingest → featurize → score → materialize (→ publish), and the rescore
+sequence for a new target over an already featurized pool.
+
+The sequence is written once, here. Who runs each stage is a parameter: :func:`local_stages` calls
+the stage functions in this process; the Prefect flows pass their own mapping (a sub-flow per
+stage, shards as mapped tasks). Every entry takes the stage's inputs and ``parent_run_id``, and
+returns the stage's summary dict.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..platform.provenance import new_run_id, recorded_run
+from ..platform.warehouse import Warehouse
+from ..scoring.endpoint import LoadedModel, load_model
+from .common import MapShards, local_map, model_fields
+from .featurize import featurize_stage
+from .ingest import ingest_stage
+from .materialize import materialize_stage
+from .publish import publish_stage
+from .runconfig import RunConfig
+from .score import score_stage
+
+Stages = dict[str, Callable[..., dict]]
+
+
+def local_stages(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, progress: bool = False,
+                 map_shards: MapShards = local_map) -> Stages:
+    """Each stage called in this process (featurize's shards through ``map_shards``)."""
+    return {
+        "ingest": lambda sources, **kw: ingest_stage(sources, wh, progress=progress, **kw),
+        "featurize": lambda **kw: featurize_stage(cfg, wh, loaded, progress=progress, map_shards=map_shards, **kw),
+        "score": lambda featurize_run_id, **kw: score_stage(cfg, wh, loaded, featurize_run_id, **kw),
+        "materialize": lambda score_run_id, **kw: materialize_stage(cfg, wh, score_run_id, **kw),
+        "publish": lambda score_run_id, materialize_run_id, **kw: publish_stage(cfg, wh, score_run_id,
+                                                                                materialize_run_id, **kw),
+    }
+
+
+def run_pipeline(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool = False, *,
+                 wh: Warehouse | None = None, stages: Stages | None = None) -> dict:
+    """Ingest (pool and target), featurize, score, materialize, and publish when configured; one
+    ``pipeline`` run is the parent of each stage's run."""
+    wh = wh or Warehouse(cfg.warehouse, cfg.storage_options)
+    loaded = loaded or load_model(cfg.model, cfg.device)
+    stages = stages or local_stages(cfg, wh, loaded, progress)
+    parent = new_run_id("pipeline")
+    with recorded_run(wh, "pipeline", cfg, run_id=parent, **model_fields(cfg, loaded)):
+        out = {"run_id": parent, "ingest": stages["ingest"](list(cfg.pool) + list(cfg.target), parent_run_id=parent)}
+        out["featurize"] = stages["featurize"](parent_run_id=parent)
+        out |= _score_and_materialize(cfg, stages, out["featurize"]["run_id"], parent)
+    return out
+
+
+def run_rescore(cfg: RunConfig, featurize_run_id: str, loaded: LoadedModel | None = None, *,
+                wh: Warehouse | None = None, stages: Stages | None = None) -> dict:
+    """Score an already featurized pool for the config's (new) target set, then materialize: the model
+    runs over the target evaluation set only; the pool's stored features, bank and curvature are reused."""
+    wh = wh or Warehouse(cfg.warehouse, cfg.storage_options)
+    loaded = loaded or load_model(cfg.model, cfg.device)
+    stages = stages or local_stages(cfg, wh, loaded)
+    parent = new_run_id("rescore")
+    with recorded_run(wh, "rescore", cfg, run_id=parent, inputs={"featurize_run_id": featurize_run_id},
+                      **model_fields(cfg, loaded)):
+        out = {"run_id": parent, "ingest": stages["ingest"](list(cfg.target), parent_run_id=parent)}
+        out |= _score_and_materialize(cfg, stages, featurize_run_id, parent)
+    return out
+
+
+def _score_and_materialize(cfg: RunConfig, stages: Stages, featurize_run_id: str, parent: str) -> dict:
+    out = {"score": stages["score"](featurize_run_id, parent_run_id=parent)}
+    out["materialize"] = stages["materialize"](out["score"]["run_id"], parent_run_id=parent)
+    if cfg.publish.delta:
+        out["publish"] = stages["publish"](out["score"]["run_id"], out["materialize"]["run_id"], parent_run_id=parent)
+    return out

@@ -1,0 +1,143 @@
+"""One YAML file per pipeline, validated into typed config objects; errors name the key and value.
+
+Example (``configs/example.yaml`` layout)::
+
+    warehouse: /data/chips-wh
+    pool:
+      - {name: pmc, kind: webdataset, paths: [/data/pmc/shard-00000.tar]}
+    target:
+      - {name: radiology-eval, kind: csv, paths: [/data/eval/eval.csv]}
+    model: {name: ViT-B-32, checkpoint: /models/clip.pt}
+    sketch: {k: 512, seed: 0}
+    curvature: {alpha: 0.7}
+    budgets: [0.1, 0.3]
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import ChipsError, ConfigError, check
+from ..platform.readers import SourceSpec
+from ..scoring.endpoint import ModelSpec
+from ..scoring.featurize import BankConfig, FeaturizeConfig
+from ..scoring.score import METHODS, ScoreConfig
+from ..scoring.sketch import SketchConfig
+from ..scoring.target import CurvatureConfig
+from ..train.cpt import CPTConfig
+from ..train.evaluate import SuiteSpec
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "chips-out"  # where subset manifests are written
+    formats: tuple[str, ...] = ("parquet", "csv")  # parquet manifest, open_clip_train CSV
+
+    def __post_init__(self):
+        bad = [f for f in self.formats if f not in ("parquet", "csv")]
+        check(not bad, "OutputConfig", "formats", bad, "not in ('parquet', 'csv')")
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    delta: bool = False  # after materialize, append the run's scores and subsets to <warehouse>/delta/
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    warehouse: str  # local path or fsspec URL
+    pool: tuple[SourceSpec, ...]  # candidate pairs to score
+    target: tuple[SourceSpec, ...]  # the target-domain evaluation set
+    model: ModelSpec
+    sketch: SketchConfig = SketchConfig()
+    bank: BankConfig = BankConfig()
+    curvature: CurvatureConfig = CurvatureConfig()
+    score: ScoreConfig = ScoreConfig()
+    featurize: FeaturizeConfig = FeaturizeConfig()
+    budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    methods: tuple[str, ...] = METHODS
+    shard_size: int = 2048  # pairs per featurize/score shard
+    device: str = "cpu"
+    outputs: OutputConfig = OutputConfig()
+    publish: PublishConfig = PublishConfig()  # lakehouse tables written by the pipeline
+    cpt: CPTConfig = CPTConfig()  # continual pre-training on a materialised subset (`chips cpt`)
+    eval_suites: tuple[SuiteSpec, ...] = ()  # named evaluation suites (`chips eval`)
+    storage_options: dict | None = field(default=None, hash=False)
+
+    def __post_init__(self):
+        bad = [b for b in self.budgets if not 0 < b <= 1]
+        check(not bad, "RunConfig", "budgets", bad, "each must lie in (0, 1]")
+        bad = [m for m in self.methods if m not in METHODS]
+        check(not bad, "RunConfig", "methods", bad, f"not in {METHODS}")
+        names = [s.name for s in self.pool] + [s.name for s in self.target]
+        check(len(set(names)) == len(names), "RunConfig", "pool/target", names, "source names must be distinct")
+        suites = [s.name for s in self.eval_suites]
+        check(len(set(suites)) == len(suites), "RunConfig", "eval_suites", suites, "names must be distinct")
+        check(self.shard_size >= 1, "RunConfig", "shard_size", self.shard_size, "must be >= 1")
+
+
+def load_run_config(source: str | Path | dict) -> RunConfig:
+    """Parse a YAML file (or a dict) into a :class:`RunConfig`."""
+    if isinstance(source, dict):
+        data, where = source, "run config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"run config not found: {str(path)!r}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        where = str(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    return _build(RunConfig, data, where, "")
+
+
+def _build(cls, data, where: str, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'value'}={data!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {prefix + unknown[0]!r} (allowed: {', '.join(fields)})")
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing key {prefix + missing[0]!r}")
+    kwargs = {k: _coerce(hints[k], v, where, prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ChipsError as e:
+        raise ConfigError(f"{where}: {prefix}{e}") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def _coerce(tp, value, where: str, key: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key}={value!r} must be a list")
+        return tuple(_coerce(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: {key}={value!r} must be {tp.__name__}")
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}={value!r} must be a mapping")
+    return value

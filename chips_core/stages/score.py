@@ -1,0 +1,51 @@
+"""The score stage: target statistics from the eval set (the model runs over the eval set only), then
+every method's score for every featurized pool pair from the stored features, bank and curvature."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from ..platform.features import load_bank, load_curvature, read_features
+from ..platform.provenance import new_run_id, recorded_run
+from ..platform.warehouse import SCHEMAS, Warehouse
+from ..scoring.endpoint import EndpointModel, LoadedModel
+from ..scoring.featurize import ScoringContext
+from ..scoring.score import Preconditioners, score_features, select_top
+from ..scoring.target import target_stats
+from .common import load_pairs, model_fields, source_pair_ids
+from .runconfig import RunConfig
+
+
+def scores_table(pair_ids, scores: dict, run_id: str) -> pa.Table:
+    """One row per pair of a scoring run; ``utility`` is the CHIPS score, ``rank`` 1 = best (ties by pair id)."""
+    order = select_top(scores["chips"], pair_ids, 1.0)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    cols = {"pair_id": list(pair_ids), "run_id": [run_id] * len(pair_ids)}
+    cols.update({name: np.asarray(scores[name], dtype=np.float64) for name in SCHEMAS["scores"].names
+                 if name in scores})
+    cols["utility"] = np.asarray(scores["chips"], dtype=np.float64)
+    cols["rank"] = rank
+    return pa.table(cols, schema=SCHEMAS["scores"])
+
+
+def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_run_id: str,
+                run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Every score for every pool pair of ``featurize_run_id`` against the config's target set."""
+    run_id = run_id or new_run_id("score")
+    eval_ids = source_pair_ids(wh, cfg.target)
+    if len(eval_ids) < 2:
+        raise ValueError(f"target sources {[s.name for s in cfg.target]} hold {len(eval_ids)} pairs; need at least 2")
+    with recorded_run(wh, "score", cfg, run_id=run_id, parent_run_id=parent_run_id,
+                      inputs={"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)},
+                      **model_fields(cfg, loaded)) as row:
+        bank = load_bank(wh, featurize_run_id)
+        ctx = ScoringContext(EndpointModel(loaded.model), bank, cfg.sketch)
+        tstats = target_stats(ctx, *load_pairs(wh, eval_ids, loaded), eval_ids, cfg.featurize)
+        features = read_features(wh, featurize_run_id)
+        curv = load_curvature(wh, featurize_run_id)
+        scores = score_features(features, tstats, curv, cfg.curvature, cfg.score,
+                                Preconditioners.solve(tstats, curv, cfg.curvature))
+        wh.write("scores", scores_table(features.pair_id, scores, run_id), {"run": run_id}, "scores")
+        row.update(bank_id=bank.bank_id, rows_in=len(features), rows_out=len(features), rows_quarantined=0)
+    return {"run_id": run_id, "pairs": len(features), "eval_pairs": len(eval_ids), "eval_loss": tstats.eval_loss}

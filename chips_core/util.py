@@ -1,0 +1,64 @@
+"""Small jobs every layer needs, each done in one place: atomic file writes, opening images and pair
+tables, progress bars."""
+from __future__ import annotations
+
+import io
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+
+
+def atomic_write(path: str, data: bytes, fs: fsspec.AbstractFileSystem | None = None) -> str:
+    """Write ``data`` under a hidden temporary name beside ``path`` (``.<name>.<uuid>.tmp``, which no
+    reader globs), then move it into place: a reader sees the old file or the new one, never half."""
+    fs = fs or fsspec.filesystem("file")
+    path = str(path)
+    folder, name = posixpath.split(path)
+    fs.makedirs(folder, exist_ok=True)
+    tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+    return path
+
+
+def torch_bytes(obj) -> bytes:
+    """``torch.save`` into memory (for :func:`atomic_write`)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def progress(items: Iterable | None = None, *, enabled: bool, desc: str, unit: str = "shard",
+             total: int | None = None, initial: int = 0):
+    """``items`` wrapped in a tqdm bar when ``enabled`` (the CLI), unchanged otherwise (tests, flows'
+    logs). With ``items=None`` it is a manual bar (``.update(n)``), or None when not enabled."""
+    if not enabled:
+        return items
+    return tqdm(items, desc=desc, unit=unit, total=total, initial=initial)
+
+
+def open_rgb(src: bytes | str) -> Image.Image:
+    """A PIL RGB image from encoded bytes or a file path."""
+    return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src).convert("RGB")
+
+
+def read_pair_table(path: str | Path, what: str) -> pa.Table:
+    """A Parquet, CSV or TSV table of pairs (a suite, a manifest); errors name ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: file not found: {str(path)!r}")
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ","))

@@ -1,0 +1,70 @@
+"""The selection benchmark's verdicts are computed from result rows, not written by hand: check them
+on hand-made rows where each claim is known to hold or not."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "selection_report", Path(__file__).resolve().parents[2] / "benchmarks" / "selection" / "report.py")
+rep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rep)
+
+BUDGETS = [0.1, 0.2, 0.3, 0.5]
+
+
+def _row(method, budget, top1, general=0.5, seed=0, variant="main", target="fashion"):
+    return {"target": target, "variant": variant, "method": method, "budget": budget, "seed": seed,
+            "metrics": {f"{target}_test": {"zero_shot_top1": top1, "image_to_text_R@5": top1, "text_to_image_R@5": top1},
+                        f"{target}_evalset": {"zero_shot_top1": top1},
+                        "general_a": {"zero_shot_top1": general},
+                        "general_b": {"image_to_text_R@5": general, "text_to_image_R@5": general}}}
+
+
+def _rows(chips_gain=0.05, general_drop=None):
+    rows = [_row("none", 0.0, 0.30, general=0.60)]
+    for seed in (0, 1):
+        for b in BUDGETS:
+            base = 0.40 + 0.2 * b + 0.001 * seed
+            for i, m in enumerate(("random", "clipscore", "dot", "trak")):
+                rows.append(_row(m, b, base + 0.001 * i, general=0.50, seed=seed))
+            rows += [_row("chips_align", b, base + 0.01, general=0.50, seed=seed),
+                     _row("chips_align_learn", b, base + 0.02, general=0.50, seed=seed),
+                     _row("chips", b, base + chips_gain, general=general_drop or 0.55, seed=seed)]
+        rows.append(_row("full", 1.0, 0.60, seed=seed))
+        for a, v in ((0.0, 0.40), (0.6, 0.45), (0.8, 0.46), (1.0, 0.41)):
+            rows.append(_row("chips", 0.2, v, seed=seed, variant=f"alpha={a:g}"))
+    return rows
+
+
+def test_verdicts_follow_the_numbers():
+    v = {s[:3]: ok for s, ok, _, _ in rep.hypotheses(_rows(), ["fashion"], BUDGETS)}
+    # chips beats all baselines; 0.40+0.06+0.05=0.51 < 0.95*0.60 -> (2) fails; chips@10% 0.47 < random@50% 0.50
+    assert v == {"(1)": True, "(2)": False, "(3)": False, "(4)": True, "(5)": True, "(6)": True}
+    v = {s[:3]: ok for s, ok, _, _ in rep.hypotheses(_rows(chips_gain=0.015, general_drop=0.40), ["fashion"], BUDGETS)}
+    # chips below align_learn breaks (4); general score 0.40 is the largest drop -> (6) fails
+    assert v["(1)"] is True and v["(4)"] is False and v["(6)"] is False
+
+
+def test_aggregate_mean_and_sample_std_over_seeds():
+    agg = rep.aggregate(_rows())
+    mean, std, n = agg[("fashion", "chips", 0.1)]
+    assert n == 2 and mean == pytest.approx(0.4705) and std == pytest.approx(0.001 / 2 ** 0.5)
+    assert rep.general_score(_row("x", 0.1, 0.3, general=0.7)) == pytest.approx(0.7)
+
+
+def test_missing_measurements_are_reported_as_such():
+    rows = [r for r in _rows() if r["method"] not in ("full",) and not r["variant"].startswith("alpha")]
+    v = {s[:3]: ok for s, ok, _, _ in rep.hypotheses(rows, ["fashion"], BUDGETS)}
+    assert v["(2)"] is None and v["(5)"] is None
+    table = rep.method_table(rep.aggregate(rows), "fashion", BUDGETS)
+    assert "**" in table and "| chips |" in table
+
+
+def test_verdicts_are_given_per_target():
+    rows = _rows() + [{**r, "target": "medical", "metrics": {k.replace("fashion", "medical"): v
+                                                             for k, v in r["metrics"].items()}}
+                      for r in _rows(chips_gain=-0.05)]
+    res = {s[:3]: (ok, per) for s, ok, _, per in rep.hypotheses(rows, ["fashion", "medical"], BUDGETS)}
+    assert res["(1)"] == (False, {"fashion": True, "medical": False})
+    assert "fashion: **holds**; medical: **does not hold**" == rep.verdict_line(res["(1)"][1])

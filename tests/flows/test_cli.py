@@ -1,0 +1,56 @@
+"""The `chips` CLI: the embedded demo end to end (a real Prefect run), sql, runs, and one-line errors."""
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+
+@pytest.mark.slow
+def test_chips_demo_then_sql_and_runs(prefect_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHIPS_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--pool-size", "150",
+                              "--eval-size", "30", "--steps", "40"])
+    assert res.exit_code == 0, res.output
+    for text in ("ingest      read 183, kept 180, quarantined 3", "Top pairs by CHIPS utility", "chips@0.3=45",
+                 "Share of 'scan' captions", "chips sql -w"):
+        assert text in res.output
+    wh = str(tmp_path / "demo" / "warehouse")
+    res = runner.invoke(app, ["sql", "-w", wh, "select reason, count(*) n from stg_quarantine group by reason order by reason"])
+    assert res.exit_code == 0 and "image_undecodable" in res.output and "caption_empty" in res.output
+    res = runner.invoke(app, ["runs", "-w", wh, "--stage", "score"])
+    assert res.exit_code == 0 and "succeeded" in res.output
+    from chips_core.platform.query import connect, query
+    from chips_core.platform.warehouse import Warehouse
+
+    pipeline = query(connect(Warehouse(wh)), "select run_id from stg_runs where stage = 'pipeline'").to_pylist()[0]
+    res = runner.invoke(app, ["report", pipeline["run_id"], "-w", wh, "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "report" / "index.html").read_text()
+    for png in ("factors.png", "utility_vs_clipscore.png", "selection_by_source.png", "budget_curves.png"):
+        assert f'src="{png}"' in page and (tmp_path / "report" / png).stat().st_size > 5000
+    assert "scan-archive" in page or "web-photos" in page
+    res = runner.invoke(app, ["report", "no-such-run", "-w", wh])
+    assert res.exit_code == 1 and "no scoring run found for 'no-such-run'" in res.output
+
+
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
+    runner = CliRunner()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("warehouse: /tmp/x\npool: []\ntarget: []\nmodel: {name: RN50}\nsketch: {k: zero}\n")
+    res = runner.invoke(app, ["run", str(bad)])
+    assert res.exit_code == 1 and res.output.strip() == f"chips: error: {bad}: sketch.k='zero' must be int"
+    res = runner.invoke(app, ["run", str(tmp_path / "missing.yaml")])
+    assert res.exit_code == 1 and "run config not found" in res.output
+    ckpt = tmp_path / "bad2.yaml"
+    ckpt.write_text(f"warehouse: {tmp_path / 'wh'}\npool: []\ntarget: []\n"
+                    f"model: {{name: RN50, checkpoint: {tmp_path / 'nope.pt'}}}\n")
+    res = runner.invoke(app, ["run", str(ckpt)])
+    assert res.exit_code == 1 and "nope.pt" in res.output
+    unreachable = tmp_path / "unreachable.yaml"
+    unreachable.write_text("warehouse: /proc/chips-cannot-write-here/wh\npool: []\ntarget: []\nmodel: {name: RN50}\n")
+    res = runner.invoke(app, ["run", str(unreachable)])
+    assert res.exit_code == 1 and res.output.startswith("chips: error: cannot open warehouse '/proc/chips-cannot")
+    assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["sql", "-w", str(tmp_path / "wh"), "delete from stg_pairs"])
+    assert res.exit_code == 1 and "only a single SELECT" in res.output

@@ -1,0 +1,96 @@
+"""`chips cpt` trains on a warehouse subset (or a manifest) and `chips eval` writes evals rows that
+join to the selection that produced the model — real Prefect flows, real warehouse, real DuckDB."""
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from chips_core.platform.query import connect, query
+from chips_core.platform.warehouse import Warehouse
+from chips_core.stages import run_pipeline
+from chips_core.stages.runconfig import load_run_config
+from chips_core.train.synthetic import SHAPES, make_pairs
+from flows.cli import app
+
+from ..conftest import tiny_pipeline_config
+
+pytestmark = pytest.mark.slow  # real Prefect runs / training: deselect with -m 'not slow'
+
+
+def _suite(path, n, seed):
+    from PIL import Image
+
+    data = make_pairs(n, seed=seed, scan_fraction=1.0, noise_fraction=0.0)
+    rows = []
+    for i in range(n):
+        arr = (data.images[i].numpy().transpose(1, 2, 0) * 0.3 + 0.3).clip(0, 1) * 255
+        buf = io.BytesIO()
+        Image.fromarray(arr.astype("uint8")).save(buf, format="PNG")
+        label = next(s for s in SHAPES if s in data.captions[i])
+        rows.append({"image": buf.getvalue(), "title": data.captions[i], "label": label})
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, demo_model):
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("cptflow")
+    _suite(tmp / "scans.parquet", 40, seed=21)
+    cfg = tiny_pipeline_config(tmp, demo_model, 80, 20, seed=9, budgets=[0.3], methods=["random", "chips"],
+                               sketch={"k": 64}, bank={"size": 32}, curvature={"n_curv": 50, "hard_negatives": 4},
+                               shard_size=40, outputs={"dir": str(tmp / "out"), "formats": ["csv"]},
+                               cpt={"epochs": 2, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 3},
+                               eval_suites=[{"name": "scans", "path": str(tmp / "scans.parquet"),
+                                             "templates": ["a scan of a {c} lesion", "a {c}"]}])
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = run_pipeline(load_run_config(path))
+    return tmp, path, out
+
+
+def test_cpt_on_a_subset_then_eval_joins_to_the_selection(prefect_api, setup):
+    tmp, path, out = setup
+    runner = CliRunner()
+    sid = f"{out['score']['run_id']}:chips@0.3"
+    res = runner.invoke(app, ["cpt", str(path), "--subset", sid, "--out", str(tmp / "cpt")])
+    assert res.exit_code == 0, res.output
+    assert "24 pairs, 6 steps" in res.output  # ceil(0.3 * 80) pairs, 3 batches of 8 per epoch, 2 epochs
+    run_id = res.output.split("cpt ", 1)[1].split(":", 1)[0]
+    res = runner.invoke(app, ["eval", str(path), "--checkpoint", str(tmp / "cpt" / "final.pt"), "--cpt-run", run_id,
+                              "--subset", sid])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["eval", str(path)])  # the start model, for comparison
+    assert res.exit_code == 0, res.output
+
+    cfg = load_run_config(path)
+    con = connect(Warehouse(cfg.warehouse))
+    rows = query(con, "select method, budget, suite, metric, value, n, cpt_run_id from mart_eval_by_selection "
+                      "where subset_id is not null order by metric").to_pylist()
+    metrics = [r["metric"] for r in rows]
+    assert metrics == sorted(["zero_shot_top1"] + [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image")
+                                                   for k in (1, 5, 10)])
+    assert {(r["method"], r["budget"], r["suite"], r["n"], r["cpt_run_id"]) for r in rows} == \
+        {("chips", 0.3, "scans", 40, run_id)}
+    assert all(0.0 <= r["value"] <= 1.0 for r in rows)
+    base = query(con, "select count(*) n from stg_evals where subset_id is null and cpt_run_id is null").to_pylist()
+    assert base[0]["n"] == len(rows)
+    runs = query(con, "select stage, status from stg_runs where stage in ('cpt', 'eval') order by stage").to_pylist()
+    assert runs == [{"stage": "cpt", "status": "succeeded"}] + [{"stage": "eval", "status": "succeeded"}] * 2
+
+
+def test_cpt_from_a_manifest_and_errors(prefect_api, setup):
+    tmp, path, out = setup
+    runner = CliRunner()
+    manifest = next((tmp / "out").rglob("random_at_0.3.csv"))
+    res = runner.invoke(app, ["cpt", str(path), "--manifest", str(manifest), "--out", str(tmp / "cpt-m")])
+    assert res.exit_code == 0, res.output
+    assert (tmp / "cpt-m" / "final.pt").is_file()
+    res = runner.invoke(app, ["cpt", str(path), "--subset", "nope:chips@0.3", "--out", str(tmp / "x")])
+    assert res.exit_code == 1 and "not in the subsets table" in res.output
+    res = runner.invoke(app, ["cpt", str(path), "--out", str(tmp / "x")])
+    assert res.exit_code == 1 and "exactly one of --subset / --manifest" in res.output
+    res = runner.invoke(app, ["eval", str(path), "--checkpoint", str(tmp / "missing.pt")])
+    assert res.exit_code == 1 and "missing.pt" in res.output

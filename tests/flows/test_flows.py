@@ -1,0 +1,126 @@
+"""Real Prefect flow runs (one temporary Prefect API for the session) over a real warehouse."""
+import pytest
+import yaml
+
+from chips_core.platform.query import connect, query, run_audits
+from chips_core.platform.warehouse import Warehouse
+from chips_core.train.synthetic import make_pairs
+from flows.demo import write_folder
+
+from ..conftest import tiny_pipeline_config
+
+pytestmark = pytest.mark.slow  # real Prefect runs / training: deselect with -m 'not slow'
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory, demo_model):
+    tmp = tmp_path_factory.mktemp("flows")
+    cfg = tiny_pipeline_config(tmp, demo_model, 90, 20, seed=7, sketch={"k": 64}, bank={"size": 32},
+                               curvature={"n_curv": 40, "hard_negatives": 4}, budgets=[0.2, 0.5], shard_size=30,
+                               outputs={"dir": str(tmp / "out")})
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_pipeline_flow_end_to_end(prefect_api, config_path):
+    from flows.chips_flows import pipeline_flow
+
+    out = pipeline_flow(str(config_path))
+    assert out["featurize"]["shards"] == 3 and out["featurize"]["shards_written"] == 3
+    wh = Warehouse(yaml.safe_load(config_path.read_text())["warehouse"])
+    con = connect(wh)
+    runs = query(con, "select stage, parent_run_id, status from stg_runs order by stage").to_pylist()
+    assert [r["stage"] for r in runs] == ["featurize", "ingest", "materialize", "pipeline", "score"]
+    assert all(r["status"] == "succeeded" for r in runs)
+    assert {r["parent_run_id"] for r in runs if r["stage"] != "pipeline"} == {out["run_id"]}
+    assert all(t.num_rows == 0 for t in run_audits(con).values())
+    n = query(con, "select count(*) n from stg_subsets where method = 'chips' and budget = 0.2").column("n")
+    assert n.to_pylist() == [18]
+
+
+def test_featurize_flow_resumes_missing_shards_only(prefect_api, config_path):
+    import os
+
+    from flows.chips_flows import featurize_flow, ingest_flow
+
+    ingest_flow(str(config_path))
+    first = featurize_flow(str(config_path), run_id="featurize-resume")
+    wh = Warehouse(yaml.safe_load(config_path.read_text())["warehouse"])
+    parts = sorted(wh.fs.glob(f"{wh.root}/features/run=featurize-resume/*.parquet"))
+    before = open(parts[2], "rb").read()
+    os.remove(parts[2])
+    again = featurize_flow(str(config_path), run_id="featurize-resume")
+    assert (first["shards_written"], again["shards_written"]) == (3, 1)
+    assert open(parts[2], "rb").read() == before
+
+
+def test_bad_config_names_the_key(tmp_path):
+    from chips_core.errors import ConfigError
+    from chips_core.stages.runconfig import load_run_config
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("warehouse: /tmp/x\npool: []\ntarget: []\nmodel: {name: RN50}\nsketch: {k: -3}\n")
+    with pytest.raises(ConfigError, match=r"sketch\.SketchConfig\.k=-3"):
+        load_run_config(p)
+    p.write_text("warehouse: /tmp/x\npool: []\ntarget: []\nmodel: {name: RN50}\nbudget: [0.1]\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'budget'"):
+        load_run_config(p)
+
+
+def test_rescore_runs_the_model_over_the_new_target_only(prefect_api, config_path, tmp_path):
+    from chips_core.scoring.endpoint import shared_model
+    from chips_core.stages.runconfig import load_run_config
+    from flows.chips_flows import featurize_flow, ingest_flow, rescore_flow
+
+    base = yaml.safe_load(config_path.read_text())
+    ingest_flow(str(config_path))  # a no-op (all unchanged) when an earlier test ingested already
+    feat = featurize_flow(str(config_path), run_id="featurize-for-rescore")
+    write_folder(tmp_path / "new-target", make_pairs(17, seed=99, scan_fraction=0.0, noise_fraction=0.0), 17)
+    new = {**base, "target": [{"name": "new-target", "kind": "folder", "paths": [str(tmp_path / "new-target")]}]}
+    cfg = load_run_config(new)
+    model = shared_model(cfg.model, cfg.device).model
+    seen = []
+    original = model.encode_image
+
+    def counting(images, *a, **kw):
+        seen.append(len(images))
+        return original(images, *a, **kw)
+
+    model.encode_image = counting
+    try:
+        out = rescore_flow(new, feat["run_id"])
+    finally:
+        del model.encode_image
+    micro = cfg.featurize.micro_batch
+    assert sum(seen) == micro * -(-17 // micro), f"forwarded {sum(seen)} images for a 17-pair target"
+    assert out["score"]["pairs"] == 90 and out["score"]["eval_pairs"] == 17
+
+
+def test_featurize_and_score_on_dask_equal_the_local_run(prefect_api, config_path):
+    """Two Dask worker processes (prefect-dask's DaskTaskRunner on a LocalCluster) write byte-identical
+    feature shards, and the scores computed from them are identical to the single-process run's."""
+    import hashlib
+
+    from prefect_dask import DaskTaskRunner
+
+    from flows.chips_flows import featurize_flow, ingest_flow, score_flow
+
+    ingest_flow(str(config_path))
+    featurize_flow(str(config_path), run_id="featurize-local")
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "processes": True, "threads_per_worker": 1})
+    featurize_flow.with_options(task_runner=runner)(str(config_path), run_id="featurize-dask")
+    wh = Warehouse(yaml.safe_load(config_path.read_text())["warehouse"])
+
+    def digests(run):
+        parts = sorted(wh.fs.glob(f"{wh.root}/features/run={run}/*.parquet"))
+        return [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in parts]
+
+    assert len(digests("featurize-local")) == 3 and digests("featurize-local") == digests("featurize-dask")
+    a = score_flow(str(config_path), "featurize-local")
+    b = score_flow(str(config_path), "featurize-dask")
+    con = connect(wh)
+    cols = "pair_id, random, clipscore, dot, trak, chips_align, chips_align_learn, chips, rank"
+    ta = query(con, f"select {cols} from stg_scores where run_id = $r order by pair_id", {"r": a["run_id"]})
+    tb = query(con, f"select {cols} from stg_scores where run_id = $r order by pair_id", {"r": b["run_id"]})
+    assert ta.num_rows == 90 and ta.equals(tb)

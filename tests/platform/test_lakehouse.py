@@ -1,0 +1,80 @@
+"""Delta Lake publishing, read back with deltalake and with DuckDB; the warehouse on a real S3 API
+(moto's server on loopback, through s3fs) — no mock of the filesystem layer."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from chips_core.platform.lakehouse import publish_delta
+from chips_core.platform.warehouse import Warehouse
+from chips_core.stages.score import scores_table
+
+
+def _scores(run_id, n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = [f"p{i}" for i in range(n)]
+    scores = {m: rng.normal(size=n) for m in ("random", "clipscore", "dot", "trak", "chips_align",
+                                               "chips_align_learn", "chips", "w_learn", "w_relevance")}
+    return scores_table(ids, scores, run_id)
+
+
+def test_delta_publish_is_idempotent_and_readable_by_deltalake_and_duckdb(tmp_path):
+    import duckdb
+    from deltalake import DeltaTable
+
+    wh = Warehouse(str(tmp_path / "wh"))
+    publish_delta(wh, "scores", _scores("run-1"))
+    publish_delta(wh, "scores", _scores("run-2", seed=1))
+    uri = publish_delta(wh, "scores", _scores("run-1", seed=2))  # re-publish replaces run-1's rows
+    dt = DeltaTable(uri)
+    table = dt.to_pyarrow_table()
+    assert table.num_rows == 10 and sorted(set(table.column("run_id").to_pylist())) == ["run-1", "run-2"]
+    con = duckdb.connect()
+    con.register("delta_scores", dt.to_pyarrow_dataset())
+    rows = con.sql("select run_id, count(*) as n, min(rank) as r from delta_scores group by run_id order by run_id").fetchall()
+    assert rows == [("run-1", 5, 1), ("run-2", 5, 1)]
+    with pytest.raises(ValueError, match="one run at a time"):
+        publish_delta(wh, "scores", pa.concat_tables([_scores("a"), _scores("b")]))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
+                                                                     "region_name": "us-east-1"}}
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="chips-test")
+    yield opts
+    server.stop()
+
+
+def test_warehouse_on_an_s3_api_ingest_sql_and_unreachable_url(tmp_path, s3):
+    from chips_core.platform.query import connect, query, run_audits
+    from chips_core.platform.readers import SourceSpec
+    from chips_core.platform.warehouse import WarehouseError
+    from chips_core.stages import ingest_stage
+
+    from .test_ingest import png
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(png(i))
+        (folder / f"{i}.txt").write_text(f"caption {i}")
+    wh = Warehouse("s3://chips-test/wh", storage_options=s3)
+    out = ingest_stage([SourceSpec("folder", "folder", (str(folder),))], wh)
+    assert out["kept"] == 3
+    assert wh.read("pairs", columns=["caption"]).num_rows == 3
+    assert wh.fs.glob("chips-test/wh/pairs/**/*.parquet") and not wh.fs.glob("chips-test/wh/pairs/**/*.tmp")
+    con = connect(wh)  # DuckDB reads s3:// through the registered fsspec filesystem: no httpfs download
+    assert query(con, "select count(*) as n from stg_pairs").column("n").to_pylist() == [3]
+    assert all(t.num_rows == 0 for t in run_audits(con).values())
+    bad = {**s3, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
+           "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    with pytest.raises(WarehouseError, match="s3://nowhere/wh"):
+        Warehouse("s3://nowhere/wh", storage_options=bad)

@@ -1,0 +1,95 @@
+"""sql/: staging, marts, audits and lineage, fed given rows (in-memory DuckDB) and over a real warehouse."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from chips_core.platform.provenance import recorded_run
+from chips_core.platform.query import ReadOnlyQueryError, connect, lineage, query, run_audits
+from chips_core.platform.warehouse import SCHEMAS, Warehouse
+from chips_core.stages.materialize import subsets_table
+from chips_core.stages.score import scores_table
+
+
+def _pairs(ids, sources):
+    rows = [{"pair_id": p, "source": s, "source_key": f"{s}#{p}", "caption": f"cap {p}", "image_uri": None,
+             "image_sha256": "0" * 64, "width": 16, "height": 16, "image_format": "PNG", "image": b"",
+             "ingest_run_id": "ingest-1"} for p, s in zip(ids, sources)]
+    return pa.Table.from_pylist(rows, schema=SCHEMAS["pairs"])
+
+
+def _scores(ids, run_id="score-1"):
+    rng = np.random.default_rng(0)
+    scores = {m: rng.normal(size=len(ids)) for m in ("random", "clipscore", "dot", "trak", "chips_align",
+                                                      "chips_align_learn", "chips", "w_learn", "w_relevance")}
+    return scores, scores_table(ids, scores, run_id)
+
+
+def test_marts_and_clean_audits_on_given_rows():
+    ids = [f"p{i:02d}" for i in range(10)]
+    sources = ["a"] * 6 + ["b"] * 4
+    scores, st = _scores(ids)
+    subs = subsets_table(ids, scores, [0.3, 0.5], ["chips", "random"], "mat-1", "score-1")
+    runs = pa.Table.from_pylist([{"run_id": "score-1", "stage": "score", "status": "succeeded"}], schema=SCHEMAS["runs"])
+    con = connect(tables={"pairs": _pairs(ids, sources), "scores": st, "subsets": subs, "runs": runs})
+    sel = query(con, "select * from mart_selection_by_source where method = $m and budget = $b order by source",
+                {"m": "chips", "b": 0.3}).to_pylist()
+    assert [r["n_scored"] for r in sel] == [6, 4] and sum(r["n_selected"] for r in sel) == 3
+    curves = query(con, "select method, budget, n_selected from mart_budget_curves order by method, budget").to_pylist()
+    assert [(c["method"], c["budget"], c["n_selected"]) for c in curves] == [
+        ("chips", 0.3, 3), ("chips", 0.5, 5), ("random", 0.3, 3), ("random", 0.5, 5)]
+    summary = query(con, "select * from mart_score_summary where factor = 'chips'").to_pylist()[0]
+    assert summary["n_pairs"] == 10 and summary["mean"] == pytest.approx(float(np.mean(scores["chips"])))
+    assert all(t.num_rows == 0 for t in run_audits(con).values())
+
+
+def test_audits_return_rows_when_something_is_wrong():
+    ids = ["p1", "p2", "p3", "p4"]
+    scores, st = _scores(ids, run_id="orphan-run")
+    subs = subsets_table(ids, scores, [0.5], ["chips"], "mat-1", "orphan-run").slice(0, 1)  # 1 row, budget says 2
+    pairs = pa.concat_tables([_pairs(ids, ["a"] * 4), _pairs(["p1"], ["b"])])  # duplicate pair id
+    runs = pa.Table.from_pylist([{"run_id": "ingest-1", "stage": "ingest", "status": "succeeded", "rows_in": 10,
+                                  "rows_out": 4, "rows_quarantined": 5, "rows_unchanged": 0}], schema=SCHEMAS["runs"])
+    audits = run_audits(connect(tables={"pairs": pairs, "scores": st, "subsets": subs, "runs": runs}))
+    assert audits["duplicate_pair_ids"].column("pair_id").to_pylist() == ["p1"]
+    assert audits["subset_size_off_budget"].column("expected").to_pylist() == [2]
+    assert audits["scores_without_run"].column("run_id").to_pylist() == ["orphan-run"]
+    assert audits["ingest_not_reconciled"].column("run_id").to_pylist() == ["ingest-1"]
+
+
+def test_writes_are_refused():
+    con = connect()
+    for sql in ("create table x (a int)", "insert into raw_pairs select * from raw_pairs", "select 1; drop view stg_pairs",
+                "copy (select 1) to '/tmp/x.csv'"):
+        with pytest.raises(ReadOnlyQueryError):
+            query(con, sql)
+    assert query(con, "select count(*) as n from stg_pairs").column("n").to_pylist() == [0]
+
+
+def test_lineage_of_a_subset_row_over_a_real_warehouse(tmp_path):
+    wh = Warehouse(str(tmp_path / "wh"))
+    ids = ["p1", "p2", "p3"]
+    wh.write("pairs", _pairs(ids, ["a", "a", "b"]), {"run": "ingest-1"}, "s0")
+    wh.write("pair_sources", pa.Table.from_pylist(
+        [{"pair_id": p, "source": s, "source_key": f"{s}#{p}", "ingest_run_id": "ingest-1"}
+         for p, s in [("p1", "a"), ("p2", "a"), ("p3", "b"), ("p1", "b")]], schema=SCHEMAS["pair_sources"]),
+        {"run": "ingest-1"}, "s0")
+    with recorded_run(wh, "ingest", {"sources": ["a", "b"]}, run_id="ingest-1", inputs={"a": "sha-a"}) as r:
+        r.update(rows_in=4, rows_out=3, rows_quarantined=1, rows_unchanged=0)
+    wh.write("quarantine", pa.Table.from_pylist([{"source": "b", "source_key": "b#p1", "reason": "duplicate",
+                                                  "detail": "", "run_id": "ingest-1"}], schema=SCHEMAS["quarantine"]),
+             {"run": "ingest-1"}, "s0")
+    scores, st = _scores(ids)
+    with recorded_run(wh, "score", {"alpha": 0.7}, run_id="score-1", model_checksum="abc", sketch_k=512):
+        wh.write("scores", st, {"run": "score-1"}, "s0")
+    wh.write("subsets", subsets_table(ids, scores, [1.0], ["chips"], "mat-1", "score-1"), {"run": "mat-1"}, "s0")
+    con = connect(wh)
+    rows = lineage(con, "score-1:chips@1", "p1").to_pylist()
+    assert [(r["source"], r["source_key"]) for r in rows] == [("a", "a#p1"), ("b", "b#p1")]
+    assert rows[0]["model_checksum"] == "abc" and '"alpha": 0.7' in rows[0]["score_config"]
+    assert rows[0]["ingest_inputs"] == '{"a": "sha-a"}'
+    assert all(t.num_rows == 0 for t in run_audits(con).values())
+    with pytest.raises(ValueError):
+        with recorded_run(wh, "score", {}, run_id="score-bad"):
+            raise ValueError("boom")
+    status = query(connect(wh), "select status from stg_runs where run_id = 'score-bad'").column("status").to_pylist()
+    assert status == ["failed: ValueError: boom"]

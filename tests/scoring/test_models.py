@@ -1,0 +1,126 @@
+"""§1: model loading and end-point extraction for each supported tower family, and its errors."""
+import pytest
+import torch
+
+from chips_core.errors import CheckpointNotFoundError, EndpointNotFoundError, UnsupportedModelError
+from chips_core.scoring.endpoint import EndpointModel, ModelSpec, build_custom_model, load_model, state_dict_checksum
+
+from ..conftest import TINY_RESNET, TINY_VIT
+
+TIMM_RESNET = {
+    "embed_dim": 16,
+    "vision_cfg": {"timm_model_name": "resnet18", "timm_model_pretrained": False, "timm_pool": "avg",
+                   "timm_proj": "linear", "timm_proj_bias": True, "image_size": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _check_endpoint(model, pairs):
+    images, texts, _ = pairs
+    ep = EndpointModel(model)
+    hv, ht = ep.encode_pre(images[:8], texts[:8])
+    W_v, W_t, t = ep.weights(torch.float64)
+    with torch.no_grad():
+        ev, et = model.encode_image(images[:8]), model.encode_text(texts[:8])
+    torch.testing.assert_close(hv.double() @ W_v.t(), ev.double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ht.double() @ W_t.t(), et.double(), rtol=1e-4, atol=1e-5)
+    assert float(t) == pytest.approx(float(model.logit_scale.detach()))
+    # the model is left exactly as it was found
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images[:8]), ev, rtol=0, atol=0)
+    return ep
+
+
+def test_vit_parameter_projections(tiny_vit, pairs):
+    ep = _check_endpoint(tiny_vit, pairs)
+    assert ep.vision_site.path == "visual.proj" and not ep.vision_site.has_bias
+    assert ep.text_site.path == "model.text_projection"
+
+
+def test_modified_resnet_and_linear_text_projection_with_bias(tiny_resnet, pairs):
+    ep = _check_endpoint(tiny_resnet, pairs)
+    assert ep.vision_site.path == "visual.attnpool.c_proj" and ep.vision_site.has_bias
+    assert ep.text_site.has_bias
+    hv, ht = ep.encode_pre(pairs[0][:2], pairs[1][:2])
+    assert torch.all(hv[:, -1] == 1) and torch.all(ht[:, -1] == 1)  # bias handled by a constant 1
+
+
+def test_timm_head_projection(pairs):
+    torch.manual_seed(0)
+    model = build_custom_model(TIMM_RESNET).eval()
+    ep = _check_endpoint(model, pairs)
+    assert ep.vision_site.path == "visual.head.proj"
+
+
+def test_missing_projection_names_architecture_and_module(tiny_vit):
+    import copy
+
+    model = copy.deepcopy(tiny_vit)
+    model.visual.proj = None
+    with pytest.raises(EndpointNotFoundError, match=r"VisionTransformer.*visual\.proj"):
+        EndpointModel(model)
+
+
+def test_sigmoid_models_refused():
+    model = build_custom_model({**TINY_VIT, "init_logit_bias": -10.0})
+    with pytest.raises(UnsupportedModelError, match="logit_bias"):
+        EndpointModel(model)
+
+
+def test_missing_checkpoint_names_path(tmp_path):
+    path = tmp_path / "nope" / "model.pt"
+    with pytest.raises(CheckpointNotFoundError, match="nope/model.pt"):
+        load_model(ModelSpec(config=TINY_VIT, checkpoint=str(path)))
+
+
+def test_checkpoint_roundtrip_weights_only(tmp_path, tiny_vit):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_vit.state_dict(), path)
+    loaded = load_model(ModelSpec(config=TINY_VIT, checkpoint=str(path)))
+    assert loaded.checksum == state_dict_checksum(tiny_vit)
+    assert loaded.tokenizer(["a scan"]).shape == (1, 16)
+
+
+def test_named_architecture_random_init_and_unknown_name():
+    loaded = load_model(ModelSpec(name="RN50"))
+    assert EndpointModel(loaded.model).vision_site.path == "visual.attnpool.c_proj"
+    with pytest.raises(UnsupportedModelError, match="ViT-Nope"):
+        load_model(ModelSpec(name="ViT-Nope"))
+
+
+def test_spec_needs_exactly_one_architecture_source():
+    with pytest.raises(UnsupportedModelError, match="exactly one"):
+        ModelSpec(name="RN50", config=TINY_RESNET)
+
+
+def test_local_hugging_face_folder(tmp_path, tiny_vit):
+    import json
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_VIT}))
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    loaded = load_model(ModelSpec(hf_dir=str(tmp_path)))
+    assert loaded.checksum == state_dict_checksum(tiny_vit)
+    with pytest.raises(CheckpointNotFoundError, match="missing-folder"):
+        load_model(ModelSpec(hf_dir=str(tmp_path / "missing-folder")))
+
+
+def test_pre_features_are_thread_safe(tiny_vit, pairs):
+    """Reading h swaps the projection out of the shared model; concurrent readers must not see it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ep = EndpointModel(tiny_vit)
+    images, texts, _ = pairs
+    ref = ep.encode_pre(images[:8], texts[:8])
+
+    W = ep.weights()
+
+    def one(_):
+        other = EndpointModel(tiny_vit)  # resolving the sites races the swap in other threads
+        assert all(torch.equal(a, b) for a, b in zip(other.weights(), W))
+        return other.encode_pre(images[:8], texts[:8])
+
+    with ThreadPoolExecutor(4) as pool:
+        for hv, ht in pool.map(one, range(64)):
+            assert torch.equal(hv, ref[0]) and torch.equal(ht, ref[1])

@@ -1,0 +1,198 @@
+"""The library pipeline over a real warehouse: ingest -> featurize -> score -> materialize."""
+import csv
+import hashlib
+import json
+import os
+
+import pytest
+
+from chips_core.platform.query import connect, query, run_audits
+from chips_core.platform.readers import SourceSpec
+from chips_core.platform.warehouse import Warehouse
+from chips_core.scoring.endpoint import LoadedModel, ModelSpec, state_dict_checksum
+from chips_core.scoring.featurize import BankConfig
+from chips_core.scoring.sketch import SketchConfig
+from chips_core.scoring.target import CurvatureConfig
+from chips_core.stages import featurize_stage, run_pipeline
+from chips_core.stages.runconfig import OutputConfig, RunConfig
+from chips_core.train.synthetic import DEMO_MODEL_CONFIG, make_pairs
+from flows.demo import write_folder
+
+from ..conftest import tiny_pipeline_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, demo_model):
+    import open_clip
+
+    tmp = tmp_path_factory.mktemp("pipe")
+    write_folder(tmp / "pool", make_pairs(120, seed=5), 120)
+    write_folder(tmp / "target", make_pairs(24, seed=6, scan_fraction=1.0, noise_fraction=0.0), 24)
+    cfg = RunConfig(warehouse=str(tmp / "wh"), pool=(SourceSpec("pool", "folder", (str(tmp / "pool"),)),),
+                    target=(SourceSpec("target", "folder", (str(tmp / "target"),)),),
+                    model=ModelSpec(config=DEMO_MODEL_CONFIG), sketch=SketchConfig(k=64), bank=BankConfig(size=32),
+                    curvature=CurvatureConfig(n_curv=50, hard_negatives=4), budgets=(0.1, 0.3), shard_size=50,
+                    outputs=OutputConfig(dir=str(tmp / "out")))
+    loaded = LoadedModel(demo_model, open_clip.tokenizer.SimpleTokenizer(context_length=16),
+                         state_dict_checksum(demo_model), "demo")
+    return cfg, loaded, run_pipeline(cfg, loaded)
+
+
+def test_pipeline_tables_runs_and_audits(run):
+    cfg, _, out = run
+    assert out["ingest"]["kept"] == 144 and out["featurize"]["pairs"] == 120 and out["featurize"]["shards"] == 3
+    con = connect(Warehouse(cfg.warehouse))
+    stages = query(con, "select stage, status from stg_runs order by stage").to_pylist()
+    assert [s["stage"] for s in stages] == ["featurize", "ingest", "materialize", "pipeline", "score"]
+    assert all(s["status"] == "succeeded" for s in stages)
+    sizes = query(con, "select method, budget, count(*) n from stg_subsets group by all order by all").to_pylist()
+    assert {(s["budget"], s["n"]) for s in sizes} == {(0.1, 12), (0.3, 36)}
+    assert all(t.num_rows == 0 for t in run_audits(con).values()), run_audits(con)
+    sid = f"{out['score']['run_id']}:chips@0.1"
+    top = query(con, "select pair_id from stg_subsets where subset_id = $s and rank = 1", {"s": sid}).to_pylist()[0]
+    from chips_core.platform.query import lineage
+
+    lin = lineage(con, sid, top["pair_id"]).to_pylist()
+    assert lin and lin[0]["source"] == "pool" and lin[0]["model_checksum"]
+
+
+def test_manifests_are_open_clip_csv(run):
+    cfg, _, out = run
+    csvs = [f for f in out["materialize"]["files"] if f.endswith("chips_at_0.3.csv")]
+    with open(csvs[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 36 and set(rows[0]) == {"filepath", "title"}
+    assert all(os.path.isfile(r["filepath"]) for r in rows)
+
+
+def test_featurize_resume_writes_the_same_bytes(run, tmp_path):
+    cfg, loaded, out = run
+    wh = Warehouse(cfg.warehouse)
+    fid = out["featurize"]["run_id"]
+    parts = sorted(wh.fs.glob(f"{wh.root}/features/run={fid}/*.parquet"))
+    digest = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in parts}
+    os.remove(parts[1])  # as if the run died before its second shard
+    again = featurize_stage(cfg, wh, loaded, run_id=fid)
+    assert again["shards_written"] == 1
+    assert {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in parts} == digest
+
+
+def test_open_clip_train_reads_a_materialised_csv_and_trains_a_step(run):
+    import copy
+
+    import torch
+    from open_clip_train.data import CsvDataset
+
+    from chips_core.scoring.endpoint import image_preprocess
+
+    cfg, loaded, out = run
+    csv_path = [f for f in out["materialize"]["files"] if f.endswith("chips_at_0.3.csv")][0]
+    model = copy.deepcopy(loaded.model).train()
+    ds = CsvDataset(csv_path, image_preprocess(model), img_key="filepath", caption_key="title", sep=",",
+                    tokenizer=loaded.tokenizer)
+    images, texts = next(iter(torch.utils.data.DataLoader(ds, batch_size=16)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    xi, yt, scale = model(images, texts)[:3]
+    logits = scale * xi @ yt.t()
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(logits)))
+    loss.backward()
+    before = model.visual.proj.detach().clone()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, model.visual.proj.detach())
+
+
+@pytest.mark.slow
+def test_featurize_killed_mid_run_resumes_to_the_same_bytes(run, tmp_path):
+    """A real SIGKILL in the middle of featurize; the rerun finishes only the missing shards and
+    its parts equal, byte for byte, those of an uninterrupted run."""
+    import dataclasses
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    cfg, loaded, _ = run
+    cfg = dataclasses.replace(cfg, shard_size=4)  # 30 shards, so the kill lands mid-run
+    ckpt = tmp_path / "demo.pt"
+    torch.save(loaded.model.state_dict(), ckpt)
+    script = tmp_path / "featurize.py"
+    script.write_text(
+        "import sys, dataclasses, json\n"
+        "from chips_core.stages.runconfig import load_run_config\n"
+        "from chips_core.scoring.endpoint import load_model\n"
+        "from chips_core.stages import featurize_stage\n"
+        "from chips_core.platform.warehouse import Warehouse\n"
+        "cfg = load_run_config(json.loads(sys.argv[1]))\n"
+        "loaded = load_model(cfg.model)\n"
+        "print(featurize_stage(cfg, Warehouse(cfg.warehouse), loaded, run_id=sys.argv[2]), flush=True)\n")
+    as_dict = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    as_dict["model"] = {"config": as_dict["model"]["config"], "checkpoint": str(ckpt)}
+    as_dict["storage_options"] = None
+    wh = Warehouse(cfg.warehouse)
+    folder = f"{wh.root}/features/run=killed"
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(as_dict), "killed"])
+    deadline = time.time() + 300
+    while time.time() < deadline and len(wh.fs.glob(f"{folder}/*.parquet")) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(wh.fs.glob(f"{folder}/*.parquet"))
+    assert 3 <= done_before < 30, f"kill landed after {done_before} of 30 shards"
+    assert not wh.fs.exists(f"{wh.root}/globals/run=killed/curvature.npz")
+    subprocess.run([sys.executable, str(script), json.dumps(as_dict), "killed"], check=True)
+    subprocess.run([sys.executable, str(script), json.dumps(as_dict), "uninterrupted"], check=True)
+    a = sorted(wh.fs.glob(f"{folder}/*.parquet"))
+    b = sorted(wh.fs.glob(f"{wh.root}/features/run=uninterrupted/*.parquet"))
+    assert len(a) == len(b) == 30
+    assert [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
+
+
+@pytest.mark.slow
+def test_two_pipelines_at_once_on_one_warehouse(tmp_path, demo_model):
+    """Two processes run the whole pipeline into the same warehouse at the same time (different run
+    ids): both succeed, and the audits find nothing wrong afterwards."""
+    import subprocess
+    import sys
+
+
+    cfg = tiny_pipeline_config(tmp_path, demo_model, 60, 12, seed=31, sketch={"k": 32}, bank={"size": 16},
+                               curvature={"n_curv": 30, "hard_negatives": 4}, budgets=[0.5], shard_size=20)
+    script = ("import sys, json\nfrom chips_core.stages.runconfig import load_run_config\n"
+              "from chips_core.stages import run_pipeline\n"
+              "print(run_pipeline(load_run_config(json.loads(sys.argv[1])))['run_id'])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script,
+                               json.dumps({**cfg, "outputs": {"dir": str(tmp_path / f"out{i}")}})],
+                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    con = connect(Warehouse(cfg["warehouse"]))
+    runs = query(con, "select stage, count(*) n, min(status) s from stg_runs group by stage order by stage").to_pylist()
+    assert [(r["stage"], r["n"], r["s"]) for r in runs] == [(st, 2, "succeeded") for st in
+                                                            ("featurize", "ingest", "materialize", "pipeline", "score")]
+    audits = run_audits(con)
+    assert all(t.num_rows == 0 for t in audits.values()), {k: v.to_pylist() for k, v in audits.items()}
+    assert query(con, "select count(*) n from stg_pairs").column("n").to_pylist() == [72]
+
+
+def test_rescore_with_publish_writes_delta_tables_under_one_parent(run):
+    """The library's rescore sequence with ``publish: {delta: true}``: the publish stage appends the run's
+    scores and subsets to Delta tables that deltalake reads back, and records a run under the same parent."""
+    import dataclasses
+
+    from deltalake import DeltaTable
+
+    from chips_core.stages import run_rescore
+    from chips_core.stages.runconfig import PublishConfig
+
+    cfg, loaded, out = run
+    cfg = dataclasses.replace(cfg, publish=PublishConfig(delta=True))
+    res = run_rescore(cfg, out["featurize"]["run_id"], loaded)
+    assert res["publish"]["rows"] == {"scores": 120, "subsets": 7 * (12 + 36)}
+    scores = DeltaTable(res["publish"]["tables"]["scores"]).to_pyarrow_table()
+    assert set(scores.column("run_id").to_pylist()) == {res["score"]["run_id"]} and scores.num_rows == 120
+    con = connect(Warehouse(cfg.warehouse))
+    runs = query(con, "select stage, parent_run_id from stg_runs where parent_run_id = $p order by stage",
+                 {"p": res["run_id"]}).to_pylist()
+    assert [r["stage"] for r in runs] == ["ingest", "materialize", "publish", "score"]
