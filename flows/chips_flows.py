@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 
 from chips_core.platform.warehouse import Warehouse
 from chips_core.scoring.endpoint import LoadedModel, load_model, shared_model
-from chips_core.stages import (cpt_stage, eval_stage, featurize_stage, ingest_stage, load_eval_suites,
+from chips_core.stages import (check_stage, cpt_stage, eval_stage, featurize_stage, ingest_stage, load_eval_suites,
                                load_run_config, manifest_data, materialize_stage, publish_stage, run_pipeline,
                                run_rescore, score_stage, subset_data)
 from chips_core.stages.runconfig import RunConfig
@@ -77,6 +77,17 @@ def materialize_flow(config: str | dict, score_run_id: str, parent_run_id: str |
 def publish_flow(config: str | dict, score_run_id: str, materialize_run_id: str,
                  parent_run_id: str | None = None) -> dict:
     return publish_stage(*_config(config), score_run_id, materialize_run_id, parent_run_id=parent_run_id)
+
+
+@flow(name="chips-check")
+def check_flow(config: str | dict, ingest: bool = True) -> dict:
+    """The premise check: ingest the pool and target (unchanged rows are skipped), then measure whether
+    the model knows the target well enough for gradient-based selection; nothing is featurized."""
+    if ingest:
+        ingest_flow(config)
+    out = check_stage(*_setup(config))
+    (get_run_logger().info if out["passed"] else get_run_logger().warning)("check %s: %s", out["run_id"], out["verdict"])
+    return out
 
 
 def _subflows(config: str | dict, progress: bool = False) -> dict:

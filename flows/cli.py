@@ -61,6 +61,26 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/r
     _summary(out, cfg)
 
 
+@app.command("check")
+def check_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool, target, model and `check` block)"),
+              no_ingest: bool = typer.Option(False, "--no-ingest", help="the pool and target are ingested already")) -> None:
+    """Premise check: can gradient-based selection be trusted with this model and target? Exit 2 if not."""
+    with _one_line_errors():
+        cfg = load_run_config(config)
+        Warehouse(cfg.warehouse, cfg.storage_options)
+        from flows.chips_flows import check_flow
+
+        out = check_flow(str(config), ingest=not no_ingest)
+    typer.echo(f"check {out['run_id']}:")
+    for c in out["checks"]:
+        mark = {True: "ok  ", False: "FAIL", None: "    "}[c["passed"]]
+        value = "n/a" if c["value"] is None else f"{c['value']:.3g}"
+        typer.echo(f"  {mark} {c['name']:<28} {value:>8}   ({c['threshold']})")
+    typer.echo(out["verdict"])
+    if not out["passed"]:
+        raise typer.Exit(code=2)
+
+
 @app.command()
 def rescore(config: Path = typer.Argument(..., help="pipeline YAML whose `target` is the new evaluation set"),
             featurize_run_id: str = typer.Option(..., "--featurize-run", help="run id of the pool's featurization")) -> None:
@@ -73,6 +93,7 @@ def rescore(config: Path = typer.Argument(..., help="pipeline YAML whose `target
     s, m = out["score"], out["materialize"]
     typer.echo(f"rescore {out['run_id']}: {s['pairs']} pool pairs scored against {s['eval_pairs']} target pairs; "
                f"{len(m['subsets'])} subsets in {m['files'][0].rsplit('/', 1)[0] if m['files'] else '-'}")
+    typer.echo(f"  {s['premise']}")
 
 
 @app.command()
@@ -180,6 +201,7 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     typer.echo(f"  ingest      read {i['read']}, kept {i['kept']}, quarantined {i['quarantined']}, unchanged {i['unchanged']}")
     typer.echo(f"  featurize   {f['pairs']} pool pairs in {f['shards']} shards (k={cfg.sketch.k}, K={cfg.bank.size})")
     typer.echo(f"  score       {s['pairs']} pairs against {s['eval_pairs']} target pairs (eval loss {s['eval_loss']:.3f})")
+    typer.echo(f"              {s['premise']}")
     typer.echo(f"  materialize {len(m['subsets'])} subsets")
     top = run_query(con, "select p.caption, s.utility, s.chips_align, s.w_learn, s.w_relevance from stg_scores s "
                          "join stg_pairs p using (pair_id) where s.run_id = $r order by s.rank limit 5", {"r": s["run_id"]})

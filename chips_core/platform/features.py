@@ -69,6 +69,4 @@ def read_features(wh: Warehouse, run_id: str) -> FeatureBatch:
     if not parts:
         raise FileNotFoundError(f"no features for run {run_id!r} in warehouse {wh.url!r}")
     out = FeatureBatch.concat([FeatureBatch.from_arrow(pq.read_table(io.BytesIO(wh.read_bytes(p)))) for p in parts])
-    order = np.argsort(np.asarray(out.pair_id, dtype=str), kind="stable")
-    return FeatureBatch([out.pair_id[i] for i in order], out.x[order], out.y[order], out.g[order],
-                        out.p_corr[order], out.margin[order], out.clipscore[order], out.loss[order], out.identity)
+    return out.take(np.argsort(np.asarray(out.pair_id, dtype=str), kind="stable"))

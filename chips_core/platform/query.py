@@ -42,8 +42,11 @@ def connect(wh: Warehouse | None = None, tables: dict[str, pa.Table] | None = No
         elif wh is not None and wh.fs.exists(wh.table_dir(name)) and wh.fs.glob(
                 posixpath.join(wh.table_dir(name), "**", "*.parquet")):
             con.execute(f"set variable chips_{name} = ?", [wh.url_of(posixpath.join(wh.table_dir(name), "**", "*.parquet"))])
+            # by name with an empty table of the current schema: a column added since older parts were
+            # written reads as NULL in them, so the views work on a warehouse written by an older version
+            con.register(f"empty_{name}", schema.empty_table())
             con.execute(f"create view raw_{name} as select * from read_parquet(getvariable('chips_{name}'), "
-                        "hive_partitioning = true, union_by_name = true)")
+                        f"hive_partitioning = true, union_by_name = true) union all by name select * from empty_{name}")
         else:
             con.register(f"raw_{name}", schema.empty_table())
     for folder, prefix in _PREFIX.items():

@@ -100,6 +100,20 @@ def _plots(con, score_run: str, out: Path) -> list[tuple[str, str]]:
     return figs
 
 
+def _premise_html(diagnostics_json: str | None) -> str:
+    """The premise checks of the score run (``scoring/premise.py``): verdict first, then each check."""
+    if not diagnostics_json:
+        return "<h2>Premise check</h2><p>not recorded for this run (scored by an older version)</p>"
+    d, e = json.loads(diagnostics_json), html.escape
+    colour = "#1a7f37" if d["passed"] else "#b42318"
+    mark = {True: "ok", False: "FAIL", None: ""}
+    value = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
+    rows = "".join(f"<tr><td>{e(c['name'])}</td><td>{value(c['value'])}</td><td>{e(c['threshold'])}</td>"
+                   f"<td>{mark[c['passed']]}</td></tr>" for c in d["checks"])
+    return (f'<h2>Premise check</h2><p style="color:{colour};font-weight:600">{e(d["verdict"])}</p>'
+            f"<table><tr><th>check</th><th>value</th><th>passes when</th><th></th></tr>{rows}</table>")
+
+
 def write_report(wh: Warehouse, run_id: str, out_dir: str | Path) -> Path:
     """Write ``<out_dir>/index.html`` and its PNGs for the scoring run behind ``run_id``."""
     con = connect(wh)
@@ -125,11 +139,13 @@ def write_report(wh: Warehouse, run_id: str, out_dir: str | Path) -> Path:
         f"<td>{r['chips_align']:+.4g}</td><td>{r['w_learn']:.3f}</td><td>{r['w_relevance']:.3f}</td>"
         f"<td>{r['clipscore']:.3f}</td></tr>" for i, r in enumerate(top))
     imgs = "".join(f'<figure><img src="{f}" alt="{e(t)}"><figcaption>{e(t)}</figcaption></figure>' for f, t in figs)
+    premise = _premise_html(run.get("diagnostics_json"))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>chips report {e(score_run)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1150px}} table{{border-collapse:collapse;margin:1em 0}}
 th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}} th{{background:#f3f3f3}}
 figure{{margin:1.5em 0}} img{{max-width:100%;border:1px solid #eee}} figcaption{{color:#555}}</style></head><body>
 <h1>CHIPS scoring report</h1><table>{rows}</table>
+{premise}
 <h2>Top pairs by utility</h2><table><tr><th>#</th><th>caption</th><th>source</th><th>utility</th><th>Â</th>
 <th>w_L</th><th>w_R</th><th>CLIP score</th></tr>{toprows}</table>
 <h2>Plots</h2>{imgs}</body></html>"""

@@ -49,6 +49,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("sketch_seed", pa.int64()), ("sketch_k", pa.int32()), ("bank_id", _STR), ("input_fingerprints", _STR),
         ("rows_in", pa.int64()), ("rows_out", pa.int64()), ("rows_quarantined", pa.int64()),
         ("rows_unchanged", pa.int64()),
+        ("diagnostics_json", _STR),  # score and check runs: the premise checks (scoring/premise.py)
         ("code_version", _STR), ("host", _STR), ("started_at", pa.timestamp("us", tz="UTC")),
         ("ended_at", pa.timestamp("us", tz="UTC"))]),
     # one row per pair per scoring run: every factor and baseline score, utility = chips, rank by utility

@@ -287,6 +287,12 @@ class FeatureBatch:
             identity=first,
         )
 
+    def take(self, idx) -> "FeatureBatch":
+        """The rows ``idx`` (an index array), in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        arrays = {f: getattr(self, f)[idx] for f in ("x", "y", "g", *FEATURE_SCALARS)}
+        return FeatureBatch([self.pair_id[i] for i in idx], **arrays, identity=self.identity)
+
     def to_arrow(self, storage: str = "float16") -> pa.Table:
         """Arrow table; vectors as fixed-size lists of ``storage`` floats, identity in the schema metadata."""
         store = {"float16": pa.float16(), "float32": pa.float32()}[storage]

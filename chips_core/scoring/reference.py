@@ -200,14 +200,14 @@ def full_parameter_alignment(model: torch.nn.Module, images, texts, pair_ids: Se
         plist.append(model.logit_scale)
     xe, ye, s = _model_loss_terms(model, eval_images, eval_texts)
     L = s * xe @ ye.t()
-    tgt = torch.arange(L.shape[0])
+    tgt = torch.arange(L.shape[0], device=L.device)
     eval_loss = 0.5 * (torch.nn.functional.cross_entropy(L, tgt) + torch.nn.functional.cross_entropy(L.t(), tgt))
     u = torch.autograd.grad(eval_loss, plist)
     xb, yb, _ = _model_loss_terms(model, bank_images, bank_texts)  # bank in the graph: cross terms flow
     out = []
     for i, pid in enumerate(pair_ids):
         x, y, s = _model_loss_terms(model, images[i:i + 1], texts[i:i + 1])
-        mask = torch.tensor([b == pid for b in bank_ids])
+        mask = torch.tensor([b == pid for b in bank_ids], device=x.device)
         c = (x * y).sum()
         row = torch.cat([s * c[None], (s * (yb @ x[0])).masked_fill(mask, -math.inf)])
         col = torch.cat([s * c[None], (s * (xb @ y[0])).masked_fill(mask, -math.inf)])

@@ -18,6 +18,14 @@ from .common import MapShards, load_pairs, local_map, model_fields, source_pair_
 from .runconfig import RunConfig
 
 
+def build_bank(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, pool_ids: list[str]) -> ReferenceBank:
+    """The reference bank of a pool: ``cfg.bank.size`` pairs drawn by seeded key, forwarded once."""
+    bank_ids = ReferenceBank.draw_ids(pool_ids, cfg.bank)
+    return ReferenceBank.from_pairs(EndpointModel(loaded.model), *load_pairs(wh, bank_ids, loaded), bank_ids,
+                                    model_checksum=loaded.checksum, seed=cfg.bank.seed,
+                                    micro_batch=cfg.featurize.micro_batch)
+
+
 def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str) -> tuple[list[str], list[list[str]]]:
     """Reduce step: the pool's pair ids, their shards, and the reference bank (drawn, forwarded and
     stored once per run; a resumed run reuses the stored bank)."""
@@ -27,11 +35,7 @@ def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id
     try:
         load_bank(wh, run_id)
     except FileNotFoundError:
-        bank_ids = ReferenceBank.draw_ids(ids, cfg.bank)
-        bank = ReferenceBank.from_pairs(EndpointModel(loaded.model), *load_pairs(wh, bank_ids, loaded), bank_ids,
-                                        model_checksum=loaded.checksum, seed=cfg.bank.seed,
-                                        micro_batch=cfg.featurize.micro_batch)
-        save_bank(wh, bank, run_id)
+        save_bank(wh, build_bank(cfg, wh, loaded, ids), run_id)
     return ids, [ids[i:i + cfg.shard_size] for i in range(0, len(ids), cfg.shard_size)]
 
 

@@ -26,6 +26,7 @@ from ..errors import ChipsError, ConfigError, check
 from ..platform.readers import SourceSpec
 from ..scoring.endpoint import ModelSpec
 from ..scoring.featurize import BankConfig, FeaturizeConfig
+from ..scoring.premise import PremiseConfig
 from ..scoring.score import METHODS, ScoreConfig
 from ..scoring.sketch import SketchConfig
 from ..scoring.target import CurvatureConfig
@@ -59,6 +60,7 @@ class RunConfig:
     curvature: CurvatureConfig = CurvatureConfig()
     score: ScoreConfig = ScoreConfig()
     featurize: FeaturizeConfig = FeaturizeConfig()
+    check: PremiseConfig = PremiseConfig()  # premise checks (`chips check`, and every score run)
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     methods: tuple[str, ...] = METHODS
     shard_size: int = 2048  # pairs per featurize/score shard

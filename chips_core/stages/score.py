@@ -1,5 +1,6 @@
 """The score stage: target statistics from the eval set (the model runs over the eval set only), then
-every method's score for every featurized pool pair from the stored features, bank and curvature."""
+every method's score for every featurized pool pair from the stored features, bank and curvature,
+and the premise checks (``stages/check.py``) in the run's ``diagnostics_json``."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,10 +10,11 @@ from ..platform.features import load_bank, load_curvature, read_features
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import SCHEMAS, Warehouse
 from ..scoring.endpoint import EndpointModel, LoadedModel
-from ..scoring.featurize import ScoringContext
+from ..scoring.featurize import Featurizer
+from ..scoring.premise import premise_checks
 from ..scoring.score import Preconditioners, score_features, select_top
-from ..scoring.target import target_stats
-from .common import load_pairs, model_fields, source_pair_ids
+from .check import pool_sample, target_and_eval_features
+from .common import model_fields, source_pair_ids
 from .runconfig import RunConfig
 
 
@@ -40,12 +42,16 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
                       inputs={"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)},
                       **model_fields(cfg, loaded)) as row:
         bank = load_bank(wh, featurize_run_id)
-        ctx = ScoringContext(EndpointModel(loaded.model), bank, cfg.sketch)
-        tstats = target_stats(ctx, *load_pairs(wh, eval_ids, loaded), eval_ids, cfg.featurize)
+        feat = Featurizer(EndpointModel(loaded.model), bank, cfg.sketch, cfg.featurize)
+        tstats, eval_features = target_and_eval_features(cfg, wh, loaded, feat, eval_ids)
         features = read_features(wh, featurize_run_id)
         curv = load_curvature(wh, featurize_run_id)
         scores = score_features(features, tstats, curv, cfg.curvature, cfg.score,
                                 Preconditioners.solve(tstats, curv, cfg.curvature))
         wh.write("scores", scores_table(features.pair_id, scores, run_id), {"run": run_id}, "scores")
-        row.update(bank_id=bank.bank_id, rows_in=len(features), rows_out=len(features), rows_quarantined=0)
-    return {"run_id": run_id, "pairs": len(features), "eval_pairs": len(eval_ids), "eval_loss": tstats.eval_loss}
+        premise = premise_checks(eval_features, tstats.eval_loss, pool_sample(cfg, features), len(bank.pair_ids),
+                                 cfg.check)
+        row.update(bank_id=bank.bank_id, rows_in=len(features), rows_out=len(features), rows_quarantined=0,
+                   diagnostics_json=premise.to_json())
+    return {"run_id": run_id, "pairs": len(features), "eval_pairs": len(eval_ids), "eval_loss": tstats.eval_loss,
+            "premise_passed": premise.passed, "premise": premise.verdict()}

@@ -12,7 +12,8 @@ def test_chips_demo_then_sql_and_runs(prefect_api, tmp_path, monkeypatch):
     res = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--pool-size", "150",
                               "--eval-size", "30", "--steps", "40"])
     assert res.exit_code == 0, res.output
-    for text in ("ingest      read 183, kept 180, quarantined 3", "Top pairs by CHIPS utility", "chips@0.3=45",
+    for text in ("ingest      read 183, kept 180, quarantined 3", "premise check", "Top pairs by CHIPS utility",
+                 "chips@0.3=45",
                  "Share of 'scan' captions", "chips sql -w"):
         assert text in res.output
     wh = str(tmp_path / "demo" / "warehouse")
@@ -30,6 +31,17 @@ def test_chips_demo_then_sql_and_runs(prefect_api, tmp_path, monkeypatch):
     for png in ("factors.png", "utility_vs_clipscore.png", "selection_by_source.png", "budget_curves.png"):
         assert f'src="{png}"' in page and (tmp_path / "report" / png).stat().st_size > 5000
     assert "scan-archive" in page or "web-photos" in page
+    assert "Premise check" in page and "eval_matching" in page
+    import yaml
+
+    from flows.demo import prepare_demo
+
+    cfg_path = tmp_path / "demo.yaml"
+    cfg_path.write_text(yaml.safe_dump(prepare_demo(tmp_path / "demo", 150, 30, 40)))
+    res = runner.invoke(app, ["check", str(cfg_path), "--no-ingest"])
+    for name in ("eval_matching", "p_corr_over_chance", "mean_pairwise_cosine", "w_learn_spread"):
+        assert name in res.output
+    assert res.exit_code == (0 if "premise check passed" in res.output else 2), res.output
     res = runner.invoke(app, ["report", "no-such-run", "-w", wh])
     assert res.exit_code == 1 and "no scoring run found for 'no-such-run'" in res.output
 
