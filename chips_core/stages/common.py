@@ -31,10 +31,11 @@ def model_fields(cfg: RunConfig, loaded: LoadedModel) -> dict:
             "sketch_k": cfg.sketch.k}
 
 
-def source_pair_ids(wh: Warehouse, sources: Sequence[SourceSpec]) -> list[str]:
-    """Distinct pair ids recorded under any of the named sources, sorted (the canonical order)."""
+def source_pair_ids(wh: Warehouse, sources: Sequence[SourceSpec | str]) -> list[str]:
+    """Distinct pair ids recorded under any of the sources (specs or names), sorted (the canonical order)."""
+    names = [s if isinstance(s, str) else s.name for s in sources]
     t = wh.read("pair_sources", columns=["pair_id", "source"])
-    t = t.filter(pc.is_in(t.column("source"), pa.array([s.name for s in sources])))
+    t = t.filter(pc.is_in(t.column("source"), pa.array(names, pa.string())))
     return sorted(set(t.column("pair_id").to_pylist()))
 
 

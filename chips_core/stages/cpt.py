@@ -1,5 +1,6 @@
 """The CPT stage: continual pre-training of a model on a materialised subset (read from the
-warehouse) or on a manifest file, recorded as a ``cpt`` run whose inputs name the subset."""
+warehouse) or on a manifest file, with an optional replay stream from an ingested source
+(``cpt.replay``), recorded as a ``cpt`` run whose inputs name the subset and the replay."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,7 @@ from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import LoadedModel, image_preprocess
 from ..train.cpt import ImageFilePairs, PairData, train_cpt
 from ..util import read_pair_table
-from .common import model_fields
+from .common import model_fields, source_pair_ids
 from .runconfig import RunConfig
 
 
@@ -21,7 +22,19 @@ def subset_data(wh: Warehouse, subset_id: str, loaded: LoadedModel) -> ImageFile
     if sub.num_rows == 0:
         known = sorted(set(wh.read("subsets", columns=["subset_id"]).column("subset_id").to_pylist()))
         raise KeyError(f"subset {subset_id!r} not in the subsets table (known: {known[:8]}{' ...' if len(known) > 8 else ''})")
-    ids = sorted(set(sub.column("pair_id").to_pylist()))
+    return _warehouse_pairs(wh, sorted(set(sub.column("pair_id").to_pylist())), loaded)
+
+
+def replay_data(wh: Warehouse, source: str, loaded: LoadedModel) -> ImageFilePairs:
+    """Every pair ingested under ``source``: the replay stream of ``cpt.replay``."""
+    ids = source_pair_ids(wh, [source])
+    if len(ids) < 1:
+        known = sorted(set(wh.read("pair_sources", columns=["source"]).column("source").to_pylist()))
+        raise KeyError(f"replay source {source!r} holds no pairs in the warehouse (sources: {known})")
+    return _warehouse_pairs(wh, ids, loaded)
+
+
+def _warehouse_pairs(wh: Warehouse, ids: list[str], loaded: LoadedModel) -> ImageFilePairs:
     rows = wh.read_pairs(ids)
     return ImageFilePairs([r["image"] for r in rows], [r["caption"] for r in rows],
                           image_preprocess(loaded.model), loaded.tokenizer, ids)
@@ -44,9 +57,11 @@ def cpt_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, data: PairData
               progress: bool = False) -> dict:
     """Train ``loaded.model`` (in place) on ``data`` with ``cfg.cpt``; resumes from ``out_dir``'s checkpoints."""
     run_id = run_id or new_run_id("cpt")
+    replay = replay_data(wh, cfg.cpt.replay.source, loaded) if cfg.cpt.replay_per_batch else None
     with recorded_run(wh, "cpt", cfg, run_id=run_id, parent_run_id=parent_run_id,
-                      inputs={"subset_id": subset_id, "data": data.fingerprint(), "out_dir": str(out_dir)},
+                      inputs={"subset_id": subset_id, "data": data.fingerprint(), "out_dir": str(out_dir),
+                              "replay": replay.fingerprint() if replay else None},
                       **model_fields(cfg, loaded)) as row:
-        out = train_cpt(loaded.model, data, cfg.cpt, out_dir, device=cfg.device, progress=progress)
+        out = train_cpt(loaded.model, data, cfg.cpt, out_dir, device=cfg.device, progress=progress, replay=replay)
         row.update(rows_in=len(data), rows_out=out["steps"], rows_quarantined=0)
     return {"run_id": run_id, **out}

@@ -39,6 +39,20 @@ class CheckpointMismatchError(ChipsError):
 
 
 @dataclass(frozen=True)
+class ReplayConfig:
+    """A fixed general-domain stream mixed into every CPT batch, so that adapting to the target does not
+    erase what the model knew (and so that every selection method gets the same replay)."""
+
+    source: str | None = None  # the warehouse source (an ingested `pool`/`target`-style name) replayed
+    fraction: float = 0.0  # share of each batch drawn from the replay stream (0: no replay)
+
+    def __post_init__(self):
+        check(0.0 <= self.fraction < 1.0, "ReplayConfig", "fraction", self.fraction, "must lie in [0, 1)")
+        check(self.fraction == 0.0 or bool(self.source), "ReplayConfig", "source", self.source,
+              "a source name is needed when fraction > 0")
+
+
+@dataclass(frozen=True)
 class CPTConfig:
     epochs: int = 5
     batch_size: int = 128
@@ -49,6 +63,7 @@ class CPTConfig:
     eps: float = 1e-6
     seed: int = 0  # data order
     checkpoint_every: int = 100  # steps between resume checkpoints (and one at every epoch end)
+    replay: ReplayConfig = ReplayConfig()  # general-domain replay mixed into each batch
 
     def __post_init__(self):
         check(isinstance(self.epochs, int) and self.epochs >= 1, "CPTConfig", "epochs", self.epochs, "an int >= 1")
@@ -61,6 +76,13 @@ class CPTConfig:
                "two numbers in [0, 1)")
         check(self.eps > 0, "CPTConfig", "eps", self.eps, "must be > 0")
         check(self.checkpoint_every >= 1, "CPTConfig", "checkpoint_every", self.checkpoint_every, "must be >= 1")
+        check(self.replay_per_batch <= self.batch_size - 2, "CPTConfig", "replay.fraction", self.replay.fraction,
+              f"leaves fewer than 2 subset pairs in a batch of {self.batch_size}")
+
+    @property
+    def replay_per_batch(self) -> int:
+        """Replay pairs in each batch: ``round(fraction * batch_size)``, at least 1 when replay is on."""
+        return max(1, round(self.replay.fraction * self.batch_size)) if self.replay.fraction > 0 else 0
 
 
 class PairData(Protocol):
@@ -129,11 +151,24 @@ def lr_at(step: int, total: int, config: CPTConfig) -> float:
 
 
 def epoch_batches(n: int, config: CPTConfig, epoch: int) -> list[list[int]]:
-    """The epoch's batches: a permutation seeded by ``(seed, epoch)``; a last batch of one is dropped."""
-    g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    out = [order[i:i + config.batch_size] for i in range(0, n, config.batch_size)]
+    """The epoch's batches of subset pairs (``batch_size`` less the replay share): a permutation seeded by
+    ``(seed, epoch)``; a last batch of one is dropped."""
+    size = config.batch_size - config.replay_per_batch
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)).tolist()
+    out = [order[i:i + size] for i in range(0, n, size)]
     return [b for b in out if len(b) >= 2]
+
+
+def replay_batch(m: int, config: CPTConfig, step: int) -> list[int]:
+    """The replay pairs of ``step``: positions ``step*r .. step*r + r - 1`` of an endless stream of seeded
+    permutations of the ``m`` replay pairs (one per pass), so a resumed run draws the same ones."""
+    r = config.replay_per_batch
+    out = []
+    for pos in range(step * r, step * r + r):
+        cycle, i = divmod(pos, m)
+        perm = torch.randperm(m, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + 7_919 + cycle))
+        out.append(int(perm[i]))
+    return out
 
 
 def clip_loss(model, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -147,21 +182,26 @@ def clip_loss(model, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
 
 
 def train_cpt(model, data: PairData, config: CPTConfig, out_dir: str | Path, device: str = "cpu",
-              progress: bool = False, log=None) -> dict:
-    """Train ``model`` in place on ``data``; resume from ``out_dir/checkpoints`` if a checkpoint of the
-    same run is there. Writes ``out_dir/final.pt`` (an open_clip-loadable ``state_dict``) and
-    ``out_dir/log.jsonl`` (step, epoch, lr, loss). Returns a summary dict."""
+              progress: bool = False, log=None, replay: PairData | None = None) -> dict:
+    """Train ``model`` in place on ``data`` (and ``replay``, a ``config.replay.fraction`` share of every
+    batch); resume from ``out_dir/checkpoints`` if a checkpoint of the same run is there. Writes
+    ``out_dir/final.pt`` (an open_clip-loadable ``state_dict``) and ``out_dir/log.jsonl`` (step,
+    epoch, lr, loss). Returns a summary dict."""
     out = Path(out_dir)
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     n = len(data)
     if n < 2:
         raise ValueError(f"CPT needs at least 2 pairs, got {n}")
+    if bool(config.replay_per_batch) != (replay is not None and len(replay) > 0):
+        raise ValueError(f"CPTConfig.replay.fraction={config.replay.fraction} but "
+                         f"{'no' if replay is None else len(replay)} replay pairs given")
     per_epoch = [epoch_batches(n, config, e) for e in range(config.epochs)]
     total = sum(len(b) for b in per_epoch)
     model.to(device)
     identity = {"config": json.dumps(dataclasses.asdict(config), sort_keys=True), "data": data.fingerprint(),
-                "pairs": n, "start_model": state_dict_checksum(model)[:16]}
+                "pairs": n, "start_model": state_dict_checksum(model)[:16],
+                "replay": replay.fingerprint() if replay is not None else None}
     # weight decay on matrices only: not on gains, biases, embeddings or the temperature
     params = [(p.ndim >= 2 and "embedding" not in name, p) for name, p in model.named_parameters() if p.requires_grad]
     decay = [p for wd, p in params if wd]
@@ -197,6 +237,9 @@ def train_cpt(model, data: PairData, config: CPTConfig, out_dir: str | Path, dev
                 for group in opt.param_groups:
                     group["lr"] = lr
                 images, tokens = data.batch(b)
+                if replay is not None:
+                    ri, rt = replay.batch(replay_batch(len(replay), config, step))
+                    images, tokens = torch.cat([images, ri]), torch.cat([tokens, rt])
                 loss = clip_loss(model, images.to(device), tokens.to(device))
                 loss_value = float(loss.detach())
                 opt.zero_grad(set_to_none=True)

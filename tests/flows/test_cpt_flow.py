@@ -94,3 +94,29 @@ def test_cpt_from_a_manifest_and_errors(prefect_api, setup):
     assert res.exit_code == 1 and "exactly one of --subset / --manifest" in res.output
     res = runner.invoke(app, ["eval", str(path), "--checkpoint", str(tmp / "missing.pt")])
     assert res.exit_code == 1 and "missing.pt" in res.output
+
+
+def test_cpt_stage_replays_an_ingested_source_and_records_it(setup, demo_model):
+    """``cpt.replay`` draws a share of every batch from an ingested source (here the target set stands in
+    for a general-domain stream); the cpt run's inputs name the replay data; an unknown source is a
+    one-line error naming the sources there are."""
+    import dataclasses
+    import json
+
+    from chips_core.scoring.endpoint import load_model
+    from chips_core.stages import cpt_stage, subset_data
+    from chips_core.train.cpt import ReplayConfig
+
+    tmp, path, out = setup
+    cfg = load_run_config(path)
+    cfg = dataclasses.replace(cfg, cpt=dataclasses.replace(cfg.cpt, replay=ReplayConfig(source="target", fraction=0.25)))
+    wh = Warehouse(cfg.warehouse)
+    loaded = load_model(cfg.model)
+    data = subset_data(wh, f"{out['score']['run_id']}:chips@0.3", loaded)
+    r = cpt_stage(cfg, wh, loaded, data, tmp / "cpt-replay")
+    assert r["steps"] == 2 * 4  # 24 subset pairs in batches of 8 - 2 replay pairs: 4 per epoch
+    row = query(connect(wh), "select input_fingerprints from stg_runs where run_id = $r", {"r": r["run_id"]})
+    assert json.loads(row.to_pylist()[0]["input_fingerprints"])["replay"]
+    bad = dataclasses.replace(cfg, cpt=dataclasses.replace(cfg.cpt, replay=ReplayConfig(source="nope", fraction=0.25)))
+    with pytest.raises(KeyError, match="replay source 'nope' holds no pairs.*'target'"):
+        cpt_stage(bad, wh, loaded, data, tmp / "cpt-bad")

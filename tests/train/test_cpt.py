@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from chips_core.errors import ConfigError
 from chips_core.scoring.endpoint import build_custom_model
-from chips_core.train.cpt import CheckpointMismatchError, CPTConfig, TensorPairs, clip_loss, lr_at, train_cpt
+from chips_core.train.cpt import (CheckpointMismatchError, CPTConfig, ReplayConfig, TensorPairs, clip_loss, lr_at,
+                                  replay_batch, train_cpt)
 from chips_core.train.evaluate import retrieval_recall
 from chips_core.train.synthetic import DEMO_MODEL_CONFIG, make_pairs
 
@@ -119,3 +121,65 @@ def test_cpt_lowers_the_loss_and_improves_retrieval_on_what_it_trained(tmp_path)
     assert after < before - 0.5, (before, after)
     assert r1["image_to_text_R@5"] > r0["image_to_text_R@5"]
     assert np.isfinite(out["final_loss"])
+
+
+class _Recording(TensorPairs):
+    def __init__(self, base: TensorPairs):
+        super().__init__(base.images, base.tokens, base.ids)
+        self.calls: list[list[int]] = []
+
+    def batch(self, idx):
+        self.calls.append(list(idx))
+        return super().batch(idx)
+
+
+def _replay_stream(n=40, seed=8):
+    import open_clip
+
+    data = make_pairs(n, seed=seed, scan_fraction=0.0, noise_fraction=0.0)
+    return TensorPairs(data.images, open_clip.tokenizer.SimpleTokenizer(context_length=16)(data.captions),
+                       data.pair_ids)
+
+
+def test_replay_takes_its_share_of_every_batch_and_cycles_through_the_stream(tmp_path):
+    cfg = CPTConfig(**{**CFG, "epochs": 2, "replay": ReplayConfig(source="general", fraction=0.25)})
+    assert cfg.replay_per_batch == 4
+    model, data = _setup()
+    main, replay = _Recording(data), _Recording(_replay_stream())
+    out = train_cpt(model, main, cfg, tmp_path, replay=replay)
+    assert [len(b) for b in main.calls] == [12] * 8 * 2  # 96 subset pairs in batches of 16 - 4
+    assert len(replay.calls) == out["steps"] == 16 and all(len(b) == 4 for b in replay.calls)
+    seen = [i for b in replay.calls for i in b]
+    assert sorted(seen[:40]) == list(range(40)) and sorted(seen[40:64]) == sorted(set(seen[40:64]))  # passes
+    assert [replay_batch(40, cfg, s) for s in range(16)] == replay.calls  # a function of the step alone
+
+
+def test_replay_resumes_to_the_same_weights_and_is_part_of_the_run_identity(tmp_path):
+    cfg = CPTConfig(**{**CFG, "replay": ReplayConfig(source="general", fraction=0.25)})
+
+    def crash(step, epoch, lr, loss):
+        if step == 10:
+            raise KeyboardInterrupt  # stops between the checkpoints at 8 and 12
+
+    model, data = _setup()
+    with pytest.raises(KeyboardInterrupt):
+        train_cpt(model, data, cfg, tmp_path / "a", log=crash, replay=_replay_stream())
+    model, data = _setup()
+    resumed = train_cpt(model, data, cfg, tmp_path / "a", replay=_replay_stream())
+    ref_model, ref_data = _setup()
+    ref = train_cpt(ref_model, ref_data, cfg, tmp_path / "b", replay=_replay_stream())
+    assert resumed["resumed_from_step"] == 8 and ref["resumed_from_step"] == 0
+    a, b = (torch.load(r["final"], weights_only=True)["state_dict"] for r in (resumed, ref))
+    assert all(torch.equal(a[n], b[n]) for n in b)
+    model, data = _setup()
+    with pytest.raises(CheckpointMismatchError, match="replay"):
+        train_cpt(model, data, cfg, tmp_path / "a", replay=_replay_stream(seed=9))
+    with pytest.raises(ValueError, match="replay"):
+        train_cpt(model, data, cfg, tmp_path / "c")  # replay configured, none given
+
+
+def test_replay_config_names_the_bad_value():
+    with pytest.raises(ConfigError, match=r"ReplayConfig.source=None"):
+        ReplayConfig(fraction=0.2)
+    with pytest.raises(ConfigError, match=r"replay.fraction=0.95"):
+        CPTConfig(batch_size=16, replay=ReplayConfig(source="g", fraction=0.95))
