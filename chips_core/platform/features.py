@@ -25,7 +25,8 @@ def _globals(wh: Warehouse, run_id: str, name: str) -> str:
 
 def save_bank(wh: Warehouse, bank: ReferenceBank, run_id: str) -> None:
     t = pa.table({"pair_id": bank.pair_ids, "h_v": list(bank.h_v.float().numpy()), "h_t": list(bank.h_t.float().numpy())})
-    meta = {"model_checksum": bank.model_checksum, "seed": str(bank.seed), "bank_id": bank.bank_id}
+    meta = {"model_checksum": bank.model_checksum, "seed": str(bank.seed), "bank_id": bank.bank_id,
+            "masking": json.dumps(bank.masking)}
     buf = io.BytesIO()
     pq.write_table(t.replace_schema_metadata(meta), buf)
     wh.write_bytes(_globals(wh, run_id, "bank.parquet"), buf.getvalue())
@@ -34,9 +35,11 @@ def save_bank(wh: Warehouse, bank: ReferenceBank, run_id: str) -> None:
 def load_bank(wh: Warehouse, run_id: str) -> ReferenceBank:
     t = pq.read_table(io.BytesIO(wh.read_bytes(_globals(wh, run_id, "bank.parquet"))))
     meta = {k.decode(): v.decode() for k, v in t.schema.metadata.items()}
+    masking = json.loads(meta.get("masking", "{}"))  # absent: a bank stored before masking existed
     bank = ReferenceBank(t.column("pair_id").to_pylist(), torch.tensor(np.stack(t.column("h_v").to_numpy(zero_copy_only=False))),
                          torch.tensor(np.stack(t.column("h_t").to_numpy(zero_copy_only=False))),
-                         meta["model_checksum"], int(meta["seed"]))
+                         meta["model_checksum"], int(meta["seed"]), bool(masking.get("same_caption", False)),
+                         masking.get("image_cosine"))
     if bank.bank_id != meta["bank_id"]:
         raise ValueError(f"stored bank of run {run_id!r} does not hash to its recorded id {meta['bank_id']!r}")
     return bank

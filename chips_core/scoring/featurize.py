@@ -38,9 +38,14 @@ from .sketch import RankOneSketch, SketchConfig
 class BankConfig:
     size: int = 1024  # K: number of reference pairs every pair is scored against (§2)
     seed: int = 0  # seed of the draw of bank pairs from the pool
+    # (ours, optional §2) bank members that are not true negatives of a pair, masked like the pair itself:
+    mask_same_caption: bool = False  # members whose caption is the pair's (equal text-tower features)
+    mask_image_cosine: float | None = None  # members whose image embedding has cosine >= this with the pair's
 
     def __post_init__(self):
         check(isinstance(self.size, int) and self.size >= 1, "BankConfig", "size", self.size, "an int >= 1")
+        check(self.mask_image_cosine is None or 0 < self.mask_image_cosine <= 1, "BankConfig", "mask_image_cosine",
+              self.mask_image_cosine, "None or in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -91,11 +96,22 @@ class ReferenceBank:
     h_t: torch.Tensor  # (K, d_t[+1]) float32
     model_checksum: str
     seed: int
+    mask_same_caption: bool = False  # see BankConfig: which members are not negatives of a pair
+    mask_image_cosine: float | None = None
+
+    @property
+    def masking(self) -> dict:
+        """The masking rules beyond the pair itself (empty: the paper's bank)."""
+        rules = {"same_caption": self.mask_same_caption, "image_cosine": self.mask_image_cosine}
+        return {k: v for k, v in rules.items() if v}
 
     @property
     def bank_id(self) -> str:
+        """Hash of model, seed, members and masking rules: features under other rules never mix (§8)."""
         h = hashlib.sha256(f"{self.model_checksum}|{self.seed}|".encode())
         h.update("\x1f".join(self.pair_ids).encode())
+        if self.masking:  # the paper's bank keeps the id it always had
+            h.update(f"|mask={sorted(self.masking.items())}".encode())
         return h.hexdigest()[:16]
 
     def __len__(self) -> int:
@@ -108,11 +124,12 @@ class ReferenceBank:
 
     @classmethod
     def from_pairs(cls, endpoint: EndpointModel, images, texts, pair_ids: Sequence[str], *,
-                   model_checksum: str, seed: int, micro_batch: int = 64) -> "ReferenceBank":
+                   model_checksum: str, seed: int, micro_batch: int = 64, mask_same_caption: bool = False,
+                   mask_image_cosine: float | None = None) -> "ReferenceBank":
         if len(pair_ids) < 2:
             raise ValueError(f"a reference bank needs at least 2 pairs, got {len(pair_ids)}")
         hv, ht = forward_pre(endpoint, images, texts, micro_batch)
-        return cls(list(pair_ids), hv.cpu(), ht.cpu(), model_checksum, seed)
+        return cls(list(pair_ids), hv.cpu(), ht.cpu(), model_checksum, seed, mask_same_caption, mask_image_cosine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +152,12 @@ class Embedded:
     uyt: torch.Tensor  # (B, k) U_t y
     vhv: torch.Tensor  # (B, k) V_v h_v
     vht: torch.Tensor  # (B, k) V_t h_t
+
+
+def _row_keys(h: torch.Tensor) -> list[bytes]:
+    """The bytes of each row: equal keys mean bit-equal features (micro-batching makes them so, §2)."""
+    rows = h.detach().to("cpu").contiguous().numpy()
+    return [r.tobytes() for r in rows]
 
 
 def _check_finite(pair_ids, h_v, h_t, nv, nt) -> None:
@@ -165,6 +188,10 @@ class ScoringContext:
         self.k = sketch.k
         self.identity = FeatureIdentity(bank.model_checksum, bank.bank_id, sketch.seed, sketch.k)
         self.bank = self.embed(bank.h_v, bank.h_t, bank.pair_ids)
+        self.bank_rules = bank
+        self.bank_caption_rows: dict[bytes, list[int]] = {}
+        for j, key in enumerate(_row_keys(self.bank.h_t)):
+            self.bank_caption_rows.setdefault(key, []).append(j)
         self.bank_index = {pid: j for j, pid in enumerate(bank.pair_ids)}
         self.bank_uxv_vhv = self.bank.uxv * self.bank.vhv  # (K, k)
         self.bank_uyt_vht = self.bank.uyt * self.bank.vht  # (K, k)
@@ -193,20 +220,27 @@ class ScoringContext:
         return Embedded(list(pair_ids), h_v, h_t, x, y, nv, nt,
                         x @ U_v.t(), y @ U_v.t(), x @ U_t.t(), y @ U_t.t(), h_v @ V_v.t(), h_t @ V_t.t())
 
-    def bank_mask(self, pair_ids) -> torch.Tensor:
-        """(B, K) True where pair i *is* bank pair b: it is masked out of its own negatives."""
-        mask = torch.zeros(len(pair_ids), len(self.bank_index), dtype=torch.bool)
-        for i, pid in enumerate(pair_ids):
+    def bank_mask(self, emb: Embedded) -> torch.Tensor:
+        """(B, K) True where bank pair b is not a negative of pair i: pair i itself (it is masked out of its
+        own negatives) and, if the bank says so, members with its caption or a near-duplicate image."""
+        mask = torch.zeros(len(emb.pair_ids), len(self.bank_index), dtype=torch.bool)
+        for i, pid in enumerate(emb.pair_ids):
             j = self.bank_index.get(pid)
             if j is not None:
                 mask[i, j] = True
-        return mask.to(self.device)
+        if self.bank_rules.mask_same_caption:  # equal text-tower features, byte for byte: the same caption (§2)
+            for i, key in enumerate(_row_keys(emb.h_t)):
+                mask[i, self.bank_caption_rows.get(key, [])] = True
+        mask = mask.to(self.device)
+        if self.bank_rules.mask_image_cosine is not None:
+            mask |= (emb.x @ self.bank.x.t()) >= self.bank_rules.mask_image_cosine
+        return mask
 
     def bank_logits(self, emb: Embedded):
         """Cosines against the bank, ``C_it[i,b] = x_i·y_b``, ``C_ti[i,b] = x_b·y_i``, and the mask."""
         C_it = emb.x @ self.bank.y.t()
         C_ti = emb.y @ self.bank.x.t()
-        return C_it, C_ti, self.bank_mask(emb.pair_ids)
+        return C_it, C_ti, self.bank_mask(emb)
 
 
 def sample_features(ctx: ScoringContext, emb: Embedded) -> dict[str, torch.Tensor]:

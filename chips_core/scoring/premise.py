@@ -171,6 +171,6 @@ def premise_checks(eval_features: FeatureBatch, eval_loss: float, pool_features:
               ADVICE["cold"]),
         Check("mean_pairwise_cosine", cosine, f"< {c.max_mean_cosine}", cosine < c.max_mean_cosine, ADVICE["cold"]),
         Check("w_learn_spread", spread, f">= {c.min_w_learn_spread}", spread >= c.min_w_learn_spread, ADVICE["flat"]),
-        Check("endpoint_vs_full_spearman", endpoint_spearman, f">= {c.min_endpoint_spearman}", sp_ok,
-              ADVICE["endpoint"]),
+        Check("endpoint_vs_full_spearman", endpoint_spearman, f">= {c.min_endpoint_spearman}"
+              + (" (measured by `chips check`)" if endpoint_spearman is None else ""), sp_ok, ADVICE["endpoint"]),
     ))

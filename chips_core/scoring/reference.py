@@ -51,8 +51,15 @@ def _flat(*grads) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-def _mask(bank: ReferenceBank, pid) -> torch.Tensor:
-    return torch.tensor([b == pid for b in bank.pair_ids], dtype=torch.bool)
+def _mask(bank: ReferenceBank, pid, ht, x, xb) -> torch.Tensor:
+    """``(K,)`` bank members that are not negatives of one pair, one comparison at a time: the pair itself,
+    and as the bank says, members with its caption (equal text features) or a near-duplicate image."""
+    same_caption = [bank.mask_same_caption and bool(torch.equal(bank.h_t[j].double(), ht.double()))
+                    for j in range(len(bank))]
+    near_image = [bank.mask_image_cosine is not None and float(xb[j] @ x) >= bank.mask_image_cosine
+                  for j in range(len(bank))]
+    return torch.tensor([b == pid or c or n for b, c, n in zip(bank.pair_ids, same_caption, near_image)],
+                        dtype=torch.bool)
 
 
 def autograd_sample_gradients(endpoint: EndpointModel, h_v, h_t, pair_ids, bank: ReferenceBank) -> torch.Tensor:
@@ -60,9 +67,11 @@ def autograd_sample_gradients(endpoint: EndpointModel, h_v, h_t, pair_ids, bank:
     W_v, W_t, t = _params(endpoint)
     hv, ht = h_v.double().cpu(), h_t.double().cpu()
     hvb, htb = bank.h_v.double(), bank.h_t.double()
+    with torch.no_grad():
+        x, xb = _embed(W_v.detach(), hv), _embed(W_v.detach(), hvb)
     out = []
     for i, pid in enumerate(pair_ids):
-        loss = _per_sample_loss(W_v, W_t, t, hv[i], ht[i], hvb, htb, _mask(bank, pid))
+        loss = _per_sample_loss(W_v, W_t, t, hv[i], ht[i], hvb, htb, _mask(bank, pid, ht[i], x[i], xb))
         out.append(_flat(*torch.autograd.grad(loss, (W_v, W_t, t))))
     return torch.stack(out)
 
@@ -93,7 +102,7 @@ def closed_form_sample_gradients(endpoint: EndpointModel, h_v, h_t, pair_ids, ba
         for i, pid in enumerate(pair_ids):
             hv, ht = h_v[i].double()[None], h_t[i].double()[None]
             x, y = _embed(W_v, hv)[0], _embed(W_t, ht)[0]
-            m = _mask(bank, pid)
+            m = _mask(bank, pid, ht[0], x, xb)
             P = (torch.cat([(x * y).sum()[None], (yb @ x).masked_fill(m, -math.inf)]) * s).softmax(0)
             Q = (torch.cat([(x * y).sum()[None], (xb @ y).masked_fill(m, -math.inf)]) * s).softmax(0)
             P[0] -= 1
@@ -120,7 +129,7 @@ def _stats(endpoint, h_v, h_t, pair_ids, bank):
         s = t.exp()
         x, y = _embed(W_v, h_v.double().cpu()), _embed(W_t, h_t.double().cpu())
         xb, yb = _embed(W_v, bank.h_v.double()), _embed(W_t, bank.h_t.double())
-        mask = torch.stack([_mask(bank, p) for p in pair_ids])
+        mask = torch.stack([_mask(bank, p, h_t[i], x[i], xb) for i, p in enumerate(pair_ids)])
         c = (x * y).sum(1)
         C_it = (x @ yb.t()).masked_fill(mask, -math.inf)
         C_ti = (y @ xb.t()).masked_fill(mask, -math.inf)
@@ -164,7 +173,7 @@ def reference_curvature(endpoint, h_v, h_t, pair_ids, bank: ReferenceBank, proje
             sp = project.project_flat(dense_jacobians(W_v, W_t, t, hv, ht))
             pos += sp.t() @ sp
             m_ = min(m, len(bank))
-            mask = _mask(bank, pid)
+            mask = _mask(bank, pid, ht[0], x, xb)
             for cos, pair_of in (((yb @ x), lambda j: (hv.expand(len(j), -1), htb[j])),
                                  ((xb @ y), lambda j: (hvb[j], ht.expand(len(j), -1)))):
                 top, j = cos.masked_fill(mask, -math.inf).topk(m_)

@@ -23,7 +23,8 @@ def build_bank(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, pool_ids: lis
     bank_ids = ReferenceBank.draw_ids(pool_ids, cfg.bank)
     return ReferenceBank.from_pairs(EndpointModel(loaded.model), *load_pairs(wh, bank_ids, loaded), bank_ids,
                                     model_checksum=loaded.checksum, seed=cfg.bank.seed,
-                                    micro_batch=cfg.featurize.micro_batch)
+                                    micro_batch=cfg.featurize.micro_batch, mask_same_caption=cfg.bank.mask_same_caption,
+                                    mask_image_cosine=cfg.bank.mask_image_cosine)
 
 
 def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str) -> tuple[list[str], list[list[str]]]:

@@ -139,3 +139,44 @@ def test_endpoint_math_matches_the_model_itself(tiny_resnet, pairs, eval_pairs):
         np.testing.assert_allclose(closed.numpy(), via_model, rtol=1e-6, atol=1e-9)
     finally:
         model.float()
+
+
+def test_bank_masking_of_same_captions_and_near_duplicate_images_matches_the_references(pairs, tiny_vit):
+    """§2 (ours, optional): with the masking rules on, bank members with the pair's caption or a near-duplicate
+    image leave its negatives; the fast path equals float64 autograd and the dense references under them."""
+    from chips_core.errors import IncompatibleFeaturesError
+    from chips_core.scoring.featurize import FeatureBatch, ReferenceBank
+
+    images, texts, ids = pairs
+    ep = EndpointModel(tiny_vit)
+    plain = make_bank(tiny_vit, pairs, size=32)
+    bank = ReferenceBank(plain.pair_ids, plain.h_v, plain.h_t, plain.model_checksum, plain.seed,
+                         mask_same_caption=True, mask_image_cosine=0.999)
+    assert plain.masking == {} and bank.masking == {"same_caption": True, "image_cosine": 0.999}
+    assert bank.bank_id != plain.bank_id  # features under other rules are other features (§8)
+    hv, ht = ep.encode_pre(images[:48], texts[:48])
+    feat = Featurizer(ep, bank, SketchConfig(k=128, seed=2), FeaturizeConfig(micro_batch=16), dtype=torch.float64)
+    emb = feat.ctx.embed(hv[:16], ht[:16], ids[:16])
+    mask = feat.ctx.bank_mask(emb)
+    by_id = sum(p in bank.pair_ids for p in ids[:16])
+    assert int(mask.sum()) > by_id, "the templated captions must give some same-caption members"
+    fast = sample_features(feat.ctx, emb)
+    ref = feat.ctx.sketch.project_flat(autograd_sample_gradients(ep, hv[:16], ht[:16], ids[:16], bank))
+    torch.testing.assert_close(fast["g"], ref, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(closed_form_sample_gradients(ep, hv[:16], ht[:16], ids[:16], bank),
+                               autograd_sample_gradients(ep, hv[:16], ht[:16], ids[:16], bank), rtol=1e-10, atol=1e-12)
+    rf = reference_features(ep, hv[:16], ht[:16], ids[:16], bank, feat.ctx.sketch, feat.identity)
+    for name in ("p_corr", "margin", "loss"):
+        np.testing.assert_allclose(fast[name].numpy(), getattr(rf, name), rtol=1e-10, atol=1e-12, err_msg=name)
+    plain_ctx = Featurizer(ep, plain, SketchConfig(k=128, seed=2), dtype=torch.float64).ctx
+    unmasked = sample_features(plain_ctx, plain_ctx.embed(hv[:16], ht[:16], ids[:16]))
+    assert (fast["p_corr"] >= unmasked["p_corr"] - 1e-12).all() and (fast["p_corr"] > unmasked["p_corr"]).any()
+    cfg = CurvatureConfig(hard_negatives=4)
+    curv = curvature_stats_pre(feat.ctx, hv[:24], ht[:24], ids[:24], cfg, micro_batch=8)
+    ref_curv = reference_curvature(ep, hv[:24], ht[:24], ids[:24], bank, feat.ctx.sketch, 4, feat.identity)
+    for name in ("phi_pos", "phi_neg", "fisher"):
+        np.testing.assert_allclose(getattr(curv, name), getattr(ref_curv, name), rtol=1e-8, atol=1e-12, err_msg=name)
+    a = Featurizer(ep, bank).featurize(images[:8], texts[:8], ids[:8])
+    b = Featurizer(ep, plain).featurize(images[8:16], texts[8:16], ids[8:16])
+    with pytest.raises(IncompatibleFeaturesError, match="bank_id"):
+        FeatureBatch.concat([a, b])
