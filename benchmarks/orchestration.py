@@ -73,7 +73,7 @@ def main() -> None:
              "| measurement | value |", "| --- | --- |",
              f"| `chips demo` end to end, cold (trains the demo CLIP, starts a temporary Prefect API) | {cold:.1f} s |",
              f"| `chips demo` end to end, warm (cached model) | {warm:.1f} s |",
-             f"| featurize {pool} pairs, 8 shards, Dask LocalCluster 1 worker (cluster start included) | {dask[1]:.1f} s |",
+             f"| featurize {pool} pairs, {-(-pool // 250)} shards, Dask LocalCluster 1 worker (cluster start included) | {dask[1]:.1f} s |",
              f"| same, 2 workers | {dask[2]:.1f} s |",
              f"| scaling 1 -> 2 workers | {dask[1] / dask[2]:.2f}x |",
              f"| featurize {pool} pairs in {n_shards} shards, library call (no Prefect) | {t_lib:.1f} s |",

@@ -54,7 +54,7 @@ from chips_core.scoring.featurize import BankConfig  # noqa: E402
 from chips_core.scoring.score import METHODS, ScoreConfig  # noqa: E402
 from chips_core.scoring.sketch import SketchConfig  # noqa: E402
 from chips_core.scoring.target import CurvatureConfig  # noqa: E402
-from chips_core.stages import (cpt_stage, eval_stage, featurize_stage, ingest_stage,  # noqa: E402
+from chips_core.stages import (check_stage, cpt_stage, eval_stage, featurize_stage, ingest_stage,  # noqa: E402
                                materialize_stage, score_stage)
 from chips_core.stages.runconfig import OutputConfig, RunConfig  # noqa: E402
 from chips_core.train.cpt import CPTConfig, TensorPairs, train_cpt  # noqa: E402
@@ -200,6 +200,16 @@ class Bench:
             f"{self.state[key]['quarantined']} quarantined; {len(index)} pool pairs")
         return self.state[key]
 
+    def premise(self, name: str, loaded: LoadedModel) -> dict:
+        """The product's premise check (``chips check``) for the general model on this target, once."""
+        key = f"premise:{name}"
+        if key not in self.state:
+            cfg = self.run_config(name, 0)
+            self.state[key] = check_stage(cfg, Warehouse(cfg.warehouse), loaded)
+            self.save_state()
+        log(f"{name}: {self.state[key]['verdict']}")
+        return self.state[key]
+
     def featurize(self, name: str, loaded: LoadedModel, seed: int, k: int) -> str:
         key = f"featurize:{name}:{seed}:{k}"
         if key not in self.state:
@@ -282,6 +292,7 @@ class Bench:
                                     *self.suites]
         self.ingest(name)
         loaded = load_model(self.run_config(name, 0).model)
+        self.premise(name, loaded)
         all_idx = sorted(self.index[name].values())
         if f"{name}:none" not in self.done:  # the general model itself: the retention reference
             cfg = self.run_config(name, 0)
@@ -368,6 +379,15 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
          "Differences smaller than the seed std are not evidence either way.", ""]
     for statement, ok, ev, per in rep.hypotheses(rows, targets, p["budgets"]):
         L += [f"- {statement}: {rep.verdict_line(per)}.  ", f"  {ev or '—'}"]
+    L += ["", "## Premise check (`chips check`) of the general model", "",
+          "Whether the model knows each target well enough for gradient-based selection to mean something "
+          "(chips_core/scoring/premise.py); measured before any selection.", ""]
+    for name in targets:
+        pc_ = bench.state.get(f"premise:{name}")
+        L += [f"- {name}: " + (pc_["verdict"] if pc_ else "not measured (run predates the check)") + "  "]
+        if pc_:
+            L += ["  " + ", ".join(f"{c['name']} {'n/a' if c['value'] is None else format(c['value'], '.3g')}"
+                                   + {True: " ✓", False: " ✗", None: ""}[c["passed"]] for c in pc_["checks"])]
     L += ["", f"![target metric vs budget]({rel}/budget_curves.png)", "", "## Observations (computed from the rows)", ""]
     L += _observations(rows, targets, p["budgets"], agg) + [""]
     for t in targets:
