@@ -40,19 +40,27 @@ def _import_gx():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
+    # GX sets some of its own loggers to INFO ("Created temporary directory ..." for every context)
+    for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "great_expectations"]:
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     return gx
+
+
+def _quiet(ctx):
+    """No "Calculating Metrics" progress bars from a GX context (they would fill the CLI's output)."""
+    try:
+        ctx.variables.progress_bars = {"globally": False, "metric_calculations": False}
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    return ctx
 
 
 @lru_cache(maxsize=None)
 def _gx():
     """One ephemeral GX context and pandas asset per process (GX is slow to set up)."""
     gx = _import_gx()
-    ctx = gx.get_context(mode="ephemeral")
-    try:
-        ctx.variables.progress_bars = {"globally": False}
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
+    ctx = _quiet(gx.get_context(mode="ephemeral"))
     ds = ctx.data_sources.add_pandas("chips")
     asset = ds.add_dataframe_asset("frame")
     return ctx, asset.add_batch_definition_whole_dataframe("whole")
@@ -220,7 +228,7 @@ def _docs_checkpoints(docs_dir: str):
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.core.expectation_suite import ExpectationSuite
 
-    ctx = gx.get_context(mode="ephemeral")
+    ctx = _quiet(gx.get_context(mode="ephemeral"))
     ctx.add_data_docs_site(site_name="chips", site_config={
         "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": docs_dir}})
