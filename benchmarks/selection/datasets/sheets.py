@@ -1,0 +1,167 @@
+"""Target for benchmark v2 (issue 10): Fashion-MNIST *catalogue sheets* with grounded, diverse captions.
+
+Each image is a 2×2 sheet of four Fashion-MNIST items, each tinted one of :data:`TINTS` and drawn
+small or large in its cell. The caption names every item with its position and its attributes,
+all of which are true of the pixels ("top left: a small red sneaker; top right: ..."), so there
+are ~10⁸ possible captions, an anchor almost never meets a same-meaning negative in a batch, and
+retrieval R@k measures whether the model reads the sheet.
+
+The pool's noise is realistic and stated (:data:`SHEET_NOISE`): swapped captions (another sheet's),
+partly wrong captions (one item's class or tint changed), near-duplicates (a jittered copy of a
+clean sheet, same caption) and off-domain pairs (the general set). ``warm`` holds sheets from a
+split disjoint from pool, eval and test with *coarse* captions (the four classes, no positions
+or tints): mixed into pre-training at a few percent, they give the base model the coarse knowledge
+of the domain a web-pretrained CLIP has (the premise of gradient-based selection).
+
+Splits: pool, eval set and warm-up sheets are built from disjoint parts of the 60k train split;
+the test sheets from the 10k test split. Everything depends only on ``seed``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .common import PairSet, Suite, Target, _concat, _fractions, _jitter, _numbered_keys, _off_domain, _rng
+from .fashion import _fashion_raw
+from .templates import FASHION_CLASSES, FASHION_NOUNS
+
+TINTS = {"red": (1.0, 0.25, 0.2), "green": (0.25, 0.9, 0.3), "blue": (0.3, 0.45, 1.0), "yellow": (1.0, 0.9, 0.2),
+         "grey": (0.75, 0.75, 0.75), "purple": (0.7, 0.3, 0.9)}
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+SHEET_NOISE = {"swapped": 0.10, "partly_wrong": 0.10, "near_duplicate": 0.10, "off_domain": 0.20}
+
+
+def _noise_counts(pool_size: int) -> dict:
+    n = {k: int(round(v * pool_size)) for k, v in SHEET_NOISE.items()}
+    n["clean"] = pool_size - sum(n.values())
+    return n
+
+
+def _draw_items(idx_pool: np.ndarray, n: int, rng) -> dict:
+    """``n`` sheets' items: Fashion-MNIST indices (each used once), tints and sizes, shape (n, 4)."""
+    if 4 * n > len(idx_pool):
+        raise ValueError(f"{n} sheets need {4 * n} items; the split has {len(idx_pool)}")
+    return {"item": rng.permutation(idx_pool)[:4 * n].reshape(n, 4), "tint": rng.integers(len(TINTS), size=(n, 4)),
+            "size": rng.integers(len(SIZES), size=(n, 4)), "noun": rng.integers(12, size=(n, 4))}  # synonym choice
+
+
+def _render(items: dict, x: np.ndarray, res: int) -> np.ndarray:
+    """(n, res, res, 3) uint8 sheets: item j of a sheet in cell j, tinted, full cell (large) or 3/4 (small)."""
+    n, cell = len(items["item"]), res // 2
+    out = np.zeros((n, res, res, 3), np.float32)
+    tints = np.array(list(TINTS.values()), np.float32)
+    for j in range(4):
+        r0, c0 = (j // 2) * cell, (j % 2) * cell
+        g = x[items["item"][:, j]].astype(np.float32) / 255.0  # (n, cell, cell) gray, black background
+        for s in (0, 1):
+            sel = items["size"][:, j] == s
+            if not sel.any():
+                continue
+            patch = g[sel]
+            if s == 0:  # small: the item shrunk to 3/4 of the cell, centred
+                k = (cell * 3) // 4
+                idx = np.linspace(0, cell - 1, k).round().astype(int)
+                shrunk = np.zeros_like(patch)
+                off = (cell - k) // 2
+                shrunk[:, off:off + k, off:off + k] = patch[:, idx][:, :, idx]
+                patch = shrunk
+            rgb = patch[..., None] * tints[items["tint"][sel, j]][:, None, None, :]
+            out[sel, r0:r0 + cell, c0:c0 + cell] = rgb
+    return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+
+
+def _noun(c: int, choice: int) -> str:
+    noun = FASHION_NOUNS[c][choice % len(FASHION_NOUNS[c])]
+    return "pair of trousers" if noun == "trousers" else noun  # "a large red trousers" is not English
+
+
+def _caption(cls: np.ndarray, tint: np.ndarray, size: np.ndarray, noun: np.ndarray) -> str:
+    """``"top left: a small red sneaker; top right: ..."``: every word true of the sheet's pixels."""
+    names = list(TINTS)
+    return "; ".join(f"{POSITIONS[j]}: a {SIZES[size[j]]} {names[tint[j]]} {_noun(cls[j], noun[j])}" for j in range(4))
+
+
+def _coarse_caption(cls: np.ndarray, rng) -> str:
+    nouns = [FASHION_NOUNS[c][0] for c in rng.permutation(cls)]
+    return "a catalogue sheet with " + ", ".join(nouns[:-1]) + " and " + nouns[-1]
+
+
+def _sheets(x, y, idx_pool, n, seed, tag, res, coarse=False) -> tuple[PairSet, dict]:
+    items = _draw_items(idx_pool, n, _rng(seed, "sheets", tag))
+    cls = y[items["item"]]
+    rc = _rng(seed, "sheets", tag, "captions")
+    caps = [_coarse_caption(cls[i], rc) if coarse else
+            _caption(cls[i], items["tint"][i], items["size"][i], items["noun"][i]) for i in range(n)]
+    ps = PairSet(images=_render(items, x, res), captions=caps, labels=np.full(n, -1), classnames=[],
+                 source=np.full(n, "fashion_sheets"), kind=np.full(n, "clean"),
+                 keys=np.array([f"fashion_sheets/{tag}/{i:06d}" for i in range(n)]))
+    return ps, {**items, "cls": cls}
+
+
+def _partly_wrong(cls, tint, size, noun, rng) -> str:
+    """The sheet's caption with one item's class or tint changed (everything else word for word)."""
+    cls, tint = cls.copy(), tint.copy()
+    j = rng.integers(4)
+    if rng.random() < 0.5:
+        cls[j] = (cls[j] + 1 + rng.integers(len(FASHION_CLASSES) - 1)) % len(FASHION_CLASSES)
+    else:
+        tint[j] = (tint[j] + 1 + rng.integers(len(TINTS) - 1)) % len(TINTS)
+    return _caption(cls, tint, size, noun)
+
+
+def load_fashion_sheets(general: PairSet, res: int = 32, seed: int = 0, pool_size: int = 8000, eval_size: int = 300,
+                        test_size: int = 1000, warm_size: int = 400) -> Target:
+    """Target sheets from Fashion-MNIST (Debian ``dataset-fashion-mnist``): see :func:`make_sheets`."""
+    raw = _fashion_raw(res // 2)
+    return make_sheets(*raw["train"], *raw["test"], general, res, seed, pool_size, eval_size, test_size, warm_size)
+
+
+def make_sheets(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, general: PairSet, res: int = 32,
+                seed: int = 0, pool_size: int = 8000, eval_size: int = 300, test_size: int = 1000,
+                warm_size: int = 400) -> Target:
+    """Sheets of ``(res/2)``-pixel gray items ``x`` with class labels ``y``: a noisy pool (:data:`SHEET_NOISE`),
+    a clean eval set, a test suite (retrieval) and, in ``recipe["warm"]``, coarse-captioned warm-up sheets for
+    the base model's pre-training mix. ``recipe["truth"]`` maps each pool sheet's key to its true caption."""
+    cnt = _noise_counts(pool_size)
+    n_pool_sheets = cnt["clean"] + cnt["swapped"] + cnt["partly_wrong"]
+    parts = np.array_split(_rng(seed, "sheets", "split").permutation(len(ytr)),
+                           np.cumsum([4 * n_pool_sheets, 4 * eval_size, 4 * warm_size]))
+    pool_base, meta = _sheets(xtr, ytr, parts[0], n_pool_sheets, seed, "pool", res)
+    eval_set, eval_meta = _sheets(xtr, ytr, parts[1], eval_size, seed, "eval", res)
+    warm, warm_meta = _sheets(xtr, ytr, parts[2], warm_size, seed, "warm", res, coarse=True)
+    test, _ = _sheets(xte, yte, np.arange(len(yte)), test_size, seed, "test", res)
+
+    order = _rng(seed, "sheets", "noise").permutation(n_pool_sheets)
+    swapped = np.sort(order[cnt["clean"]:cnt["clean"] + cnt["swapped"]])
+    wrong = np.sort(order[cnt["clean"] + cnt["swapped"]:])
+    truth = dict(zip(pool_base.keys.tolist(), pool_base.captions))
+    caps, kind = list(pool_base.captions), pool_base.kind.astype("<U16")
+    cycle = _rng(seed, "sheets", "swap").permutation(swapped)  # each takes the next one's caption: no fixed point
+    for a, b in zip(cycle, np.roll(cycle, 1)):
+        caps[a] = pool_base.captions[b]
+    kind[swapped] = "mismatched"
+    rw = _rng(seed, "sheets", "wrong")
+    for i in wrong:
+        caps[i] = _partly_wrong(meta["cls"][i], meta["tint"][i], meta["size"][i], meta["noun"][i], rw)
+    kind[wrong] = "partly_wrong"
+    pool_base.captions, pool_base.kind = caps, kind
+    clean = np.flatnonzero(kind == "clean")
+    r = _rng(seed, "sheets", "dup")
+    dup = pool_base.subset(r.choice(clean, cnt["near_duplicate"], replace=cnt["near_duplicate"] > len(clean)))
+    dup.images, dup.kind = _jitter(dup.images, r), np.full(len(dup), "near_duplicate")
+    dup.keys = _numbered_keys(dup.keys, "dup")
+    off = _off_domain(general, cnt["off_domain"], res, _rng(seed, "sheets", "off"), "offdomain-sheets")
+    pool = _concat([p for p in (pool_base, dup, off) if p is not None])
+    pool = pool.subset(_rng(seed, "sheets", "order").permutation(len(pool)))
+    recipe = {"seed": seed, "res": res, "items_per_sheet": 4, "tints": list(TINTS), "sizes": list(SIZES),
+              "positions": list(POSITIONS), "noise": dict(SHEET_NOISE), "pool_counts": cnt,
+              "pool_fractions": _fractions(pool), "pool_size": len(pool), "eval_size": len(eval_set),
+              "test_size": len(test), "warm_size": len(warm), "warm": warm, "truth": truth,
+              "train_items": {"pool": meta["item"], "eval": eval_meta["item"], "warm": warm_meta["item"]},
+              "distinct_pool_captions": len(set(pool.captions)),
+              "splits": "pool, eval and warm-up sheets from disjoint parts of the 60k train split; test from t10k",
+              "swapped": "the caption of another swapped sheet (a derangement)",
+              "partly_wrong": "the sheet's own caption with one item's class or tint changed",
+              "near_duplicate": "a jittered copy of a clean pool sheet with its caption",
+              "off_domain": "random pairs of the general training set"}
+    return Target(name="sheets", pool=pool, eval_set=eval_set, test=Suite("sheets_test", test, []), recipe=recipe)

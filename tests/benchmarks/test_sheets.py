@@ -1,0 +1,54 @@
+"""Benchmark v2's catalogue-sheet builder (benchmarks/selection/datasets/sheets.py) on synthetic items:
+the stated noise fractions, captions true of the sheet (or wrong exactly as stated), distinct captions,
+and disjoint splits. (The real builder feeds it Fashion-MNIST; the properties are the builder's.)"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "selection"))
+from datasets import SHEET_NOISE, PairSet, make_sheets  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def target():
+    rng = np.random.default_rng(0)
+    n_tr, n_te = 12000, 2000
+    xtr, xte = (rng.integers(0, 256, (n, 16, 16)).astype(np.uint8) for n in (n_tr, n_te))
+    ytr, yte = rng.integers(0, 10, n_tr), rng.integers(0, 10, n_te)
+    general = PairSet(images=rng.integers(0, 256, (60, 32, 32, 3)).astype(np.uint8),
+                      captions=[f"a drawing number {i}" for i in range(60)], labels=np.full(60, -1), classnames=[],
+                      source=np.full(60, "general"), kind=np.full(60, "clean"),
+                      keys=np.array([f"g{i}" for i in range(60)]))
+    return make_sheets(xtr, ytr, xte, yte, general, pool_size=2000, eval_size=100, test_size=200, warm_size=100)
+
+
+def test_noise_fractions_are_the_stated_ones(target):
+    fr = target.recipe["pool_fractions"]
+    assert fr["mismatched"] == SHEET_NOISE["swapped"] and fr["partly_wrong"] == SHEET_NOISE["partly_wrong"]
+    assert fr["near_duplicate"] == SHEET_NOISE["near_duplicate"] and fr["off_domain"] == SHEET_NOISE["off_domain"]
+    assert len(target.pool) == 2000 and target.pool.images.shape == (2000, 32, 32, 3)
+
+
+def test_captions_are_true_or_wrong_exactly_as_stated(target):
+    truth, pool = target.recipe["truth"], target.pool
+    for key, cap, kind in zip(pool.keys, pool.captions, pool.kind):
+        own = truth.get(str(key).split("#dup")[0])
+        if kind in ("clean", "near_duplicate"):
+            assert cap == own
+        elif kind == "mismatched":  # another sheet's true caption, never its own
+            assert cap != own and cap in set(truth.values())
+        elif kind == "partly_wrong":  # one item's clause differs, the other three are word for word
+            diff = [a != b for a, b in zip(cap.split("; "), own.split("; "))]
+            assert sum(diff) == 1, (cap, own)
+
+
+def test_captions_are_distinct_and_splits_disjoint(target):
+    sheets = [c for c, k in zip(target.pool.captions, target.pool.kind) if k in ("clean", "mismatched", "partly_wrong")]
+    assert len(set(sheets)) >= 0.99 * len(sheets)  # ~10^8 possible captions: an anchor meets no same-meaning negative
+    assert all(c.startswith("a catalogue sheet with ") for c in target.recipe["warm"].captions)  # coarse only
+    items = {k: set(v.ravel().tolist()) for k, v in target.recipe["train_items"].items()}
+    assert not (items["pool"] & items["eval"]) and not (items["pool"] & items["warm"])
+    assert not (items["eval"] & items["warm"])
+    assert len(items["pool"]) == 4 * 1400 and len(items["eval"]) == 4 * 100  # every item used once
