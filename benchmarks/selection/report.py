@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import rankdata
 
 BASELINES = ("random", "clipscore", "dot", "trak")
 ABLATIONS = ("chips_align", "chips_align_learn", "chips")
@@ -235,3 +236,27 @@ def retention_table(rows, target: str, budgets) -> str:
 
 def fmt_seconds(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def auc(pos, neg) -> float:
+    """P(a random ``pos`` score > a random ``neg`` score), ties half (Mann-Whitney U / (n_pos n_neg))."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    ranks = rankdata(np.concatenate([pos, neg]))
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def noise_auc_table(per_target: dict[str, list[dict]], methods) -> str:
+    """Markdown: one row per method, one column per target, mean ± std of the per-seed AUCs."""
+    targets = [t for t, runs in per_target.items() if runs]
+    if not targets:
+        return "(not measured)"
+    lines = ["| method | " + " | ".join(targets) + " |", "| --- |" + " --- |" * len(targets)]
+    for m in methods:
+        cells = []
+        for t in targets:
+            v = np.array([run[m] for run in per_target[t] if m in run])
+            cells.append(f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -303,6 +303,7 @@ class Bench:
                    "metrics": _metrics(e["metrics"])}
             self.record(row)
         for seed in self.p["seeds"]:
+            self.noise_auc(name, loaded, seed)
             keys = [f"{name}:main:{m}:{b}:{seed}" for m in METHODS for b in self.p["budgets"]]
             if all(k in self.done for k in keys + [f"{name}:main:full:1.0:{seed}"]):
                 continue  # resumed: this seed's selection and training are already in results.jsonl
@@ -325,6 +326,21 @@ class Bench:
                 (sid, idx), = self.select(name, loaded, seed, budgets=[0.2], methods=["chips"], **kw).values()
                 meta = {"target": name, "variant": variant, "method": "chips", "budget": 0.2, "seed": seed}
                 self.train_and_eval(name, key, meta, idx, sid, seed)
+
+    def noise_auc(self, name: str, loaded: LoadedModel, seed: int) -> dict:
+        """Per method, the probability that a clean in-domain pair outscores a mismatched one (Mann-Whitney
+        AUC over the whole scored pool; 0.5 = blind to caption noise), from a score run of the main config."""
+        key = f"noise_auc:{name}:{seed}"
+        if key not in self.state:
+            cfg = self.run_config(name, seed)
+            wh = Warehouse(cfg.warehouse)
+            score = score_stage(cfg, wh, loaded, self.featurize(name, loaded, seed, DEFAULT_K))
+            st = wh.read("scores", filter=pc.field("run_id") == score["run_id"])
+            kinds = self.targets[name].pool.kind[[self.index[name][p] for p in st.column("pair_id").to_pylist()]]
+            self.state[key] = {m: rep.auc(st.column(m).to_numpy()[kinds == "clean"],
+                                          st.column(m).to_numpy()[kinds == "mismatched"]) for m in METHODS}
+            self.save_state()
+        return self.state[key]
 
     def diagnostics(self, name: str) -> None:
         """Oracle subsets (they read the ground-truth kind of each pool pair, which no user has): random
@@ -388,6 +404,11 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
         if pc_:
             L += ["  " + ", ".join(f"{c['name']} {'n/a' if c['value'] is None else format(c['value'], '.3g')}"
                                    + {True: " ✓", False: " ✗", None: ""}[c["passed"]] for c in pc_["checks"])]
+    L += ["", "## Noise AUC: does a method rank clean captions above mismatched ones?", "",
+          "Mann-Whitney AUC of each method's score, clean vs mismatched in-domain pairs of the whole scored pool "
+          "(0.5: blind to caption noise; mean ± std over seeds).", "",
+          rep.noise_auc_table({t_: [bench.state[k] for k in sorted(bench.state) if k.startswith(f"noise_auc:{t_}:")]
+                               for t_ in targets}, METHODS), ""]
     L += ["", f"![target metric vs budget]({rel}/budget_curves.png)", "", "## Observations (computed from the rows)", ""]
     L += _observations(rows, targets, p["budgets"], agg) + [""]
     for t in targets:

@@ -3,6 +3,7 @@ on hand-made rows where each claim is known to hold or not."""
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
@@ -68,3 +69,16 @@ def test_verdicts_are_given_per_target():
     res = {s[:3]: (ok, per) for s, ok, _, per in rep.hypotheses(rows, ["fashion", "medical"], BUDGETS)}
     assert res["(1)"] == (False, {"fashion": True, "medical": False})
     assert "fashion: **holds**; medical: **does not hold**" == rep.verdict_line(res["(1)"][1])
+
+
+def test_noise_auc_is_mann_whitney_and_tabulates_per_target():
+    from scipy.stats import mannwhitneyu
+
+    assert rep.auc([2.0, 3.0], [1.0]) == 1.0 and rep.auc([1.0], [2.0, 3.0]) == 0.0
+    assert rep.auc([1.0, 1.0], [1.0]) == 0.5  # ties count half
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.3, 1, 200), rng.normal(0, 1, 150)
+    assert rep.auc(a, b) == pytest.approx(mannwhitneyu(a, b).statistic / (200 * 150))
+    table = rep.noise_auc_table({"fashion": [{"chips": 0.6, "random": 0.5}, {"chips": 0.7, "random": 0.5}],
+                                 "medical": []}, ["chips", "random"])
+    assert table.splitlines()[0] == "| method | fashion |" and "| chips | 0.650 ± 0.071 |" in table
