@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import rankdata
+from scipy.stats import t as t_dist
 
 BASELINES = ("random", "clipscore", "dot", "trak")
 ABLATIONS = ("chips_align", "chips_align_learn", "chips")
@@ -24,11 +25,16 @@ METHOD_ORDER = ("random", "clipscore", "dot", "trak", "chips_align", "chips_alig
 PRIMARY = "zero_shot_top1"
 
 
+def headline(m: dict) -> float:
+    """A suite's headline metric: zero-shot top-1 where the suite has classes, else mean retrieval R@5."""
+    return m[PRIMARY] if PRIMARY in m else 0.5 * (m["image_to_text_R@5"] + m["text_to_image_R@5"])
+
+
 def target_metric(row: dict, metric: str = PRIMARY) -> float:
     m = row["metrics"][f"{row['target']}_test"]
     if metric == "retrieval_R@5":
         return 0.5 * (m["image_to_text_R@5"] + m["text_to_image_R@5"])
-    return m[metric]
+    return headline(m) if metric == PRIMARY else m[metric]
 
 
 def general_score(row: dict) -> float:
@@ -38,7 +44,7 @@ def general_score(row: dict) -> float:
     for suite, m in sorted(row["metrics"].items()):
         if not suite.startswith("general_"):
             continue
-        vals.append(m[PRIMARY] if PRIMARY in m else 0.5 * (m["image_to_text_R@5"] + m["text_to_image_R@5"]))
+        vals.append(headline(m))
     return float(np.mean(vals)) if vals else float("nan")
 
 
@@ -185,7 +191,7 @@ def plots(rows, targets, budgets, out_dir: Path) -> list[str]:
             if (t, m, 1.0 if m == "full" else 0.0) in agg:
                 ax.axhline(100 * agg[(t, m, 1.0 if m == "full" else 0.0)][0], ls=style, color="k",
                            label="full data" if m == "full" else "no CPT")
-        ax.set_title(f"target {t}: held-out zero-shot top-1")
+        ax.set_title(f"target {t}: held-out headline metric")
         ax.set_xlabel("budget (% of pool)")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=.3)
@@ -207,7 +213,7 @@ def plots(rows, targets, budgets, out_dir: Path) -> list[str]:
         if prefix == "k":
             ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("zero-shot top-1 (%)")
+        ax.set_ylabel("zero-shot top-1 / retrieval R@5 (%)")
         ax.set_title(f"CHIPS at 20%: {prefix} sweep")
         ax.grid(alpha=.3)
         ax.legend(fontsize=8)
@@ -260,3 +266,29 @@ def noise_auc_table(per_target: dict[str, list[dict]], methods) -> str:
             cells.append(f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired(rows: list[dict], target: str, method: str, baseline: str, budget: float, metric=target_metric) -> dict:
+    """``method`` minus ``baseline`` per seed (same seed, same budget; any variant), their mean and the 95%
+    t-interval half-width (None with fewer than 2 seeds)."""
+    by = defaultdict(dict)
+    for r in rows:
+        if r["target"] == target and r["budget"] == budget and r["method"] in (method, baseline):
+            by[r["seed"]][r["method"]] = metric(r)
+    d = np.array([v[method] - v[baseline] for v in by.values() if method in v and baseline in v])
+    if len(d) == 0:
+        return {"n": 0, "mean": float("nan"), "half": None, "sd": None}
+    if len(d) < 2:
+        return {"n": 1, "mean": float(d[0]), "half": None, "sd": None}
+    sd = float(d.std(ddof=1))
+    return {"n": len(d), "mean": float(d.mean()), "sd": sd, "half": float(t_dist.ppf(0.975, len(d) - 1) * sd / np.sqrt(len(d)))}
+
+
+def fmt_paired(p: dict) -> str:
+    if p["n"] == 0:
+        return "—"
+    if p["half"] is None:
+        return f"{100 * p['mean']:+.1f} (1 seed)"
+    lo, hi = p["mean"] - p["half"], p["mean"] + p["half"]
+    mark = " ✓" if lo > 0 else (" ✗" if hi < 0 else "")
+    return f"{100 * p['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"

@@ -9,9 +9,10 @@ retrieval R@k measures whether the model reads the sheet.
 The pool's noise is realistic and stated (:data:`SHEET_NOISE`): swapped captions (another sheet's),
 partly wrong captions (one item's class or tint changed), near-duplicates (a jittered copy of a
 clean sheet, same caption) and off-domain pairs (the general set). ``warm`` holds sheets from a
-split disjoint from pool, eval and test with *coarse* captions (the four classes, no positions
-or tints): mixed into pre-training at a few percent, they give the base model the coarse knowledge
-of the domain a web-pretrained CLIP has (the premise of gradient-based selection).
+split disjoint from pool, eval and test with *coarse* captions (the four items and their colours
+in any order; no positions, no sizes): mixed into pre-training at a few percent, they give the
+base model the coarse knowledge of the domain a web-pretrained CLIP has (the premise of
+gradient-based selection).
 
 Splits: pool, eval set and warm-up sheets are built from disjoint parts of the 60k train split;
 the test sheets from the 10k test split. Everything depends only on ``seed``.
@@ -81,16 +82,19 @@ def _caption(cls: np.ndarray, tint: np.ndarray, size: np.ndarray, noun: np.ndarr
     return "; ".join(f"{POSITIONS[j]}: a {SIZES[size[j]]} {names[tint[j]]} {_noun(cls[j], noun[j])}" for j in range(4))
 
 
-def _coarse_caption(cls: np.ndarray, rng) -> str:
-    nouns = [FASHION_NOUNS[c][0] for c in rng.permutation(cls)]
-    return "a catalogue sheet with " + ", ".join(nouns[:-1]) + " and " + nouns[-1]
+def _coarse_caption(cls: np.ndarray, tint: np.ndarray, rng) -> str:
+    """What a web caption of a sheet would say: the items and their colours, in any order; no positions, no
+    sizes (a base model warmed on these knows the domain coarsely, not the grounded captions)."""
+    names = list(TINTS)
+    items = [f"a {names[tint[j]]} {_noun(cls[j], 0)}" for j in rng.permutation(4)]
+    return "a catalogue sheet with " + ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _sheets(x, y, idx_pool, n, seed, tag, res, coarse=False) -> tuple[PairSet, dict]:
     items = _draw_items(idx_pool, n, _rng(seed, "sheets", tag))
     cls = y[items["item"]]
     rc = _rng(seed, "sheets", tag, "captions")
-    caps = [_coarse_caption(cls[i], rc) if coarse else
+    caps = [_coarse_caption(cls[i], items["tint"][i], rc) if coarse else
             _caption(cls[i], items["tint"][i], items["size"][i], items["noun"][i]) for i in range(n)]
     ps = PairSet(images=_render(items, x, res), captions=caps, labels=np.full(n, -1), classnames=[],
                  source=np.full(n, "fashion_sheets"), kind=np.full(n, "clean"),
