@@ -193,7 +193,7 @@ def plots(rows, targets, budgets, out_dir: Path) -> list[str]:
                            label="full data" if m == "full" else "no CPT")
         ax.set_title(f"target {t}: held-out headline metric")
         ax.set_xlabel("budget (% of pool)")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("headline metric (%): zero-shot top-1 or R@5")
         ax.grid(alpha=.3)
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

@@ -506,7 +506,8 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
         ing = bench.state.get(f"ingest:{t}", {})
         L += [f"Target {t} (ingest: {ing.get('read')} pool + eval rows read, {ing.get('kept')} kept, "
               f"{ing.get('quarantined')} quarantined by the GX row rules):", "", "```",
-              json.dumps(tgt.recipe, indent=1, default=str), "```", ""]
+              json.dumps({k: v for k, v in tgt.recipe.items() if k not in _RECIPE_DATA}, indent=1, default=str),
+              "```", ""]
     L += ["## Settings", "",
           f"- Model: open_clip CLIP, custom config `{json.dumps(BENCH_MODEL)}`, trained from scratch: "
           f"`{dataclasses.replace(PRETRAIN, epochs=p['pretrain_epochs'])}` (final loss "
@@ -531,6 +532,9 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(L))
     log(f"report: {out_md} (+ {', '.join(files)})")
+
+
+_RECIPE_DATA = ("warm", "truth", "train_items")  # data the recipe carries for the runner and tests, not prose
 
 
 def _planted_ok(pc: dict) -> bool:
@@ -644,6 +648,8 @@ def main() -> None:
     ap.add_argument("--targets", default="fashion,medical")
     ap.add_argument("--no-sweeps", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, train nothing")
+    ap.add_argument("--warm-size", type=int, default=None, help="v2: coarse-captioned sheets in the base model's "
+                                                                   "pre-training mix (default: the mode's)")
     ap.add_argument("--v2", action="store_true", help="benchmark v2 (issue 10): the catalogue-sheets target, warmed "
                                                        "base model, replay, fixed CPT steps, 3 seeds, planted check")
     args = ap.parse_args()
@@ -651,6 +657,8 @@ def main() -> None:
     mode = ("v2-" if args.v2 else "") + ("quick" if args.quick else "full")
     t0 = time.perf_counter()
     bench = Bench(mode, args.workdir, args.seeds)
+    if args.warm_size is not None:
+        bench.p["warm_size"] = args.warm_size
     bench.load_data()
     docs = {"full": "selection.md", "v2-full": "selection_v2.md"}
     out = args.out or (ROOT / "docs/benchmarks" / docs[mode] if mode in docs else bench.work / "selection.md")
