@@ -85,7 +85,7 @@ V2_MODES = {
     "v2-quick": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2], sweep_seeds=[], sheets_pool=5000, test_cap=1000,
                      warm_size=400, general_quick=True, pretrain_epochs=15, cpt_steps=60, replay=0.25,
                      replay_size=2000),
-    "v2-full": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2, 0.3, 0.5], sweep_seeds=[], sheets_pool=20000, test_cap=2000,
+    "v2-full": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2, 0.3, 0.5], sweep_seeds=[], sheets_pool=16000, test_cap=2000,
                     warm_size=800, general_quick=False, pretrain_epochs=25, cpt_steps=150, replay=0.25,
                     replay_size=4000),
 }
@@ -453,7 +453,7 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
     if bench.v2:
         L += _v2_section(rows, targets, p["budgets"])
     L += ["", f"![target metric vs budget]({rel}/budget_curves.png)", "", "## Observations (computed from the rows)", ""]
-    L += _observations(rows, targets, p["budgets"], agg) + [""]
+    L += _observations(rows, targets, p["budgets"], agg, bench.targets) + [""]
     for t in targets:
         metric = "zero-shot top-1" if bench.targets[t].test.pairs.classnames else "retrieval R@5 (no classes)"
         r5 = ["Held-out test, retrieval R@5 (mean of image→text and text→image, %; captions are templated, so a "
@@ -461,9 +461,10 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
               "method):", "", rep.method_table(agg_r, t, p["budgets"])] if bench.targets[t].test.pairs.classnames else []
         L += [f"## Target {t}", "", f"Held-out test, {metric} (%):", "", rep.method_table(agg, t, p["budgets"]),
               *r5,
-              f"Target eval set (the 300 pairs that drive selection — not held out), {metric} (%):", "",
+              f"Target eval set (the {len(bench.targets[t].eval_set)} pairs that drive selection — not held out), "
+              f"{metric} (%):", "",
               rep.method_table(agg_e, t, p["budgets"]), "What each method picked at 10% (share of the subset, seed 0):", "",
-              _composition_table(rows, t), ""]
+              _composition_table(rows, t, labelled=bool(bench.targets[t].test.pairs.classnames)), ""]
     diag = rep.aggregate(rows, variant="diagnostic")
     for dt in [t for t in targets if any(r["target"] == t and r["variant"] == "diagnostic" for r in rows)]:
         L += [f"## Diagnostic: oracle random subsets (target {dt})", "",
@@ -512,13 +513,7 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
           f"- Model: open_clip CLIP, custom config `{json.dumps(BENCH_MODEL)}`, trained from scratch: "
           f"`{dataclasses.replace(PRETRAIN, epochs=p['pretrain_epochs'])}` (final loss "
           f"{bench.state.get('pretrain_final_loss', float('nan')):.3f}).",
-          (f"- v2 CPT: `TARGET_CPT` with replay of {p['replay']:.0%} of every batch from {p['replay_size']} general "
-           f"pairs, and as many whole epochs as reach {p['cpt_steps']} steps for every budget. " if bench.v2 else "")
-          + f"- CPT for every method, budget and `full`: `CPTConfig({', '.join(f'{k}={v}' for k, v in TARGET_CPT.items())}, "
-          "seed=<seed>)` — a fixed number of epochs, so a smaller subset also means fewer steps (as in the paper): "
-          + "; ".join(f"{t} {b:.0%} = {n} pairs = {TARGET_CPT['epochs'] * -(-n // TARGET_CPT['batch_size'])} steps"
-                      for t, b, n in sorted({(r["target"], r["budget"], r["pairs"]) for r in rows
-                                             if r["variant"] == "main" and r["method"] in ("random", "full")})) + ".",
+          _cpt_settings(bench, rows, p),
           f"- CHIPS: defaults of CHIPS_METHOD.md (α = {DEFAULT_ALPHA}, k = {DEFAULT_K}, K = {BankConfig().size}, "
           f"β = {ScoreConfig().beta}, λ_rel = {CurvatureConfig().lambda_rel}); not tuned. "
           "`trak` is TRAK's estimator (Fisher-preconditioned sketched gradient) computed from the same features.",
@@ -537,6 +532,22 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
 _RECIPE_DATA = ("warm", "truth", "train_items")  # data the recipe carries for the runner and tests, not prose
 
 
+def _cpt_settings(bench: Bench, rows, p) -> str:
+    """The CPT line of the report, with the step count each budget got."""
+    sizes = sorted({(r["target"], r["budget"], r["pairs"]) for r in rows
+                    if r["variant"] == "main" and r["method"] in ("random", "full")})
+    head = f"- CPT for every method, budget and `full`: `CPTConfig({', '.join(f'{k}={v}' for k, v in TARGET_CPT.items())}, seed=<seed>)`"
+    if not bench.v2:
+        return (head + " — a fixed number of epochs, so a smaller subset also means fewer steps (as in the paper): "
+                + "; ".join(f"{t} {b:.0%} = {n} pairs = {TARGET_CPT['epochs'] * -(-n // TARGET_CPT['batch_size'])} steps"
+                            for t, b, n in sizes) + ".")
+    per = TARGET_CPT["batch_size"] - max(1, round(p["replay"] * TARGET_CPT["batch_size"]))
+    steps = lambda n: -(-n // per) * max(1, math.ceil(p["cpt_steps"] / -(-n // per)))  # noqa: E731
+    return (head + f", with {p['replay']:.0%} of every batch replayed from {p['replay_size']} general pairs and as "
+            f"many whole epochs as reach {p['cpt_steps']} steps: "
+            + "; ".join(f"{t} {b:.0%} = {n} pairs = {steps(n)} steps" for t, b, n in sizes) + ".")
+
+
 def _planted_ok(pc: dict) -> bool:
     """The oracle beats random-in-domain by more than 2 sd of the paired (per-seed) differences."""
     return pc["sd"] is not None and pc["mean"] > 2 * pc["sd"]
@@ -547,8 +558,8 @@ def _v2_section(rows, targets, budgets) -> list[str]:
     2 sd of the paired differences, or no verdicts) and every method against both random baselines, paired by
     seed with 95% t-intervals, in target-metric points (✓: interval above 0)."""
     L = ["## v2: planted check and paired differences", "",
-         "Every CPT mixes the same general-domain replay stream (a quarter of each batch) and runs the same number "
-         "of steps whatever the budget. `random_in_domain` (random over the pool's in-domain pairs) is the primary "
+         "Every CPT mixes the same general-domain replay stream (a quarter of each batch) and runs at least the "
+         "same number of steps whatever the budget (whole epochs; see Settings for the counts). `random_in_domain` (random over the pool's in-domain pairs) is the primary "
          "baseline; `random_clean` reads the ground-truth noise labels (an oracle no user has).", ""]
     for t in targets:
         for b in budgets:
@@ -568,7 +579,7 @@ def _v2_section(rows, targets, budgets) -> list[str]:
     return L
 
 
-def _observations(rows, targets, budgets, agg) -> list[str]:
+def _observations(rows, targets, budgets, agg, bench_targets: dict) -> list[str]:
     """Plain statements with the numbers behind them: how CHIPS's picks differ from random's, and
     where the gap to random opens and closes."""
     out = []
@@ -584,12 +595,13 @@ def _observations(rows, targets, budgets, agg) -> list[str]:
         comp = {m: [r["composition"] for r in rows if r["target"] == t and r["variant"] == "main" and r["method"] == m
                     and abs(r["budget"] - budgets[0]) < 1e-9 and "composition" in r] for m in ("chips", "random")}
         if all(comp.values()):
+            pool_mis = bench_targets[t].recipe["pool_fractions"].get("mismatched", float("nan"))
             c, r = ({k: float(np.mean([x.get(k, np.nan) for x in comp[m]])) for k in
                      ("clean", "mismatched", "off_domain", "near_duplicate", "largest_class_share")}
                     for m in ("chips", "random"))
             out.append(f"- {t}, {budgets[0]:.0%} budget: CHIPS's subset is {c['off_domain']:.0%} off-domain "
                        f"(random {r['off_domain']:.0%}), {c['mismatched']:.0%} mismatched captions (random "
-                       f"{r['mismatched']:.0%}, pool 15%), {c['near_duplicate']:.0%} near-duplicates (random "
+                       f"{r['mismatched']:.0%}, pool {pool_mis:.0%}), {c['near_duplicate']:.0%} near-duplicates (random "
                        f"{r['near_duplicate']:.0%}); its largest class is {c['largest_class_share']:.0%} of the "
                        f"in-domain picks (random {r['largest_class_share']:.0%}).")
         gaps = [(b, agg[(t, "chips", b)][0] - agg[(t, "random", b)][0]) for b in budgets
@@ -615,15 +627,16 @@ def _observations(rows, targets, budgets, agg) -> list[str]:
     return out
 
 
-def _composition_table(rows, target: str) -> str:
+def _composition_table(rows, target: str, labelled: bool = True) -> str:
     kinds = ["clean", "mismatched", "partly_wrong", "off_domain", "near_duplicate"]
     picked = [r for m in rep.METHOD_ORDER for r in rows if r["target"] == target and r["variant"] == "main"
               and r["method"] == m and abs(r["budget"] - 0.1) < 1e-9 and r["seed"] == 0 and "composition" in r]
     kinds = [k for k in kinds if any(k in r["composition"] for r in picked)]
-    head = ("| method | " + " | ".join(k.replace("_", "-") for k in kinds) + " | largest class (of in-domain) |\n"
-            "|---|" + "---:|" * (len(kinds) + 1) + "\n")
+    cols = [k.replace("_", "-") for k in kinds] + (["largest class (of in-domain)"] if labelled else [])
+    head = "| method | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
     lines = [f"| {r['method']} | " + " | ".join(f"{r['composition'][k]:.0%}" for k in kinds)
-             + f" | {r['composition'].get('largest_class_share', float('nan')):.0%} |" for r in picked]
+             + (f" | {r['composition'].get('largest_class_share', float('nan')):.0%}" if labelled else "") + " |"
+             for r in picked]
     return head + "\n".join(lines) + "\n"
 
 

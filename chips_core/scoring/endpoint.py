@@ -69,9 +69,16 @@ class LoadedModel:
         return _load_expected, (self.spec, self.device, self.checksum)
 
 
-@functools.lru_cache(maxsize=4)
 def shared_model(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
-    """One loaded model per (spec, device) and process, shared by the threads that score shards."""
+    """One loaded model per (spec, device, checkpoint file version) and process, shared by the threads that
+    score shards; a checkpoint replaced on disk is loaded again."""
+    ckpt = Path(spec.checkpoint) if spec.checkpoint else None
+    stamp = (ckpt.stat().st_size, ckpt.stat().st_mtime_ns) if ckpt is not None and ckpt.is_file() else None
+    return _cached_model(spec, device, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(spec: ModelSpec, device: str, stamp) -> LoadedModel:
     return load_model(spec, device)
 
 

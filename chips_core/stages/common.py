@@ -8,9 +8,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from ..errors import IncompatibleFeaturesError
 from ..platform.readers import SourceSpec
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import LoadedModel, image_preprocess
+from ..scoring.featurize import ReferenceBank
 from ..util import open_rgb
 from .runconfig import RunConfig
 
@@ -45,3 +47,12 @@ def load_pairs(wh: Warehouse, ids: Sequence[str], loaded: LoadedModel) -> tuple[
     prep = image_preprocess(loaded.model)
     images = torch.stack([prep(open_rgb(r["image"])) for r in rows])
     return images, loaded.tokenizer([r["caption"] for r in rows])
+
+
+def require_bank_model(loaded: LoadedModel, bank: ReferenceBank, run_id: str) -> None:
+    """A featurize run's bank and features belong to the weights that made them: scoring or resuming them with
+    other weights would mix two models' features (§8), so it is refused."""
+    if loaded.checksum != bank.model_checksum:
+        raise IncompatibleFeaturesError(
+            f"featurize run {run_id!r} was made with model {bank.model_checksum[:12]}, not the loaded "
+            f"{loaded.label} {loaded.checksum[:12]}: featurize the pool again with this model")

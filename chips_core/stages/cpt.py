@@ -25,9 +25,11 @@ def subset_data(wh: Warehouse, subset_id: str, loaded: LoadedModel) -> ImageFile
     return _warehouse_pairs(wh, sorted(set(sub.column("pair_id").to_pylist())), loaded)
 
 
-def replay_data(wh: Warehouse, source: str, loaded: LoadedModel) -> ImageFilePairs:
-    """Every pair ingested under ``source``: the replay stream of ``cpt.replay``."""
-    ids = source_pair_ids(wh, [source])
+def replay_data(wh: Warehouse, source: str, loaded: LoadedModel, exclude=()) -> ImageFilePairs:
+    """Every pair ingested under ``source`` but those in ``exclude`` (a subset's own pairs, which must not
+    meet themselves as in-batch negatives): the replay stream of ``cpt.replay``."""
+    skip = set(exclude)
+    ids = [i for i in source_pair_ids(wh, [source]) if i not in skip]
     if len(ids) < 1:
         known = sorted(set(wh.read("pair_sources", columns=["source"]).column("source").to_pylist()))
         raise KeyError(f"replay source {source!r} holds no pairs in the warehouse (sources: {known})")
@@ -57,7 +59,8 @@ def cpt_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, data: PairData
               progress: bool = False) -> dict:
     """Train ``loaded.model`` (in place) on ``data`` with ``cfg.cpt``; resumes from ``out_dir``'s checkpoints."""
     run_id = run_id or new_run_id("cpt")
-    replay = replay_data(wh, cfg.cpt.replay.source, loaded) if cfg.cpt.replay_per_batch else None
+    replay = (replay_data(wh, cfg.cpt.replay.source, loaded, exclude=getattr(data, "ids", ()))
+              if cfg.cpt.replay_per_batch else None)
     with recorded_run(wh, "cpt", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       inputs={"subset_id": subset_id, "data": data.fingerprint(), "out_dir": str(out_dir),
                               "replay": replay.fingerprint() if replay else None},

@@ -14,7 +14,7 @@ from ..scoring.endpoint import EndpointModel, LoadedModel
 from ..scoring.featurize import Featurizer, ReferenceBank, ScoringContext
 from ..scoring.target import curvature_sample, curvature_stats
 from ..util import progress as progress_bar
-from .common import MapShards, load_pairs, local_map, model_fields, source_pair_ids
+from .common import MapShards, load_pairs, local_map, model_fields, require_bank_model, source_pair_ids
 from .runconfig import RunConfig
 
 
@@ -46,7 +46,9 @@ def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
     name = f"shard-{n:05d}"
     if wh.has_part("features", {"run": run_id}, name):
         return False
-    feat = Featurizer(EndpointModel(loaded.model), load_bank(wh, run_id), cfg.sketch, cfg.featurize)
+    bank = load_bank(wh, run_id)
+    require_bank_model(loaded, bank, run_id)
+    feat = Featurizer(EndpointModel(loaded.model), bank, cfg.sketch, cfg.featurize)
     write_features(wh, feat.featurize(*load_pairs(wh, shard_ids, loaded), list(shard_ids)), run_id, name)
     return True
 

@@ -14,7 +14,7 @@ from ..scoring.featurize import Featurizer
 from ..scoring.premise import premise_checks
 from ..scoring.score import Preconditioners, score_features, select_top
 from .check import pool_sample, target_and_eval_features
-from .common import model_fields, source_pair_ids
+from .common import model_fields, require_bank_model, source_pair_ids
 from .runconfig import RunConfig
 
 
@@ -42,6 +42,7 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
                       inputs={"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)},
                       **model_fields(cfg, loaded)) as row:
         bank = load_bank(wh, featurize_run_id)
+        require_bank_model(loaded, bank, featurize_run_id)
         feat = Featurizer(EndpointModel(loaded.model), bank, cfg.sketch, cfg.featurize)
         tstats, eval_features = target_and_eval_features(cfg, wh, loaded, feat, eval_ids)
         features = read_features(wh, featurize_run_id)

@@ -196,3 +196,20 @@ def test_rescore_with_publish_writes_delta_tables_under_one_parent(run):
     runs = query(con, "select stage, parent_run_id from stg_runs where parent_run_id = $p order by stage",
                  {"p": res["run_id"]}).to_pylist()
     assert [r["stage"] for r in runs] == ["ingest", "materialize", "publish", "score"]
+
+
+def test_scoring_a_featurize_run_with_other_weights_is_refused(run, demo_model):
+    """§8: the featurize run's bank and features belong to its model; another checkpoint must featurize again."""
+    import open_clip
+    import torch
+
+    from chips_core.errors import IncompatibleFeaturesError
+    from chips_core.scoring.endpoint import build_custom_model
+    from chips_core.stages import score_stage
+
+    cfg, _, out = run
+    torch.manual_seed(3)
+    other = build_custom_model(DEMO_MODEL_CONFIG).eval()
+    loaded = LoadedModel(other, open_clip.tokenizer.SimpleTokenizer(context_length=16), state_dict_checksum(other), "x")
+    with pytest.raises(IncompatibleFeaturesError, match="featurize the pool again"):
+        score_stage(cfg, Warehouse(cfg.warehouse), loaded, out["featurize"]["run_id"])

@@ -128,6 +128,10 @@ def make_sheets(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarr
     the base model's pre-training mix. ``recipe["truth"]`` maps each pool sheet's key to its true caption."""
     cnt = _noise_counts(pool_size)
     n_pool_sheets = cnt["clean"] + cnt["swapped"] + cnt["partly_wrong"]
+    need = 4 * (n_pool_sheets + eval_size + warm_size)
+    if need > len(ytr):
+        raise ValueError(f"pool_size={pool_size}, eval_size={eval_size}, warm_size={warm_size} need {need} distinct "
+                         f"train items (4 per sheet; near-duplicates and off-domain pairs need none); there are {len(ytr)}")
     parts = np.array_split(_rng(seed, "sheets", "split").permutation(len(ytr)),
                            np.cumsum([4 * n_pool_sheets, 4 * eval_size, 4 * warm_size]))
     pool_base, meta = _sheets(xtr, ytr, parts[0], n_pool_sheets, seed, "pool", res)
