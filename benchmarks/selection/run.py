@@ -338,11 +338,12 @@ class Bench:
                    "metrics": _metrics(e["metrics"])}
             self.record(row)
         for seed in self.p["seeds"]:
-            self.noise_auc(name, loaded, seed)
             keys = [f"{name}:main:{m}:{b}:{seed}" for m in METHODS for b in self.p["budgets"]]
             if all(k in self.done for k in keys + [f"{name}:main:full:1.0:{seed}"]):
+                self.noise_auc(name, loaded, seed)  # recorded already, or scored once more (an older workdir)
                 continue  # resumed: this seed's selection and training are already in results.jsonl
             picks = self.select(name, loaded, seed)
+            self.noise_auc(name, loaded, seed, score_run_id=next(iter(picks.values()))[0].split(":", 1)[0])
             for (method, budget), (sid, idx) in sorted(picks.items()):
                 meta = {"target": name, "variant": "main", "method": method, "budget": budget, "seed": seed}
                 self.train_and_eval(name, f"{name}:main:{method}:{budget}:{seed}", meta, idx, sid, seed)
@@ -362,15 +363,17 @@ class Bench:
                 meta = {"target": name, "variant": variant, "method": "chips", "budget": 0.2, "seed": seed}
                 self.train_and_eval(name, key, meta, idx, sid, seed)
 
-    def noise_auc(self, name: str, loaded: LoadedModel, seed: int) -> dict:
+    def noise_auc(self, name: str, loaded: LoadedModel, seed: int, score_run_id: str | None = None) -> dict:
         """Per method, the probability that a clean in-domain pair outscores a mismatched one (Mann-Whitney
-        AUC over the whole scored pool; 0.5 = blind to caption noise), from a score run of the main config."""
+        AUC over the whole scored pool; 0.5 = blind to caption noise), from the main config's score run
+        (``score_run_id``, the one the main selection used; scored again only when not given)."""
         key = f"noise_auc:{name}:{seed}"
         if key not in self.state:
             cfg = self.run_config(name, seed)
             wh = Warehouse(cfg.warehouse)
-            score = score_stage(cfg, wh, loaded, self.featurize(name, loaded, seed, DEFAULT_K))
-            st = wh.read("scores", filter=pc.field("run_id") == score["run_id"])
+            score_run_id = score_run_id or score_stage(cfg, wh, loaded,
+                                                       self.featurize(name, loaded, seed, DEFAULT_K))["run_id"]
+            st = wh.read("scores", filter=pc.field("run_id") == score_run_id)
             kinds = self.targets[name].pool.kind[[self.index[name][p] for p in st.column("pair_id").to_pylist()]]
             self.state[key] = {m: rep.auc(st.column(m).to_numpy()[kinds == "clean"],
                                           st.column(m).to_numpy()[kinds == "mismatched"]) for m in METHODS}

@@ -51,9 +51,14 @@ def target_and_eval_features(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel,
     return target_stats_pre(feat.ctx, h_v, h_t, eval_ids, cfg.featurize), feat.featurize_pre(h_v, h_t, eval_ids)
 
 
+def pool_sample_ids(cfg: RunConfig, pool_ids: list[str]) -> list[str]:
+    """The seeded pool sample the learnability check reads (the same pairs in a check and a score run)."""
+    return seeded_sample(pool_ids, min(cfg.check.pool_sample, len(pool_ids)), cfg.check.seed)
+
+
 def pool_sample(cfg: RunConfig, features: FeatureBatch) -> FeatureBatch:
-    """The seeded pool sample the learnability check reads, from features already computed."""
-    chosen = set(seeded_sample(features.pair_id, min(cfg.check.pool_sample, len(features)), cfg.check.seed))
+    """That sample, from features already computed."""
+    chosen = set(pool_sample_ids(cfg, features.pair_id))
     return features.take(np.flatnonzero([p in chosen for p in features.pair_id]))
 
 
@@ -69,7 +74,7 @@ def check_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str 
     with recorded_run(wh, "check", cfg, run_id=run_id, parent_run_id=parent_run_id, **model_fields(cfg, loaded)) as row:
         bank = build_bank(cfg, wh, loaded, pool_ids)
         feat = Featurizer(EndpointModel(loaded.model), bank, cfg.sketch, cfg.featurize)
-        sample = seeded_sample(pool_ids, min(cfg.check.pool_sample, len(pool_ids)), cfg.check.seed)
+        sample = pool_sample_ids(cfg, pool_ids)
         pool_features = feat.featurize(*load_pairs(wh, sample, loaded), sample)
         tstats, eval_features = target_and_eval_features(cfg, wh, loaded, feat, eval_ids)
         spearman = endpoint_spearman(cfg, wh, loaded, bank.pair_ids, eval_ids, pool_ids)
