@@ -21,7 +21,8 @@ from scipy.stats import t as t_dist
 BASELINES = ("random", "clipscore", "dot", "trak")
 ABLATIONS = ("chips_align", "chips_align_learn", "chips")
 INFLUENCE = ("dot", "trak", "chips")
-METHOD_ORDER = ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn", "chips")
+METHOD_ORDER = ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn", "chips", "chips_plus")
+BEST = "chips_plus"  # the product's best selector, judged against issue 10's goals
 PRIMARY = "zero_shot_top1"
 
 
@@ -240,6 +241,34 @@ def retention_table(rows, target: str, budgets) -> str:
     return note + head + "\n".join(lines) + "\n"
 
 
+def collapse(row: dict, which: str) -> float:
+    """Mean pairwise cosine of image embeddings (``image_mean_cosine``) on the target test suite
+    (``which="target"``) or averaged over the general suites (``"general"``); NaN where not measured."""
+    if which == "target":
+        vals = [row["metrics"].get(f"{row['target']}_test", {}).get("image_mean_cosine")]
+    else:
+        vals = [m.get("image_mean_cosine") for s, m in sorted(row["metrics"].items()) if s.startswith("general_")]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def collapse_table(rows, target: str, budgets) -> str:
+    """Embedding collapse after CPT per method and budget: target test | general suites (mean cosine, x100)."""
+    cells = {w: {**aggregate(rows, lambda r: collapse(r, w)),
+                 **aggregate(rows, lambda r: collapse(r, w), variant="diagnostic")} for w in ("target", "general")}
+    head = ("| method | " + " | ".join(f"{b:.0%} target | {b:.0%} general" for b in budgets) + " |\n|---|"
+            + "---:|---:|" * len(budgets) + "\n")
+    lines = []
+    for m in ("none", *METHOD_ORDER, "random_in_domain", "random_clean", "full"):
+        bs = [0.0] if m == "none" else [1.0] if m == "full" else budgets
+        got = [(cells["target"].get((target, m, b)), cells["general"].get((target, m, b))) for b in bs]
+        if all(t is None or np.isnan(t[0]) for t, _ in got):
+            continue
+        row = " | ".join(f"{_fmt(t)} | {_fmt(g)}" for t, g in got)
+        lines.append(f"| {m} | {row} |" + " | |" * (len(budgets) - len(bs)))
+    return head + "\n".join(lines) + "\n" if lines else ""
+
+
 def fmt_seconds(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
@@ -292,3 +321,22 @@ def fmt_paired(p: dict) -> str:
     lo, hi = p["mean"] - p["half"], p["mean"] + p["half"]
     mark = " ✓" if lo > 0 else (" ✗" if hi < 0 else "")
     return f"{100 * p['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
+
+
+def goal_lines(rows: list[dict], target: str, budgets, method: str = BEST, margin: float = 0.02,
+               retention: float = 0.02) -> list[tuple[str, bool]]:
+    """Issue 10's goals for ``method``, paired by seed: a mean at least ``margin`` above random-in-domain and
+    above whole-pool random with the 95% interval above 0, and a mean general retention within ``retention``
+    of random (all with the same replay). ``[(line, met)]``; a goal with fewer than 2 seeds is not met."""
+    out = []
+    for b in budgets:
+        for base in ("random_in_domain", "random"):
+            p = paired(rows, target, method, base, b)
+            met = p["half"] is not None and p["mean"] >= margin and p["mean"] - p["half"] > 0
+            out.append((f"{target} {b:.0%}: {method} − {base} = {fmt_paired(p)} points "
+                        f"(goal ≥ +{100 * margin:.0f} with the interval above 0)", met))
+        g = paired(rows, target, method, "random", b, general_score)
+        met = g["half"] is not None and g["mean"] >= -retention
+        out.append((f"{target} {b:.0%}: general retention, {method} − random = {fmt_paired(g)} points "
+                    f"(goal: mean not below −{100 * retention:.0f})", met))
+    return out

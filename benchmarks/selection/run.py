@@ -83,10 +83,10 @@ MODES = {
 # random over in-domain pairs as the primary baseline and a planted oracle check.
 V2_MODES = {
     "v2-quick": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2], sweep_seeds=[], sheets_pool=5000, test_cap=1000,
-                     warm_size=400, general_quick=True, pretrain_epochs=15, cpt_steps=60, replay=0.25,
+                     warm_size=1200, general_quick=True, pretrain_epochs=15, cpt_steps=60, replay=0.25,
                      replay_size=2000),
     "v2-full": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2, 0.3, 0.5], sweep_seeds=[], sheets_pool=16000, test_cap=2000,
-                    warm_size=800, general_quick=False, pretrain_epochs=25, cpt_steps=150, replay=0.25,
+                    warm_size=2400, general_quick=False, pretrain_epochs=25, cpt_steps=150, replay=0.25,
                     replay_size=4000),
 }
 MODES.update(V2_MODES)
@@ -151,7 +151,8 @@ class Bench:
         self.pretrain_set = self.general
         if self.v2:
             sheets = load_fashion_sheets(self.general, seed=0, pool_size=self.p["sheets_pool"],
-                                         test_size=self.p["test_cap"], warm_size=self.p["warm_size"])
+                                         test_size=self.p["test_cap"], warm_size=self.p["warm_size"],
+                                         warm_captions=self.p.get("warm_captions", "coarse"))
             self.targets = {"sheets": sheets}
             # the base model sees a few percent of coarse-captioned sheets (a disjoint split), as a web CLIP has
             self.pretrain_set = _concat([self.general, sheets.recipe["warm"]])
@@ -316,8 +317,14 @@ class Bench:
         out = {k: float(np.mean(kinds == k)) for k in ("clean", "mismatched", "partly_wrong", "off_domain", "near_duplicate")}
         labels = np.asarray(self.targets[name].pool.labels)[idx]
         labels = labels[labels >= 0]
+        item_classes = self.targets[name].recipe.get("item_classes")
+        if item_classes is not None:  # sheets: the classes of the four items on each picked in-domain sheet
+            keys = [str(k).split("#", 1)[0] for k in self.targets[name].pool.keys[idx]]
+            labels = np.concatenate([item_classes[k] for k in keys if k in item_classes] or [np.zeros(0, int)])
         counts = np.bincount(labels) if len(labels) else np.zeros(1)
         out["largest_class_share"] = float(counts.max() / max(1, counts.sum()))  # among in-domain picks
+        share = counts[counts > 0] / max(1, counts.sum())
+        out["class_entropy"] = float(-(share * np.log(share)).sum() / np.log(max(2, len(counts))))  # 1 = balanced
         return out
 
     def run_target(self, name: str) -> None:
@@ -427,6 +434,7 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
          f"(pre-training {rep.fmt_seconds(bench.state.get('pretrain_seconds', 0))} when it ran). "
          f"{n_seeds} seed(s) per cell: selection (sketch, bank, curvature sample, random baseline) and CPT data order. "
          "Cells are mean ± sample std over seeds, in % (bold: best method at that budget).", "",
+         *(_summary(rows, targets, p["budgets"]) if bench.v2 else []),
          "## Verdicts on the paper's claims", "",
          "Primary metric: the held-out target test set's headline metric — zero-shot top-1 where the target "
          "has classes, retrieval R@5 where it has none (sheets) — means over seeds. "
@@ -467,7 +475,8 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
               f"Target eval set (the {len(bench.targets[t].eval_set)} pairs that drive selection — not held out), "
               f"{metric} (%):", "",
               rep.method_table(agg_e, t, p["budgets"]), "What each method picked at 10% (share of the subset, seed 0):", "",
-              _composition_table(rows, t, labelled=bool(bench.targets[t].test.pairs.classnames)), ""]
+              _composition_table(rows, t, labelled=bool(bench.targets[t].test.pairs.classnames)
+                                 or "item_classes" in bench.targets[t].recipe), ""]
     diag = rep.aggregate(rows, variant="diagnostic")
     for dt in [t for t in targets if any(r["target"] == t and r["variant"] == "diagnostic" for r in rows)]:
         L += [f"## Diagnostic: oracle random subsets (target {dt})", "",
@@ -475,14 +484,14 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
               "sizes as the main subsets. These read the pool's ground-truth noise labels, which a user never has; "
               "they are not methods, they explain the table above. Held-out headline metric (%):", "",
               "| subset | " + " | ".join(f"{b:.0%}" for b in p["budgets"]) + " |\n|---|" + "---:|" * len(p["budgets"])]
-        for m in ("random", "random_in_domain", "random_clean", "chips"):
+        for m in ("random", "random_in_domain", "random_clean", "chips", "chips_plus"):
             src = diag if m.startswith("random_") else agg
             L.append(f"| {m} | " + " | ".join(rep._fmt(src.get((dt, m, b))) for b in p["budgets"]) + " |")
         gd = rep.aggregate(rows, rep.general_score, variant="diagnostic")
         L += ["", "General score after CPT (%):", "",
               "| subset | " + " | ".join(f"{b:.0%}" for b in p["budgets"]) + " |\n|---|" + "---:|" * len(p["budgets"])]
         gm = rep.aggregate(rows, rep.general_score)
-        for m in ("random", "random_in_domain", "random_clean", "chips"):
+        for m in ("random", "random_in_domain", "random_clean", "chips", "chips_plus"):
             src = gd if m.startswith("random_") else gm
             L.append(f"| {m} | " + " | ".join(rep._fmt(src.get((dt, m, b))) for b in p["budgets"]) + " |")
         L.append("")
@@ -491,6 +500,11 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
           "R@5 (%).", ""]
     for t in targets:
         L += [f"After CPT on target **{t}**:", "", rep.retention_table(rows, t, p["budgets"]), ""]
+        tab = rep.collapse_table(rows, t, p["budgets"])
+        if tab:
+            L += [f"Embedding collapse after CPT on **{t}**: mean pairwise cosine of the image embeddings (×100) "
+                  "on the target test set and averaged over the general suites (0: spread out, 100: every image "
+                  "the same direction).", "", tab, ""]
     if any(r["variant"] != "main" and r["variant"] != "diagnostic" for r in rows):
         L += ["## Sweeps (target fashion, CHIPS at 20%)", "",
               "α mixes the negative-pair curvature into M; k is the JL sketch dimension. Test = held-out; "
@@ -532,7 +546,7 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
     log(f"report: {out_md} (+ {', '.join(files)})")
 
 
-_RECIPE_DATA = ("warm", "truth", "train_items")  # data the recipe carries for the runner and tests, not prose
+_RECIPE_DATA = ("warm", "truth", "train_items", "item_classes")  # data the recipe carries for the runner and tests, not prose
 
 
 def _cpt_settings(bench: Bench, rows, p) -> str:
@@ -549,6 +563,18 @@ def _cpt_settings(bench: Bench, rows, p) -> str:
     return (head + f", with {p['replay']:.0%} of every batch replayed from {p['replay_size']} general pairs and as "
             f"many whole epochs as reach {p['cpt_steps']} steps: "
             + "; ".join(f"{t} {b:.0%} = {n} pairs = {steps(n)} steps" for t, b, n in sizes) + ".")
+
+
+def _summary(rows, targets, budgets) -> list[str]:
+    """The plain summary at the top of a v2 report: issue 10's goals for the product's best selector."""
+    L = ["## Summary", "",
+         f"`{rep.BEST}` is the product's guarded selector (CHIPS's relevance factor and an image–text agreement "
+         "gate, both calibrated on the target eval set, then a seeded random order; chips_core/scoring/score.py). "
+         "`chips` is the paper's utility, unchanged. Goals (issue 10), paired by seed:", ""]
+    for t in targets:
+        for line, met in rep.goal_lines(rows, t, budgets):
+            L.append(f"- {'**met**' if met else '**not met**'}: {line}")
+    return L + [""]
 
 
 def _planted_ok(pc: dict) -> bool:
@@ -631,15 +657,19 @@ def _observations(rows, targets, budgets, agg, bench_targets: dict) -> list[str]
 
 
 def _composition_table(rows, target: str, labelled: bool = True) -> str:
+    """What each method (and each oracle diagnostic) picked at 10%, seed 0: noise kinds and class balance."""
     kinds = ["clean", "mismatched", "partly_wrong", "off_domain", "near_duplicate"]
-    picked = [r for m in rep.METHOD_ORDER for r in rows if r["target"] == target and r["variant"] == "main"
+    order = (*rep.METHOD_ORDER, "random_in_domain", "random_clean")
+    picked = [r for m in order for r in rows if r["target"] == target and r["variant"] in ("main", "diagnostic")
               and r["method"] == m and abs(r["budget"] - 0.1) < 1e-9 and r["seed"] == 0 and "composition" in r]
     kinds = [k for k in kinds if any(k in r["composition"] for r in picked)]
-    cols = [k.replace("_", "-") for k in kinds] + (["largest class (of in-domain)"] if labelled else [])
+    extra = [("largest_class_share", "largest class (of in-domain)", "{:.0%}"),
+             ("class_entropy", "class entropy (1 = balanced)", "{:.3f}")] if labelled else []
+    cols = [k.replace("_", "-") for k in kinds] + [name for _, name, _ in extra]
     head = "| method | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
     lines = [f"| {r['method']} | " + " | ".join(f"{r['composition'][k]:.0%}" for k in kinds)
-             + (f" | {r['composition'].get('largest_class_share', float('nan')):.0%}" if labelled else "") + " |"
-             for r in picked]
+             + "".join(" | " + (f.format(r["composition"][k]) if k in r["composition"] else "—") for k, _, f in extra)
+             + " |" for r in picked]
     return head + "\n".join(lines) + "\n"
 
 
@@ -666,6 +696,8 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, train nothing")
     ap.add_argument("--warm-size", type=int, default=None, help="v2: coarse-captioned sheets in the base model's "
                                                                    "pre-training mix (default: the mode's)")
+    ap.add_argument("--warm-captions", choices=("coarse", "grounded"), default=None,
+                    help="v2: caption the warm-up sheets coarsely (default) or with the pool's grounded grammar")
     ap.add_argument("--v2", action="store_true", help="benchmark v2 (issue 10): the catalogue-sheets target, warmed "
                                                        "base model, replay, fixed CPT steps, 3 seeds, planted check")
     args = ap.parse_args()
@@ -675,6 +707,8 @@ def main() -> None:
     bench = Bench(mode, args.workdir, args.seeds)
     if args.warm_size is not None:
         bench.p["warm_size"] = args.warm_size
+    if args.warm_captions is not None:
+        bench.p["warm_captions"] = args.warm_captions
     bench.load_data()
     docs = {"full": "selection.md", "v2-full": "selection_v2.md"}
     out = args.out or (ROOT / "docs/benchmarks" / docs[mode] if mode in docs else bench.work / "selection.md")

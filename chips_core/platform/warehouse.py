@@ -56,7 +56,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "scores": pa.schema([
         pa.field("pair_id", _STR, nullable=False), ("run_id", _STR),
         *[(m, pa.float64()) for m in ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn",
-                                      "chips", "w_learn", "w_relevance", "utility")],
+                                      "chips", "chips_plus", "w_learn", "w_relevance", "utility")],
         ("rank", pa.int64())]),
     # one row per pair per subset
     "subsets": pa.schema([

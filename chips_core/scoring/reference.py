@@ -152,9 +152,10 @@ def reference_target(endpoint, h_v, h_t, project, identity: FeatureIdentity) -> 
     u = project.project_flat(grad[None])[0]
     with torch.no_grad():
         W_v, W_t, _ = (p.detach() for p in _params(endpoint))
-        mx = _embed(W_v, h_v.double().cpu()).mean(0)
-        my = _embed(W_t, h_t.double().cpu()).mean(0)
-    return TargetStats(u.detach().numpy(), (mx / mx.norm()).numpy(), (my / my.norm()).numpy(), loss, len(h_v), identity)
+        ex, ey = _embed(W_v, h_v.double().cpu()), _embed(W_t, h_t.double().cpu())
+        mx, my = ex.mean(0), ey.mean(0)
+    return TargetStats(u.detach().numpy(), (mx / mx.norm()).numpy(), (my / my.norm()).numpy(), loss, len(h_v), identity,
+                       ex.numpy(), ey.numpy())
 
 
 def reference_curvature(endpoint, h_v, h_t, pair_ids, bank: ReferenceBank, project, m: int,

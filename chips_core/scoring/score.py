@@ -6,6 +6,11 @@ r"""Utilities, baselines and budgeted selection (CHIPS_METHOD.md §6–§7).
     w_R(z) = \sigma\big((1-\beta)\cos(x,\mu_x) + \beta\cos(y,\mu_y)\big),\quad
     I(z) = \hat A\, w_L\, w_R
 
+``chips`` is exactly the paper's utility. ``chips_plus`` is the product's guarded selector (not in
+the paper; see :func:`guarded_tier`): a pair is eligible when CHIPS's relevance factor and its
+image–text agreement are typical of the target's own eval pairs, and eligible pairs come first in a
+seeded random order.
+
 Everything here reads stored features plus target and curvature statistics; the model is not
 needed. Scores are computed in float64 from the (possibly float16-stored) features.
 """
@@ -26,13 +31,21 @@ from .target import CurvatureConfig, CurvatureStats, TargetStats
 @dataclass(frozen=True)
 class ScoreConfig:
     beta: float = 0.5  # text share of the relevance weight w_R (§6)
-    random_seed: int = 0  # seed of the `random` baseline's keys
+    random_seed: int = 0  # seed of the `random` baseline's keys (and of chips_plus's order within a tier)
+    # chips_plus gates, as quantiles of the target eval pairs' own values (chosen on the v2 eval set:
+    # docs/benchmarks/selection_v2.md): in-domain when w_R >= the eval set's 5th percentile; caption
+    # agrees with the image when x.y >= the eval set's 25th percentile.
+    plus_relevance_quantile: float = 0.05
+    plus_match_quantile: float = 0.25
 
     def __post_init__(self):
         check(0.0 <= self.beta <= 1.0, "ScoreConfig", "beta", self.beta, "must lie in [0, 1]")
+        for key in ("plus_relevance_quantile", "plus_match_quantile"):
+            v = getattr(self, key)
+            check(0.0 <= v < 1.0, "ScoreConfig", key, v, "must lie in [0, 1)")
 
 
-METHODS = ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn", "chips")
+METHODS = ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn", "chips", "chips_plus")
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -49,6 +62,22 @@ def relevance_weight(x: np.ndarray, y: np.ndarray, mu_x: np.ndarray, mu_y: np.nd
     cx = _cos(x, mu_x)
     cy = _cos(y, mu_y)
     return sigmoid((1.0 - beta) * cx + beta * cy)
+
+
+def guarded_tier(features: FeatureBatch, w_r: np.ndarray, target: TargetStats, config: ScoreConfig) -> np.ndarray:
+    """``chips_plus``'s tier per pair: 2 = in the target domain and its caption agrees with its image,
+    1 = in the domain only, 0 = neither. Both gates are calibrated on the target eval set, so they
+    adapt to any domain and noise rate: in-domain means ``w_R`` at least the eval pairs'
+    ``plus_relevance_quantile``; agreeing means ``x·y`` at least the eval pairs' ``plus_match_quantile``."""
+    if target.eval_x is None or target.eval_y is None:
+        raise ValueError("chips_plus needs the eval pairs' embeddings in the target statistics (TargetStats.eval_x, "
+                         "eval_y); compute them with target_stats")
+    ex, ey = target.eval_x.astype(np.float64), target.eval_y.astype(np.float64)
+    eval_wr = relevance_weight(ex, ey, target.mu_x, target.mu_y, config.beta)
+    eval_match = np.einsum("ij,ij->i", ex, ey)
+    relevant = w_r >= np.quantile(eval_wr, config.plus_relevance_quantile)
+    agrees = features.clipscore.astype(np.float64) >= np.quantile(eval_match, config.plus_match_quantile)
+    return relevant.astype(np.float64) + (relevant & agrees)
 
 
 def _cos(v: np.ndarray, mu: np.ndarray) -> np.ndarray:
@@ -88,14 +117,17 @@ def score_features(features: FeatureBatch, target: TargetStats, curv: CurvatureS
     align = g @ pre.v_chips
     w_l = learnability_weight(features.p_corr.astype(np.float64), features.margin.astype(np.float64))
     w_r = relevance_weight(features.x, features.y, target.mu_x, target.mu_y, config.beta)
+    key = seeded_unit(features.pair_id, config.random_seed)
     return {
-        "random": seeded_unit(features.pair_id, config.random_seed),
+        "random": key,
         "clipscore": features.clipscore.astype(np.float64),
         "dot": g @ target.u,
         "trak": g @ pre.v_trak,
         "chips_align": align,
         "chips_align_learn": align * w_l,
         "chips": align * w_l * w_r,
+        # tier + a key in [0, 1): every eligible pair outranks every other, in the seeded random order
+        "chips_plus": guarded_tier(features, w_r, target, config) + np.minimum(key, 1.0 - 2.0**-52),
         "w_learn": w_l,
         "w_relevance": w_r,
     }

@@ -96,6 +96,9 @@ class TargetStats:
     eval_loss: float
     n_eval: int
     identity: FeatureIdentity  # bank_id is the context's; only model_checksum, sketch_seed, k bind
+    # the eval pairs' own unit embeddings (n_eval, D): what `chips_plus` calibrates its gates on
+    eval_x: np.ndarray | None = None
+    eval_y: np.ndarray | None = None
 
 
 def target_stats(ctx: ScoringContext, images, texts, pair_ids: Sequence[str],
@@ -113,7 +116,7 @@ def target_stats_pre(ctx: ScoringContext, h_v, h_t, pair_ids, config: FeaturizeC
     mu_y = emb.y.mean(0)
     as_np = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
     return TargetStats(as_np(u), as_np(mu_x / mu_x.norm()), as_np(mu_y / mu_y.norm()),
-                       eg.loss, len(pair_ids), ctx.identity)
+                       eg.loss, len(pair_ids), ctx.identity, as_np(emb.x), as_np(emb.y))
 
 
 # ---------------------------------------------------------------------------------------------

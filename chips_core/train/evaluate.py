@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, check
+from ..scoring.premise import mean_pairwise_cosine
 from ..util import open_rgb, read_pair_table
 
 
@@ -126,8 +127,10 @@ def embed(model, tokenizer, images: torch.Tensor, captions: Sequence[str], batch
 
 
 def evaluate_suite(model, tokenizer, suite: EvalSuite, device: str = "cpu") -> dict[str, float]:
-    """Zero-shot top-1/top-5 accuracy (over items with a class; top-5 only with more than 5 classes)
-    and retrieval recall@{1,5,10} both ways."""
+    """Zero-shot top-1/top-5 accuracy (over items with a class; top-5 only with more than 5 classes),
+    retrieval recall@{1,5,10} both ways, and embedding collapse: the mean pairwise cosine of the image
+    embeddings (``image_mean_cosine``; near 0 for a spread-out space, near 1 when every image maps to one
+    direction, e.g. after CPT on a narrow domain without replay)."""
     x, y = embed(model, tokenizer, suite.images, suite.captions, device=device)
     out = {}
     if suite.labels is not None and len(suite.classnames) >= 2:
@@ -137,6 +140,8 @@ def evaluate_suite(model, tokenizer, suite: EvalSuite, device: str = "cpu") -> d
         if len(suite.classnames) > 5:
             out["zero_shot_top5"] = zero_shot_accuracy(x[has], cls, suite.labels[has], k=5)
     out.update(retrieval_recall(x, y, ks=(1, 5, 10)))
+    if len(x) >= 2:
+        out["image_mean_cosine"] = mean_pairwise_cosine(x)
     return out
 
 

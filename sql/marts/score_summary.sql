@@ -1,7 +1,7 @@
 -- grain: one row per scoring run per factor or score.
 with long as (
     unpivot stg_scores
-    on random, clipscore, dot, trak, chips_align, chips_align_learn, chips, w_learn, w_relevance
+    on random, clipscore, dot, trak, chips_align, chips_align_learn, chips, chips_plus, w_learn, w_relevance
     into name factor value value
 )
 select

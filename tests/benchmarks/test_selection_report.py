@@ -82,3 +82,37 @@ def test_noise_auc_is_mann_whitney_and_tabulates_per_target():
     table = rep.noise_auc_table({"fashion": [{"chips": 0.6, "random": 0.5}, {"chips": 0.7, "random": 0.5}],
                                  "medical": []}, ["chips", "random"])
     assert table.splitlines()[0] == "| method | fashion |" and "| chips | 0.650 ± 0.071 |" in table
+
+
+def test_goal_lines_need_the_margin_the_interval_and_the_retention():
+    def rows(gain, spread, general):
+        out = []
+        for seed in (0, 1, 2):
+            for m, v, g in (("random", 0.40, 0.50), ("random_in_domain", 0.42, 0.50),
+                            ("chips_plus", 0.42 + gain + spread * (seed - 1), general)):
+                out.append(_row(m, 0.1, v + 0.001 * seed, general=g, seed=seed,
+                                variant="diagnostic" if m == "random_in_domain" else "main"))
+        return out
+    met = lambda r: [ok for _, ok in rep.goal_lines(r, "fashion", [0.1])]  # noqa: E731
+    assert met(rows(0.03, 0.0, 0.50)) == [True, True, True]
+    assert met(rows(0.01, 0.0, 0.50)) == [False, True, True]  # +1 over random_in_domain, +3 over random
+    assert met(rows(0.03, 0.05, 0.50))[0] is False  # the mean clears 2 points but the interval spans 0
+    assert met(rows(0.03, 0.0, 0.45))[2] is False  # general retention 5 points below random
+    assert met(rows(0.03, 0.0, 0.485))[2] is True  # 1.5 points below: within the 2 allowed
+    line = rep.goal_lines(rows(0.03, 0.0, 0.50), "fashion", [0.1])[0][0]
+    assert line.startswith("fashion 10%: chips_plus − random_in_domain = +3.0 [")
+
+
+def test_collapse_table_reads_image_mean_cosine_per_suite():
+    rows = []
+    for seed in (0, 1):
+        r = _row("random", 0.1, 0.4, seed=seed)
+        r["metrics"]["fashion_test"]["image_mean_cosine"] = 0.30 + 0.02 * seed
+        r["metrics"]["general_a"]["image_mean_cosine"] = 0.10
+        r["metrics"]["general_b"]["image_mean_cosine"] = 0.20
+        rows.append(r)
+    assert rep.collapse(rows[0], "target") == pytest.approx(0.30) and rep.collapse(rows[0], "general") == pytest.approx(0.15)
+    tab = rep.collapse_table(rows, "fashion", [0.1])
+    assert "| random | 31.0 ± 1.4 | 15.0 ± 0.0 |" in tab
+    assert "chips " not in tab  # methods without the measurement are left out
+    assert rep.collapse_table([_row("random", 0.1, 0.4)], "fashion", [0.1]) == ""

@@ -52,3 +52,23 @@ def test_captions_are_distinct_and_splits_disjoint(target):
     assert not (items["pool"] & items["eval"]) and not (items["pool"] & items["warm"])
     assert not (items["eval"] & items["warm"])
     assert len(items["pool"]) == 4 * 1400 and len(items["eval"]) == 4 * 100  # every item used once
+
+
+def test_grounded_warm_up_and_item_classes(target):
+    """``warm_captions="grounded"`` captions the warm-up sheets in the pool's grammar; ``item_classes`` gives the
+    four item classes of every pool sheet by key (what the report's class balance reads)."""
+    rng = np.random.default_rng(1)
+    xtr, xte = rng.integers(0, 256, (4000, 16, 16)).astype(np.uint8), rng.integers(0, 256, (400, 16, 16)).astype(np.uint8)
+    ytr, yte = rng.integers(0, 10, 4000), rng.integers(0, 10, 400)
+    general = target.recipe["warm"].subset(np.arange(10))  # any PairSet serves as off-domain here
+    g = make_sheets(xtr, ytr, xte, yte, general, pool_size=500, eval_size=20, test_size=20, warm_size=50,
+                    warm_captions="grounded")
+    assert all(c.startswith("top left: a ") for c in g.recipe["warm"].captions)
+    with pytest.raises(ValueError, match="warm_captions='fine'"):
+        make_sheets(xtr, ytr, xte, yte, general, pool_size=500, eval_size=20, test_size=20, warm_size=50,
+                    warm_captions="fine")
+    ic = target.recipe["item_classes"]
+    in_domain = [str(k).split("#", 1)[0] for k, kind in zip(target.pool.keys, target.pool.kind) if kind != "off_domain"]
+    assert all(k in ic and len(ic[k]) == 4 for k in in_domain)
+    for key, classes in g.recipe["item_classes"].items():  # the true labels of the sheet's four items
+        np.testing.assert_array_equal(classes, ytr[g.recipe["train_items"]["pool"][int(key.rsplit("/", 1)[1])]])

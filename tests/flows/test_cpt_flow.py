@@ -70,7 +70,7 @@ def test_cpt_on_a_subset_then_eval_joins_to_the_selection(prefect_api, setup):
     rows = query(con, "select method, budget, suite, metric, value, n, cpt_run_id from mart_eval_by_selection "
                       "where subset_id is not null order by metric").to_pylist()
     metrics = [r["metric"] for r in rows]
-    assert metrics == sorted(["zero_shot_top1"] + [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image")
+    assert metrics == sorted(["zero_shot_top1", "image_mean_cosine"] + [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image")
                                                    for k in (1, 5, 10)])
     assert {(r["method"], r["budget"], r["suite"], r["n"], r["cpt_run_id"]) for r in rows} == \
         {("chips", 0.3, "scans", 40, run_id)}

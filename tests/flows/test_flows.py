@@ -120,7 +120,7 @@ def test_featurize_and_score_on_dask_equal_the_local_run(prefect_api, config_pat
     a = score_flow(str(config_path), "featurize-local")
     b = score_flow(str(config_path), "featurize-dask")
     con = connect(wh)
-    cols = "pair_id, random, clipscore, dot, trak, chips_align, chips_align_learn, chips, rank"
+    cols = "pair_id, random, clipscore, dot, trak, chips_align, chips_align_learn, chips, chips_plus, rank"
     ta = query(con, f"select {cols} from stg_scores where run_id = $r order by pair_id", {"r": a["run_id"]})
     tb = query(con, f"select {cols} from stg_scores where run_id = $r order by pair_id", {"r": b["run_id"]})
     assert ta.num_rows == 90 and ta.equals(tb)

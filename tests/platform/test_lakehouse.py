@@ -6,14 +6,14 @@ import pytest
 
 from chips_core.platform.lakehouse import publish_delta
 from chips_core.platform.warehouse import Warehouse
+from chips_core.scoring.score import METHODS
 from chips_core.stages.score import scores_table
 
 
 def _scores(run_id, n=5, seed=0):
     rng = np.random.default_rng(seed)
     ids = [f"p{i}" for i in range(n)]
-    scores = {m: rng.normal(size=n) for m in ("random", "clipscore", "dot", "trak", "chips_align",
-                                               "chips_align_learn", "chips", "w_learn", "w_relevance")}
+    scores = {m: rng.normal(size=n) for m in (*METHODS, "w_learn", "w_relevance")}
     return scores_table(ids, scores, run_id)
 
 

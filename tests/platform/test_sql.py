@@ -6,6 +6,7 @@ import pytest
 from chips_core.platform.provenance import recorded_run
 from chips_core.platform.query import ReadOnlyQueryError, connect, lineage, query, run_audits
 from chips_core.platform.warehouse import SCHEMAS, Warehouse
+from chips_core.scoring.score import METHODS
 from chips_core.stages.materialize import subsets_table
 from chips_core.stages.score import scores_table
 
@@ -19,8 +20,7 @@ def _pairs(ids, sources):
 
 def _scores(ids, run_id="score-1"):
     rng = np.random.default_rng(0)
-    scores = {m: rng.normal(size=len(ids)) for m in ("random", "clipscore", "dot", "trak", "chips_align",
-                                                      "chips_align_learn", "chips", "w_learn", "w_relevance")}
+    scores = {m: rng.normal(size=len(ids)) for m in (*METHODS, "w_learn", "w_relevance")}
     return scores, scores_table(ids, scores, run_id)
 
 

@@ -14,6 +14,7 @@ from chips_core.scoring.score import (METHODS, ScoreConfig, learnability_weight,
                                       select_top, sigmoid)
 from chips_core.scoring.sketch import SketchConfig
 from chips_core.scoring.target import CurvatureConfig, curvature_stats_pre, target_stats
+from chips_core.train.synthetic import make_pairs
 
 from ..conftest import make_bank
 
@@ -145,3 +146,70 @@ def test_features_in_the_warehouse_roundtrip_and_refuse_mixed_identities(scored,
     write_features(wh, other, "feat-1", "shard-9")
     with pytest.raises(IncompatibleFeaturesError, match="k"):
         read_features(wh, "feat-1")
+
+
+# --- chips_plus: the guarded selector (not the paper's; the paper's `chips` is untouched) -----------------
+
+def test_chips_plus_is_tier_then_the_random_order(scored):
+    _, features, curv, tgt, ccfg = scored
+    s = score_features(features, tgt, curv, ccfg, ScoreConfig(random_seed=3))
+    tier = np.floor(s["chips_plus"])
+    assert set(np.unique(tier)) <= {0.0, 1.0, 2.0}
+    np.testing.assert_allclose(s["chips_plus"] - tier, s["random"])  # the `random` key of the same seed
+    # the gates, recomputed from their definition: quantiles of the eval pairs' own w_R and x.y
+    eval_wr = relevance_weight(tgt.eval_x, tgt.eval_y, tgt.mu_x, tgt.mu_y, 0.5)
+    relevant = s["w_relevance"] >= np.quantile(eval_wr, 0.05)
+    agrees = s["clipscore"] >= np.quantile(np.sum(tgt.eval_x * tgt.eval_y, 1), 0.25)
+    np.testing.assert_array_equal(tier, relevant.astype(int) + (relevant & agrees))
+    keep = select_top(s["chips_plus"], features.pair_id, 0.3)
+    n2 = int((tier == 2).sum())
+    assert 0 < n2 < len(tier), "the fixture must exercise the gate on both sides"
+    first = keep[:min(n2, len(keep))]
+    assert np.all(tier[first] == 2)  # every eligible pair before any other
+    np.testing.assert_array_equal(first, select_top(np.where(tier == 2, s["random"], -1.0), features.pair_id,
+                                                    len(first) / len(tier)))
+
+
+def test_chips_plus_gates_are_calibrated_on_the_eval_set(demo_model, eval_pairs, pairs):
+    """Scoring the eval pairs themselves: quantile 0 admits all of them, quantile q about a (1 - q) share."""
+    bank = make_bank(demo_model, pairs, size=32)
+    feat = Featurizer(EndpointModel(demo_model), bank, SketchConfig(k=64), FeaturizeConfig(micro_batch=32))
+    images, texts, ids = eval_pairs
+    features = feat.featurize(images, texts, ids)
+    hv, ht = feat.endpoint.encode_pre(images, texts)
+    curv = curvature_stats_pre(feat.ctx, hv, ht, ids, CurvatureConfig(hard_negatives=8))
+    tgt = target_stats(feat.ctx, images, texts, ids)
+    tier = lambda **kw: np.floor(score_features(features, tgt, curv, CurvatureConfig(), ScoreConfig(**kw))["chips_plus"])  # noqa: E731
+    assert np.all(tier(plus_relevance_quantile=0.0, plus_match_quantile=0.0) == 2)
+    half = tier(plus_relevance_quantile=0.0, plus_match_quantile=0.5)
+    assert abs((half == 2).mean() - 0.5) <= 1.5 / len(ids)
+    assert np.all(half >= 1)
+    no_eval = dataclasses.replace(tgt, eval_x=None)
+    with pytest.raises(ValueError, match="eval_x"):
+        score_features(features, no_eval, curv, CurvatureConfig())
+
+
+@pytest.mark.parametrize("key,value", [("plus_match_quantile", 1.0), ("plus_relevance_quantile", -0.1)])
+def test_chips_plus_quantiles_checked(key, value):
+    with pytest.raises(ConfigError, match=key):
+        ScoreConfig(**{key: value})
+
+
+def test_chips_plus_guards_against_off_domain_and_swapped_captions(demo_model, tokenizer):
+    """On a noisy mixed pool, chips_plus keeps fewer off-domain pairs and fewer swapped captions than random."""
+    pool = make_pairs(600, seed=21, scan_fraction=0.4, noise_fraction=0.3)
+    target = make_pairs(64, seed=22, scan_fraction=1.0, noise_fraction=0.0)
+    bank = make_bank(demo_model, (pool.images, tokenizer(pool.captions), pool.pair_ids), size=64)
+    feat = Featurizer(EndpointModel(demo_model), bank, SketchConfig(k=64), FeaturizeConfig(micro_batch=64))
+    texts = tokenizer(pool.captions)
+    features = feat.featurize(pool.images, texts, pool.pair_ids)
+    hv, ht = feat.endpoint.encode_pre(pool.images, texts)
+    ccfg = CurvatureConfig(hard_negatives=8)
+    curv = curvature_stats_pre(feat.ctx, hv, ht, pool.pair_ids, ccfg)
+    tgt = target_stats(feat.ctx, target.images, tokenizer(target.captions), target.pair_ids)
+    s = score_features(features, tgt, curv, ccfg)
+    picked = {m: select_top(s[m], features.pair_id, 0.15) for m in ("random", "chips_plus")}
+    off = {m: np.mean(pool.domain[k] != "scan") for m, k in picked.items()}
+    swapped = {m: np.mean(pool.noisy[k]) for m, k in picked.items()}
+    assert off["chips_plus"] < 0.5 * off["random"], off
+    assert swapped["chips_plus"] < swapped["random"], swapped

@@ -29,3 +29,22 @@ def test_class_embeddings_from_a_real_model(tiny_vit, tokenizer):
     assert emb.shape == (2, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1.0)
     with pytest.raises(KeyError):
         class_embeddings(tiny_vit, tokenizer, ["x"], ["a {label}"])
+
+
+def test_suite_reports_embedding_collapse(tiny_vit, tokenizer):
+    """``image_mean_cosine`` is the mean off-diagonal cosine of the suite's image embeddings: 1 when every
+    image is the same, and what premise.mean_pairwise_cosine gives on the embeddings otherwise."""
+    import torch
+
+    from chips_core.scoring.premise import mean_pairwise_cosine
+    from chips_core.train.evaluate import EvalSuite, embed, evaluate_suite
+
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 32, 32)
+    caps = ["a red circle", "a blue square", "a big star", "a small moon", "a grey cloud", "a green leaf"]
+    suite = EvalSuite("s", images, caps, None, (), ())
+    m = evaluate_suite(tiny_vit, tokenizer, suite)
+    x, _ = embed(tiny_vit, tokenizer, images, caps)
+    assert m["image_mean_cosine"] == pytest.approx(mean_pairwise_cosine(x))
+    same = EvalSuite("same", images[:1].repeat(4, 1, 1, 1), caps[:4], None, (), ())
+    assert evaluate_suite(tiny_vit, tokenizer, same)["image_mean_cosine"] == pytest.approx(1.0)

@@ -114,18 +114,23 @@ def _partly_wrong(cls, tint, size, noun, rng) -> str:
 
 
 def load_fashion_sheets(general: PairSet, res: int = 32, seed: int = 0, pool_size: int = 8000, eval_size: int = 300,
-                        test_size: int = 1000, warm_size: int = 400) -> Target:
+                        test_size: int = 1000, warm_size: int = 400, warm_captions: str = "coarse") -> Target:
     """Target sheets from Fashion-MNIST (Debian ``dataset-fashion-mnist``): see :func:`make_sheets`."""
     raw = _fashion_raw(res // 2)
-    return make_sheets(*raw["train"], *raw["test"], general, res, seed, pool_size, eval_size, test_size, warm_size)
+    return make_sheets(*raw["train"], *raw["test"], general, res, seed, pool_size, eval_size, test_size, warm_size,
+                       warm_captions)
 
 
 def make_sheets(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, general: PairSet, res: int = 32,
                 seed: int = 0, pool_size: int = 8000, eval_size: int = 300, test_size: int = 1000,
-                warm_size: int = 400) -> Target:
+                warm_size: int = 400, warm_captions: str = "coarse") -> Target:
     """Sheets of ``(res/2)``-pixel gray items ``x`` with class labels ``y``: a noisy pool (:data:`SHEET_NOISE`),
-    a clean eval set, a test suite (retrieval) and, in ``recipe["warm"]``, coarse-captioned warm-up sheets for
-    the base model's pre-training mix. ``recipe["truth"]`` maps each pool sheet's key to its true caption."""
+    a clean eval set, a test suite (retrieval) and, in ``recipe["warm"]``, warm-up sheets for the base model's
+    pre-training mix, captioned ``"coarse"`` (items and colours only: the default) or ``"grounded"`` (the pool's
+    caption grammar: a base model that already knows the target well). ``recipe["truth"]`` maps each pool
+    sheet's key to its true caption."""
+    if warm_captions not in ("coarse", "grounded"):
+        raise ValueError(f"warm_captions={warm_captions!r}: use 'coarse' or 'grounded'")
     cnt = _noise_counts(pool_size)
     n_pool_sheets = cnt["clean"] + cnt["swapped"] + cnt["partly_wrong"]
     need = 4 * (n_pool_sheets + eval_size + warm_size)
@@ -136,7 +141,7 @@ def make_sheets(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarr
                            np.cumsum([4 * n_pool_sheets, 4 * eval_size, 4 * warm_size]))
     pool_base, meta = _sheets(xtr, ytr, parts[0], n_pool_sheets, seed, "pool", res)
     eval_set, eval_meta = _sheets(xtr, ytr, parts[1], eval_size, seed, "eval", res)
-    warm, warm_meta = _sheets(xtr, ytr, parts[2], warm_size, seed, "warm", res, coarse=True)
+    warm, warm_meta = _sheets(xtr, ytr, parts[2], warm_size, seed, "warm", res, coarse=warm_captions == "coarse")
     test, _ = _sheets(xte, yte, np.arange(len(yte)), test_size, seed, "test", res)
 
     order = _rng(seed, "sheets", "noise").permutation(n_pool_sheets)
@@ -164,8 +169,11 @@ def make_sheets(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarr
     recipe = {"seed": seed, "res": res, "items_per_sheet": 4, "tints": list(TINTS), "sizes": list(SIZES),
               "positions": list(POSITIONS), "noise": dict(SHEET_NOISE), "pool_counts": cnt,
               "pool_fractions": _fractions(pool), "pool_size": len(pool), "eval_size": len(eval_set),
-              "test_size": len(test), "warm_size": len(warm), "warm": warm, "truth": truth,
+              "test_size": len(test), "warm_size": len(warm), "warm_captions": warm_captions, "warm": warm,
+              "truth": truth,
               "train_items": {"pool": meta["item"], "eval": eval_meta["item"], "warm": warm_meta["item"]},
+              # the four item classes of each pool sheet by key (a near-duplicate's key is its original's + "#dup1")
+              "item_classes": dict(zip(pool_base.keys.tolist(), meta["cls"])),
               "distinct_pool_captions": len(set(pool.captions)),
               "splits": "pool, eval and warm-up sheets from disjoint parts of the 60k train split; test from t10k",
               "swapped": "the caption of another swapped sheet (a derangement)",
