@@ -85,7 +85,7 @@ V2_MODES = {
     "v2-quick": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2], sweep_seeds=[], sheets_pool=5000, test_cap=1000,
                      warm_size=1200, general_quick=True, pretrain_epochs=15, cpt_steps=60, replay=0.25,
                      replay_size=2000),
-    "v2-full": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2, 0.3, 0.5], sweep_seeds=[], sheets_pool=16000, test_cap=2000,
+    "v2-full": dict(seeds=[0, 1, 2, 3, 4], budgets=[0.1, 0.2, 0.3, 0.5], sweep_seeds=[], sheets_pool=16000, test_cap=2000,
                     warm_size=2400, general_quick=False, pretrain_epochs=25, cpt_steps=150, replay=0.25,
                     replay_size=4000),
 }
