@@ -165,7 +165,7 @@ def sql_cmd(query: str = typer.Argument(..., help="one SELECT over the stg_*/mar
             warehouse: str = _warehouse_option(), limit: int = typer.Option(50, help="rows to print")) -> None:
     """Run a read-only SQL query over the warehouse."""
     with _one_line_errors():
-        table = run_query(connect(Warehouse(warehouse)), query)
+        table = run_query(connect(Warehouse(warehouse, create=False)), query)
     _print_table(table, limit)
 
 
@@ -175,7 +175,7 @@ def runs(warehouse: str = _warehouse_option(), stage: Optional[str] = typer.Opti
     sql = ("select run_id, stage, status, parent_run_id, rows_in, rows_out, rows_quarantined, started_at "
            "from stg_runs where $stage is null or stage = $stage order by started_at desc")
     with _one_line_errors():
-        table = run_query(connect(Warehouse(warehouse)), sql, {"stage": stage})
+        table = run_query(connect(Warehouse(warehouse, create=False)), sql, {"stage": stage})
     _print_table(table, 200)
 
 
@@ -185,7 +185,7 @@ def report(run_id: str = typer.Argument(..., help="a score, materialize, pipelin
            out: Path = typer.Option(None, help="output folder (default: chips-report-<run id>)")) -> None:
     """Write an HTML report with PNG plots for a scoring run."""
     with _one_line_errors():
-        page = write_report(Warehouse(warehouse), run_id, out or Path(f"chips-report-{run_id}"))
+        page = write_report(Warehouse(warehouse, create=False), run_id, out or Path(f"chips-report-{run_id}"))
     typer.echo(f"report: {page}")
 
 
@@ -211,7 +211,7 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     sizes = run_query(con, "select method, budget, count(*) as n from stg_subsets where score_run_id = $r "
                            "group by all order by method, budget", {"r": s["run_id"]})
     typer.echo("\nSubset sizes: " + ", ".join(f"{r['method']}@{r['budget']:g}={r['n']}" for r in sizes.to_pylist()
-                                              if r["method"] in ("chips", "random")) + " (all methods in stg_subsets)")
+                                              if r["method"] in ("chips", "chips_plus", "random")) + " (all methods in stg_subsets)")
     if demo:
         share = run_query(con, """
             select sub.method, sub.budget,

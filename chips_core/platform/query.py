@@ -6,11 +6,17 @@ rows this way), or an empty table of the right schema when a table has no parts 
 views. Queries are bound with driver parameters, and anything but a SELECT is refused.
 A remote warehouse is read through its fsspec filesystem registered with DuckDB, so no DuckDB
 extension (httpfs) has to be downloaded at run time.
+
+Once the views exist the connection is **confined** (:func:`confine`): it reads files only under the
+warehouse and its own spill directory, reaches no network, installs and loads no extension, and the
+configuration is locked, so neither ``SET``/``RESET``/``PRAGMA`` nor a query can undo it. This holds for
+every caller of :func:`connect` — ``chips sql``, a Prefect deployment parameter, a service passing user SQL.
 """
 from __future__ import annotations
 
 import os
 import posixpath
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -31,7 +37,24 @@ def sql_dir() -> Path:
     return Path(os.environ.get("CHIPS_SQL_DIR", Path(__file__).resolve().parents[2] / "sql"))
 
 
+def spill_dir() -> str:
+    """DuckDB's temp (spill) directory for this process: the only writable place a connection has."""
+    return os.path.join(tempfile.gettempdir(), f"chips-duckdb-{os.getpid()}")
+
+
+def confine(con: duckdb.DuckDBPyConnection, allowed: list[str]) -> None:
+    """Read files only under ``allowed`` (directories, each ending in ``/``), no network, no extension
+    install or autoload, then lock the configuration (DuckDB's "Securing DuckDB" settings)."""
+    con.execute("set temp_directory = ?", [spill_dir()])
+    con.execute("set allowed_directories = ?", [[*allowed, spill_dir() + "/"]])
+    for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
+        con.execute(f"set {setting} = false")
+    con.execute("set lock_configuration = true")
+
+
 def connect(wh: Warehouse | None = None, tables: dict[str, pa.Table] | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the warehouse's ``raw_*`` relations and the ``sql/`` views,
+    confined to the warehouse (see the module docstring)."""
     con = duckdb.connect(":memory:")
     tables = tables or {}
     if wh is not None and not wh.is_local:
@@ -52,6 +75,7 @@ def connect(wh: Warehouse | None = None, tables: dict[str, pa.Table] | None = No
     for folder, prefix in _PREFIX.items():
         for path in sorted((sql_dir() / folder).glob("*.sql")):
             con.execute(f"create view {prefix}{path.stem} as {path.read_text().strip().rstrip(';')}")
+    confine(con, [wh.url_of(wh.root).rstrip("/") + "/"] if wh is not None else [])
     return con
 
 

@@ -74,13 +74,22 @@ SCHEMAS: dict[str, pa.Schema] = {
 class Warehouse:
     url: str
     storage_options: dict | None = None
+    create: bool = True  # False: open an existing warehouse only (read commands never create one)
 
     def __post_init__(self):
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
-            self.fs.makedirs(self.root, exist_ok=True)
+            if self.create:
+                self.fs.makedirs(self.root, exist_ok=True)
+            else:
+                has_runs = self.fs.isdir(self.root) and self.fs.exists(self.table_dir("runs"))
         except Exception as e:  # noqa: BLE001 - any backend error means the same thing to the user
             raise WarehouseError(f"cannot open warehouse {self.url!r}: {type(e).__name__}: {e}") from e
+        if not self.create and not has_runs:
+            what = "does not exist" if not self.fs.exists(self.root) else \
+                "is not a directory" if not self.fs.isdir(self.root) else "has no runs table"
+            raise WarehouseError(f"not a chips warehouse: {self.url!r} {what} (a warehouse is made by `chips run` "
+                                 "or `chips demo`)")
 
     def table_dir(self, table: str) -> str:
         return posixpath.join(self.root, table)

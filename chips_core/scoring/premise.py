@@ -81,10 +81,10 @@ class Check:
 
 ADVICE = {
     "cold": "the model does not know the target: warm it up first (a short CPT on a random sample of "
-            "in-domain pairs), or select with clipscore / random over in-domain pairs",
-    "flat": "w_L is the same for every pair: chips ranks as chips_align; consider chips_align or clipscore",
+            "in-domain pairs), or select with chips_plus (no gradient ranking)",
+    "flat": "w_L is the same for every pair: chips ranks as chips_align; consider chips_plus or chips_align",
     "endpoint": "end-point alignment does not track full-model influence for this model: expect little "
-                "from gradient methods (chips, dot, trak); compare against clipscore",
+                "from gradient methods (chips, dot, trak); select with chips_plus",
 }
 
 

@@ -65,5 +65,22 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
     res = runner.invoke(app, ["run", str(unreachable)])
     assert res.exit_code == 1 and res.output.startswith("chips: error: cannot open warehouse '/proc/chips-cannot")
     assert len(res.output.strip().splitlines()) == 1
+    for cmd in (["sql", "-w", str(tmp_path / "typo"), "select 1"], ["runs", "-w", str(tmp_path / "typo")],
+                ["report", "run-x", "-w", str(tmp_path / "typo")]):  # a mistyped -w is refused, never created
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 1 and res.output.startswith(f"chips: error: not a chips warehouse: '{tmp_path / 'typo'}' "
+                                                            "does not exist"), res.output
+        assert not (tmp_path / "typo").exists()
+    res = runner.invoke(app, ["runs", "-w", "/etc/passwd"])
+    assert res.exit_code == 1 and res.output.strip() == ("chips: error: not a chips warehouse: '/etc/passwd' is not a "
+                                                         "directory (a warehouse is made by `chips run` or `chips demo`)")
+    from chips_core.platform.provenance import recorded_run
+    from chips_core.platform.warehouse import Warehouse
+
+    with recorded_run(Warehouse(str(tmp_path / "wh")), "ingest", {}):
+        pass
     res = runner.invoke(app, ["sql", "-w", str(tmp_path / "wh"), "delete from stg_pairs"])
     assert res.exit_code == 1 and "only a single SELECT" in res.output
+    res = runner.invoke(app, ["sql", "-w", str(tmp_path / "wh"), "select * from read_csv('/etc/passwd')"])
+    assert res.exit_code == 1 and res.output.startswith("chips: error: PermissionException: ")
+    assert len(res.output.strip().splitlines()) == 1

@@ -54,6 +54,8 @@ def s3():
 
 
 def test_warehouse_on_an_s3_api_ingest_sql_and_unreachable_url(tmp_path, s3):
+    import duckdb
+
     from chips_core.platform.query import connect, query, run_audits
     from chips_core.platform.readers import SourceSpec
     from chips_core.platform.warehouse import WarehouseError
@@ -74,6 +76,12 @@ def test_warehouse_on_an_s3_api_ingest_sql_and_unreachable_url(tmp_path, s3):
     con = connect(wh)  # DuckDB reads s3:// through the registered fsspec filesystem: no httpfs download
     assert query(con, "select count(*) as n from stg_pairs").column("n").to_pylist() == [3]
     assert all(t.num_rows == 0 for t in run_audits(con).values())
+    for view in [r[0] for r in con.sql("select view_name from duckdb_views() where not internal").fetchall()]:
+        query(con, f"select * from {view} limit 1")  # every sql/ view under the confinement, on S3
+    wh.fs.pipe("chips-test/elsewhere/x.csv", b"a\n1\n")
+    for sql in ("select * from read_csv('s3://chips-test/elsewhere/x.csv')", "select * from glob('s3://chips-test/**')"):
+        with pytest.raises(duckdb.PermissionException):  # the bucket outside the warehouse's prefix
+            query(con, sql)
     bad = {**s3, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
     with pytest.raises(WarehouseError, match="s3://nowhere/wh"):

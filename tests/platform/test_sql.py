@@ -1,4 +1,5 @@
 """sql/: staging, marts, audits and lineage, fed given rows (in-memory DuckDB) and over a real warehouse."""
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -93,3 +94,70 @@ def test_lineage_of_a_subset_row_over_a_real_warehouse(tmp_path):
             raise ValueError("boom")
     status = query(connect(wh), "select status from stg_runs where run_id = 'score-bad'").column("status").to_pylist()
     assert status == ["failed: ValueError: boom"]
+
+
+def _every_view(con) -> list[str]:
+    return [r[0] for r in con.sql("select view_name from duckdb_views() where not internal order by 1").fetchall()]
+
+
+def test_connection_is_confined_to_the_warehouse(tmp_path):
+    """Files outside the warehouse cannot be read or listed, in a query or through a view's variable."""
+    wh = Warehouse(str(tmp_path / "wh"))
+    wh.write("pairs", _pairs(["p1", "p2"], ["a", "b"]), {"run": "ingest-1"}, "s0")
+    (tmp_path / "secret.csv").write_text("a,b\n1,2\n")
+    con = connect(wh)
+    assert query(con, "select count(*) as n from stg_pairs").column("n").to_pylist() == [2]
+    for sql in ("select * from read_csv('/etc/passwd', header=false, sep=':')", "select * from glob('/etc/*')",
+                f"select * from read_blob('{tmp_path}/**')", f"select * from read_csv('{tmp_path}/secret.csv')",
+                f"select * from read_csv('{wh.root}/../secret.csv')"):
+        with pytest.raises(duckdb.PermissionException):
+            query(con, sql)
+    assert query(con, f"select count(*) as n from glob('{wh.root}/pairs/**/*.parquet')").column("n").to_pylist() == [1]
+    views = _every_view(con)
+    assert len(views) >= 10
+    for view in views:  # every sql/ view (staging, marts, audits) still reads under the confinement
+        query(con, f"select * from {view} limit 1")
+
+
+def test_no_network_and_no_extension_install(tmp_path, monkeypatch):
+    """An http URL is refused before any request is made, and nothing is written under ~/.duckdb."""
+    import http.server
+    import threading
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"a\n1\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    try:
+        con = connect(Warehouse(str(tmp_path / "wh")))
+        with pytest.raises(duckdb.PermissionException):
+            query(con, f"select * from read_csv('http://127.0.0.1:{server.server_port}/x.csv')")
+    finally:
+        server.shutdown()
+    assert hits == []
+    assert not (tmp_path / "home" / ".duckdb").exists()
+
+
+@pytest.mark.parametrize("statement", [
+    "set enable_external_access = true", "reset enable_external_access", "pragma enable_external_access = true",
+    "set allowed_directories = ['/']", "set lock_configuration = false", "set autoinstall_known_extensions = true",
+    "set autoload_known_extensions = true", "reset allowed_directories"])
+def test_the_lock_cannot_be_undone(tmp_path, statement):
+    con = connect(Warehouse(str(tmp_path / "wh")))
+    with pytest.raises(ReadOnlyQueryError):  # query() takes one SELECT only
+        query(con, statement)
+    with pytest.raises(duckdb.InvalidInputException, match="Cannot change configuration"):  # nor does the raw connection
+        con.execute(statement)
+    with pytest.raises(duckdb.PermissionException):
+        query(con, "select * from read_csv('/etc/passwd', header=false, sep=':')")
