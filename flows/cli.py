@@ -190,7 +190,8 @@ def report(run_id: str = typer.Argument(..., help="a score, materialize, pipelin
 
 
 def _print_table(table: pa.Table, limit: int) -> None:
-    with pl.Config(tbl_rows=limit, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200):
+    """Print as a polars table whose rows are never wrapped or cut (ids must survive a copy and paste)."""
+    with pl.Config(tbl_rows=limit, tbl_cols=-1, fmt_str_lengths=1000, tbl_width_chars=65535):
         typer.echo(pl.from_arrow(table).head(limit))
 
 
@@ -199,7 +200,9 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     i, f, s, m = out["ingest"], out["featurize"], out["score"], out["materialize"]
     typer.echo(f"\nPipeline run {out['run_id']}")
     typer.echo(f"  ingest      read {i['read']}, kept {i['kept']}, quarantined {i['quarantined']}, unchanged {i['unchanged']}")
-    typer.echo(f"  featurize   {f['pairs']} pool pairs in {f['shards']} shards (k={cfg.sketch.k}, K={cfg.bank.size})")
+    typer.echo(f"  featurize   {f['pairs']} pool pairs in {f['shards']} shards (k={cfg.sketch.k}, "
+               f"K={f.get('bank_size', cfg.bank.size)}" + (f", clipped from bank.size={cfg.bank.size}"
+                                                          if f.get("bank_size", cfg.bank.size) < cfg.bank.size else "") + ")")
     typer.echo(f"  score       {s['pairs']} pairs against {s['eval_pairs']} target pairs (eval loss {s['eval_loss']:.3f})")
     typer.echo(f"              {s['premise']}")
     typer.echo(f"  materialize {len(m['subsets'])} subsets")

@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (marker: gpu)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # the marker, not any keyword (a parameter id "gpu")
             item.add_marker(skip)
 
 # A ViT small enough that dense float64 references (P = D*d_v + D*d_t + 1 = 1025) stay cheap.

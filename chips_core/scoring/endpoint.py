@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointNotFoundError, EndpointNotFoundError, IncompatibleFeaturesError, UnsupportedModelError
+from ..errors import (CheckpointNotFoundError, ConfigError, EndpointNotFoundError, IncompatibleFeaturesError,
+                      UnsupportedModelError)
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -39,16 +40,37 @@ class ModelSpec:
     """Which model to load. Exactly one of ``name`` / ``config`` selects the architecture."""
 
     name: str | None = None  # open_clip architecture name, e.g. "ViT-B-32"
-    config: dict | None = field(default=None, hash=False)  # custom open_clip model config (embed_dim, vision_cfg, text_cfg[, custom_text])
+    # custom open_clip model config (embed_dim, vision_cfg, text_cfg[, custom_text]): a mapping, or the path of
+    # an open_clip JSON config (open_clip's model_configs/*.json layout, or an open_clip_config.json's model_cfg)
+    config: dict | str | None = field(default=None, hash=False)
     checkpoint: str | None = None  # local checkpoint file (.pt/.bin/.safetensors); loaded with weights_only=True
     pretrained: str | None = None  # open_clip pretrained tag (needs a network, or open_clip's cache)
     hf_dir: str | None = None  # local Hugging Face folder holding open_clip_config.json and weights
 
     def __post_init__(self):
+        if isinstance(self.config, str):
+            object.__setattr__(self, "config", read_model_config(self.config))
         chosen = [n for n in ("name", "config", "hf_dir") if getattr(self, n) is not None]
         if len(chosen) != 1:
             raise UnsupportedModelError(
                 f"ModelSpec needs exactly one of name / config / hf_dir, got {chosen or 'none'}")
+
+
+def read_model_config(path: str) -> dict:
+    """An open_clip JSON model config from a file; errors name the file and what is wrong with it."""
+    import json
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config={path!r}: no such file (give a mapping or the path of an open_clip JSON config)")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config={path!r}: not a readable JSON file: {e}") from e
+    data = data.get("model_cfg", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict) or "embed_dim" not in data:
+        raise ConfigError(f"config={path!r}: not an open_clip model config (no 'embed_dim' key)")
+    return data
 
 
 @dataclass

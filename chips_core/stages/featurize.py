@@ -4,6 +4,7 @@ skipped, and a resumed run writes the same bytes."""
 from __future__ import annotations
 
 import json
+import logging
 from functools import partial
 from typing import Sequence
 
@@ -16,6 +17,8 @@ from ..scoring.target import curvature_sample, curvature_stats
 from ..util import progress as progress_bar
 from .common import MapShards, load_pairs, local_map, model_fields, require_bank_model, source_pair_ids
 from .runconfig import RunConfig
+
+log = logging.getLogger("chips")
 
 
 def build_bank(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, pool_ids: list[str]) -> ReferenceBank:
@@ -76,7 +79,12 @@ def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
         results = map_shards(partial(featurize_shard, cfg, wh, loaded, run_id), shards)
         written = sum(bool(r) for r in progress_bar(results, enabled=progress, desc="featurize", total=len(shards)))
         featurize_curvature(cfg, wh, loaded, run_id, ids)
-        bank_id = load_bank(wh, run_id).bank_id
-        row.update(bank_id=bank_id, rows_in=len(ids), rows_out=len(ids), rows_quarantined=0,
-                   input_fingerprints=json.dumps({"pool_pairs": len(ids)}))
-    return {"run_id": run_id, "pairs": len(ids), "shards": len(shards), "shards_written": written, "bank_id": bank_id}
+        bank = load_bank(wh, run_id)
+        bank_size = len(bank.pair_ids)
+        if bank_size < cfg.bank.size:
+            log.warning("bank.size=%d clipped to the pool's %d pairs (K=%d)", cfg.bank.size, len(ids), bank_size)
+        row.update(bank_id=bank.bank_id, rows_in=len(ids), rows_out=len(ids), rows_quarantined=0,
+                   input_fingerprints=json.dumps({"pool_pairs": len(ids)}),
+                   diagnostics_json=json.dumps({"bank_size": bank_size, "bank_size_configured": cfg.bank.size}))
+    return {"run_id": run_id, "pairs": len(ids), "shards": len(shards), "shards_written": written,
+            "bank_id": bank.bank_id, "bank_size": bank_size}

@@ -64,7 +64,7 @@ class RunConfig:
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     methods: tuple[str, ...] = METHODS
     shard_size: int = 2048  # pairs per featurize/score shard
-    device: str = "cpu"
+    device: str = "cpu"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N"; resolved when loaded
     outputs: OutputConfig = OutputConfig()
     publish: PublishConfig = PublishConfig()  # lakehouse tables written by the pipeline
     cpt: CPTConfig = CPTConfig()  # continual pre-training on a materialised subset (`chips cpt`)
@@ -81,6 +81,25 @@ class RunConfig:
         suites = [s.name for s in self.eval_suites]
         check(len(set(suites)) == len(suites), "RunConfig", "eval_suites", suites, "names must be distinct")
         check(self.shard_size >= 1, "RunConfig", "shard_size", self.shard_size, "must be >= 1")
+        object.__setattr__(self, "device", resolve_device(self.device))  # provenance records the device used
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` → ``"cuda"`` when CUDA is available, else ``"cpu"``; a CUDA device that this machine does not
+    have is a ConfigError naming it (checked before any model is loaded)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = device.partition(":")[2]
+        check(index == "" or index.isdigit(), "RunConfig", "device", device, "use cpu, auto, cuda or cuda:N")
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        check(available > (int(index) if index else 0), "RunConfig", "device", device,
+              f"this machine has {available} CUDA device(s); use device: auto or cpu")
+        return device
+    check(device in ("cpu", "mps"), "RunConfig", "device", device, "use cpu, auto, cuda or cuda:N")
+    return device
 
 
 def load_run_config(source: str | Path | dict) -> RunConfig:
@@ -128,7 +147,8 @@ def _coerce(tp, value, where: str, key: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where, key)
+        exact = [a for a in inner if isinstance(a, type) and not dataclasses.is_dataclass(a) and isinstance(value, a)]
+        return _coerce((exact or inner)[0], value, where, key)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, key + ".")
     if origin is tuple:

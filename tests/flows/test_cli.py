@@ -84,3 +84,17 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
     res = runner.invoke(app, ["sql", "-w", str(tmp_path / "wh"), "select * from read_csv('/etc/passwd')"])
     assert res.exit_code == 1 and res.output.startswith("chips: error: PermissionException: ")
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_tables_never_wrap_or_cut_ids(capsys):
+    import pyarrow as pa
+
+    from flows.cli import _print_table
+
+    ids = [f"materialize-20261126T230411-{i:08x}:chips_plus@0.25" for i in range(3)]
+    table = pa.table({"run_id": ids, **{f"column_{j}": [f"value-{j}-" + "x" * 40] * 3 for j in range(14)}})
+    _print_table(table, 50)
+    lines = capsys.readouterr().out.splitlines()
+    for run_id in ids:
+        assert any(run_id in line for line in lines), run_id
+    assert all(any(f"column_{j}" in line for line in lines) for j in range(14))  # no column elided

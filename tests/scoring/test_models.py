@@ -124,3 +124,31 @@ def test_pre_features_are_thread_safe(tiny_vit, pairs):
     with ThreadPoolExecutor(4) as pool:
         for hv, ht in pool.map(one, range(64)):
             assert torch.equal(hv, ref[0]) and torch.equal(ht, ref[1])
+
+
+def test_model_config_from_an_open_clip_json_file(tmp_path):
+    """``model: {config: path.json}`` reads open_clip's JSON layout (or an open_clip_config.json's model_cfg);
+    a missing or malformed file is a one-line ConfigError naming it."""
+    import json
+
+    from chips_core.errors import ConfigError
+    from chips_core.scoring.endpoint import ModelSpec, load_model
+    from chips_core.stages.runconfig import load_run_config
+    from chips_core.train.synthetic import DEMO_MODEL_CONFIG
+
+    plain = tmp_path / "demo.json"
+    plain.write_text(json.dumps(DEMO_MODEL_CONFIG))
+    hf = tmp_path / "open_clip_config.json"
+    hf.write_text(json.dumps({"model_cfg": DEMO_MODEL_CONFIG, "preprocess_cfg": {"mean": [0.5] * 3}}))
+    assert ModelSpec(config=str(plain)).config == DEMO_MODEL_CONFIG == ModelSpec(config=str(hf)).config
+    cfg = load_run_config({"warehouse": str(tmp_path / "wh"), "pool": [], "target": [], "model": {"config": str(plain)}})
+    assert cfg.model.config == DEMO_MODEL_CONFIG
+    assert load_model(cfg.model).label == "custom"
+    with pytest.raises(ConfigError, match="nope.json'.*no such file"):
+        ModelSpec(config=str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"vision_cfg": {}}')
+    with pytest.raises(ConfigError, match="bad.json'.*no 'embed_dim'"):
+        load_run_config({"warehouse": str(tmp_path / "wh"), "pool": [], "target": [], "model": {"config": str(bad)}})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_run_config({"warehouse": str(tmp_path / "wh"), "pool": [], "target": [], "model": {"config": 3}})

@@ -213,3 +213,20 @@ def test_scoring_a_featurize_run_with_other_weights_is_refused(run, demo_model):
     loaded = LoadedModel(other, open_clip.tokenizer.SimpleTokenizer(context_length=16), state_dict_checksum(other), "x")
     with pytest.raises(IncompatibleFeaturesError, match="featurize the pool again"):
         score_stage(cfg, Warehouse(cfg.warehouse), loaded, out["featurize"]["run_id"])
+
+
+def test_a_bank_larger_than_the_pool_is_clipped_recorded_and_warned(run, caplog):
+    import dataclasses
+    import json
+    import logging
+
+    cfg, loaded, _ = run
+    big = dataclasses.replace(cfg, bank=BankConfig(size=500))
+    wh = Warehouse(cfg.warehouse)
+    with caplog.at_level(logging.WARNING, logger="chips"):
+        out = featurize_stage(big, wh, loaded)
+    assert out["bank_size"] == 120
+    assert "bank.size=500 clipped to the pool's 120 pairs (K=120)" in caplog.text
+    row = query(connect(wh), "select diagnostics_json from stg_runs where run_id = $r",
+                {"r": out["run_id"]}).to_pylist()[0]
+    assert json.loads(row["diagnostics_json"]) == {"bank_size": 120, "bank_size_configured": 500}

@@ -1,0 +1,38 @@
+"""Run-config parsing: the device is resolved (and a missing CUDA device refused) before anything loads,
+and the shipped example config parses."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from chips_core.errors import ConfigError
+from chips_core.platform.provenance import config_json
+from chips_core.stages.runconfig import load_run_config
+
+BASE = {"warehouse": "/tmp/chips-never-created", "pool": [], "target": [], "model": {"name": "RN50"}}
+
+
+def test_device_auto_resolves_and_is_recorded():
+    cfg = load_run_config({**BASE, "device": "auto"})
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert cfg.device == expected
+    assert json.loads(config_json(cfg))["device"] == expected  # what every runs row records
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match=r"device='cuda' is invalid: this machine has 0 CUDA device\(s\); use "
+                                          "device: auto or cpu"):
+        load_run_config({**BASE, "device": "cuda"})
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x"])
+def test_unknown_devices_are_refused(device):
+    with pytest.raises(ConfigError, match=f"device='{device}'"):
+        load_run_config({**BASE, "device": device})
+
+
+def test_the_example_config_parses():
+    cfg = load_run_config(Path(__file__).resolve().parents[2] / "configs" / "example.yaml")
+    assert cfg.device in ("cpu", "cuda") and cfg.score.plus_match_quantile == 0.25
