@@ -19,12 +19,16 @@ from ..util import progress as progress_bar
 
 
 def known_pairs(wh: Warehouse) -> tuple[dict[str, str], set[tuple[str, str, str]]]:
-    """Pair ids already kept (-> a source key), and every (pair_id, source, source_key) already recorded."""
+    """Pair ids already kept (-> a source key), and what is already recorded: every (pair_id, source,
+    source_key) of ``pair_sources`` and every ("quarantine", source, source_key, reason) of ``quarantine``."""
     ps = wh.read("pair_sources", columns=["pair_id", "source", "source_key"]).to_pylist()
     seen = {}
     for r in ps:
         seen.setdefault(r["pair_id"], r["source_key"])
-    return seen, {(r["pair_id"], r["source"], r["source_key"]) for r in ps}
+    recorded: set = {(r["pair_id"], r["source"], r["source_key"]) for r in ps}
+    recorded |= {("quarantine", r["source"], r["source_key"], r["reason"])
+                 for r in wh.read("quarantine", columns=["source", "source_key", "reason"]).to_pylist()}
+    return seen, recorded
 
 
 def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard: str,
@@ -43,7 +47,13 @@ def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard
         parts.read += v.read
         for row in v.pairs:
             parts.pairs.append(row)
-        parts.quarantine.extend(v.quarantine)
+        for q in v.quarantine:  # quarantined before under the same key and reason: unchanged, not a new row
+            key = ("quarantine", q["source"], q["source_key"], q["reason"])
+            if q["reason"] != "duplicate" and key in recorded:  # (a duplicate has a pair_sources row: below)
+                unchanged += 1
+                continue
+            recorded.add(key)
+            parts.quarantine.append(q)
         again = set()  # source keys recorded before: no new quarantine row, no new source row
         for s in v.pair_sources:
             key = (s["pair_id"], s["source"], s["source_key"])

@@ -101,6 +101,10 @@ def test_csv_bad_rows_each_quarantined_with_reason(tmp_path, wh):
     assert q["line=10"][0] == "image_too_small"
     assert q["line=11"][0] == "duplicate"
     assert q["line=12"][0] == "caption_not_utf8"
+    # re-ingesting the same file writes no quarantine row twice: every row is unchanged, counts reconcile
+    again = ingest_shard(read_csv(str(csv_path), "csv", allowed_roots=[str(root)]), wh, "run2", "csv")
+    assert again == {"read": 11, "kept": 0, "quarantined": 0, "unchanged": 11}
+    assert wh.read("quarantine").num_rows == 10
 
 
 def test_duplicates_across_sources_keep_every_source_key_and_reingest_is_a_noop(tmp_path, wh):
