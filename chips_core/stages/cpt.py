@@ -17,12 +17,15 @@ from .runconfig import RunConfig
 
 
 def subset_data(wh: Warehouse, subset_id: str, loaded: LoadedModel) -> ImageFilePairs:
-    """The pairs of one materialised subset (``<score run>:<method>@<budget>``), images decoded on demand."""
+    """The pairs of one materialised subset (``<score run>:<method>@<budget>``) in rank order — the order of
+    its manifest, so ``cpt --subset X`` and ``cpt --manifest <X's manifest>`` train the same model — with
+    images decoded on demand."""
     sub = wh.read("subsets", columns=["subset_id", "pair_id", "rank"], filter=pc.field("subset_id") == subset_id)
     if sub.num_rows == 0:
         known = sorted(set(wh.read("subsets", columns=["subset_id"]).column("subset_id").to_pylist()))
         raise KeyError(f"subset {subset_id!r} not in the subsets table (known: {known[:8]}{' ...' if len(known) > 8 else ''})")
-    return _warehouse_pairs(wh, sorted(set(sub.column("pair_id").to_pylist())), loaded)
+    return _warehouse_pairs(wh, sub.sort_by([("rank", "ascending"), ("pair_id", "ascending")]).column("pair_id").to_pylist(),
+                            loaded)
 
 
 def replay_data(wh: Warehouse, source: str, loaded: LoadedModel, exclude=()) -> ImageFilePairs:

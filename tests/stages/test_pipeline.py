@@ -230,3 +230,29 @@ def test_a_bank_larger_than_the_pool_is_clipped_recorded_and_warned(run, caplog)
     row = query(connect(wh), "select diagnostics_json from stg_runs where run_id = $r",
                 {"r": out["run_id"]}).to_pylist()[0]
     assert json.loads(row["diagnostics_json"]) == {"bank_size": 120, "bank_size_configured": 500}
+
+
+def test_cpt_on_a_subset_or_on_its_manifest_trains_the_same_model(run, tmp_path):
+    """``cpt --subset X`` and ``cpt --manifest <X's csv>`` read the same pairs in the same (rank) order."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from chips_core.stages import cpt_stage
+    from chips_core.stages.cpt import manifest_data, subset_data
+    from chips_core.train.cpt import CPTConfig
+
+    cfg, loaded, out = run
+    cfg = dataclasses.replace(cfg, cpt=CPTConfig(epochs=1, batch_size=8, warmup_steps=1, checkpoint_every=10**6))
+    wh = Warehouse(cfg.warehouse)
+    sid = f"{out['score']['run_id']}:chips@0.3"
+    csv_path = next(f for f in out["materialize"]["files"] if f.endswith("chips_at_0.3.csv"))
+    finals = []
+    for name, data in (("subset", subset_data(wh, sid, loaded)), ("manifest", manifest_data(csv_path, loaded))):
+        model = copy.deepcopy(loaded)
+        res = cpt_stage(cfg, wh, model, data, tmp_path / name, subset_id=sid if name == "subset" else None)
+        finals.append(torch.load(res["final"], weights_only=True))
+    a, b = finals
+    a, b = (x["state_dict"] for x in (a, b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
