@@ -32,9 +32,9 @@ from .target import CurvatureConfig, CurvatureStats, TargetStats
 class ScoreConfig:
     beta: float = 0.5  # text share of the relevance weight w_R (§6)
     random_seed: int = 0  # seed of the `random` baseline's keys (and of chips_plus's order within a tier)
-    # chips_plus gates, as quantiles of the target eval pairs' own values (chosen on the v2 eval set:
-    # docs/benchmarks/selection_v2.md): in-domain when w_R >= the eval set's 5th percentile; caption
-    # agrees with the image when x.y >= the eval set's 25th percentile.
+    # chips_plus gates, as quantiles of the target eval pairs' own values: in-domain when w_R >= the eval
+    # set's 5th percentile (set, not tuned); caption agrees with the image when x.y >= the eval set's 25th
+    # percentile (chosen among 0/25/50/75 on the v2 eval set: docs/benchmarks/chips_plus_defaults.md).
     plus_relevance_quantile: float = 0.05
     plus_match_quantile: float = 0.25
 
