@@ -71,7 +71,7 @@ def main() -> None:
     t0 = time.perf_counter()
     bench = bench_run.Bench(args.mode, args.workdir)
     state = json.loads(bench.state_path.read_text()) if bench.state_path.exists() else {}
-    if "warm_size" in state.get("command", "") or "warm-captions" in state.get("command", ""):
+    if "--warm-size" in state.get("command", "") or "--warm-captions" in state.get("command", ""):
         raise SystemExit(f"{args.workdir} was run with non-default options ({state['command']}); use a default run")
     bench.results_path = bench.work / "choose_plus.jsonl"  # keep the v2 report's results untouched
     if bench.results_path.exists():  # resume: what an earlier invocation of this script trained
