@@ -17,6 +17,7 @@ model is refused with the differing field named.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -64,6 +65,7 @@ class CPTConfig:
     seed: int = 0  # data order
     checkpoint_every: int = 100  # steps between resume checkpoints (and one at every epoch end)
     replay: ReplayConfig = ReplayConfig()  # general-domain replay mixed into each batch
+    keep_checkpoints: bool = True  # False: delete the resume checkpoints once final.pt is written
 
     def __post_init__(self):
         check(isinstance(self.epochs, int) and self.epochs >= 1, "CPTConfig", "epochs", self.epochs, "an int >= 1")
@@ -199,7 +201,8 @@ def train_cpt(model, data: PairData, config: CPTConfig, out_dir: str | Path, dev
     per_epoch = [epoch_batches(n, config, e) for e in range(config.epochs)]
     total = sum(len(b) for b in per_epoch)
     model.to(device)
-    identity = {"config": json.dumps(dataclasses.asdict(config), sort_keys=True), "data": data.fingerprint(),
+    trains = {k: v for k, v in dataclasses.asdict(config).items() if k != "keep_checkpoints"}  # what shapes the weights
+    identity = {"config": json.dumps(trains, sort_keys=True), "data": data.fingerprint(),
                 "pairs": n, "start_model": state_dict_checksum(model)[:16],
                 "replay": replay.fingerprint() if replay is not None else None}
     # weight decay on matrices only: not on gains, biases, embeddings or the temperature
@@ -264,6 +267,11 @@ def train_cpt(model, data: PairData, config: CPTConfig, out_dir: str | Path, dev
     model.eval()
     final = out / "final.pt"
     atomic_write(final, torch_bytes({"state_dict": model.state_dict()}))
+    if not config.keep_checkpoints:  # a finished run needs no resume points (each is model + optimizer)
+        for ck in ckdir.glob("step-*.pt"):
+            ck.unlink()
+        with contextlib.suppress(OSError):
+            ckdir.rmdir()
     return {"final": str(final), "steps": total, "resumed_from_step": resumed_from, "pairs": n,
             "epochs": config.epochs, "final_loss": _last_loss(log_path)}
 

@@ -183,3 +183,19 @@ def test_replay_config_names_the_bad_value():
         ReplayConfig(fraction=0.2)
     with pytest.raises(ConfigError, match=r"replay.fraction=0.95"):
         CPTConfig(batch_size=16, replay=ReplayConfig(source="g", fraction=0.95))
+
+
+def test_keep_checkpoints_false_leaves_only_final_and_log(tmp_path):
+    """Resume points are kept by default; ``keep_checkpoints: false`` deletes them once final.pt is written,
+    and the option is not part of the run identity (a run may be resumed with either value)."""
+    model, data = _setup()
+    out = train_cpt(model, data, CPTConfig(**{**CFG, "epochs": 1}), tmp_path / "kept")
+    assert list((tmp_path / "kept" / "checkpoints").glob("step-*.pt"))
+    model, data = _setup()
+    lean = train_cpt(model, data, CPTConfig(**{**CFG, "epochs": 1, "keep_checkpoints": False}), tmp_path / "lean")
+    assert sorted(p.name for p in (tmp_path / "lean").iterdir()) == ["final.pt", "log.jsonl"]
+    a, b = (torch.load(o["final"], weights_only=True)["state_dict"] for o in (out, lean))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model, data = _setup()  # resuming the kept run with the option off finds its checkpoints compatible
+    again = train_cpt(model, data, CPTConfig(**{**CFG, "epochs": 1, "keep_checkpoints": False}), tmp_path / "kept")
+    assert again["resumed_from_step"] == out["steps"] and not list((tmp_path / "kept").glob("checkpoints/*.pt"))
