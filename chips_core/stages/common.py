@@ -41,6 +41,31 @@ def source_pair_ids(wh: Warehouse, sources: Sequence[SourceSpec | str]) -> list[
     return sorted(set(t.column("pair_id").to_pylist()))
 
 
+REASON_HINTS = {"path_outside_root": "list the images' folder in the source's allowed_roots",
+                "missing_image_file": "check the image paths (relative paths resolve against the CSV's folder)"}
+
+
+def require_pairs(wh: Warehouse, sources: Sequence[SourceSpec], what: str, minimum: int = 2) -> list[str]:
+    """The sources' pair ids, or one ValueError naming the sources and, when ingest quarantined their rows,
+    the top reasons with counts and what to do — before any model time is spent on a run that cannot score."""
+    ids = source_pair_ids(wh, sources)
+    if len(ids) >= minimum:
+        return ids
+    names = [s.name for s in sources]
+    q = wh.read("quarantine", columns=["source", "reason", "detail"])
+    q = q.filter(pc.is_in(q.column("source"), pa.array(names, pa.string())))
+    counts: dict[str, int] = {}
+    for row in q.to_pylist():  # a read_error's detail starts with the specific cause ("path_outside_root: ...")
+        cause = (row["detail"] or "").split(":", 1)[0]
+        reason = cause if row["reason"] == "read_error" and cause.isidentifier() else row["reason"]
+        counts[reason] = counts.get(reason, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    why = ("; quarantined at ingest: " + ", ".join(f"{r} × {n}" for r, n in top)) if top else ""
+    hints = [REASON_HINTS[r] for r, _ in top if r in REASON_HINTS]
+    raise ValueError(f"{what} sources {names} hold {len(ids)} pairs; need at least {minimum}{why}"
+                     + (f" (fix: {hints[0]})" if hints else ""))
+
+
 def load_pairs(wh: Warehouse, ids: Sequence[str], loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (preprocessed) and tokenized captions for ``ids``, in the order of ``ids``."""
     rows = wh.read_pairs(ids)

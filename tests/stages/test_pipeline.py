@@ -256,3 +256,36 @@ def test_cpt_on_a_subset_or_on_its_manifest_trains_the_same_model(run, tmp_path)
     a, b = finals
     a, b = (x["state_dict"] for x in (a, b))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_target_lost_to_quarantine_stops_the_run_before_featurize(tmp_path, demo_model):
+    """Images given outside allowed_roots are quarantined; the run stops right after ingest, naming the
+    target source, the reason with its count and the fix — no featurize run is started."""
+    import dataclasses
+
+    import open_clip
+
+    from chips_core.stages import run_pipeline
+
+    from ..platform.test_ingest import png
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    rows = []
+    for i in range(3):
+        (tmp_path / "elsewhere" / f"{i}.png").write_bytes(png(i))
+        rows.append(f"{tmp_path / 'elsewhere' / f'{i}.png'},a scan {i}")
+    (tmp_path / "target.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    write_folder(tmp_path / "pool", make_pairs(20, seed=5), 20)
+    cfg = RunConfig(warehouse=str(tmp_path / "wh"), pool=(SourceSpec("pool", "folder", (str(tmp_path / "pool"),)),),
+                    target=(SourceSpec("scans", "csv", (str(tmp_path / "target.csv"),),
+                                       allowed_roots=(str(tmp_path / "imgs"),)),),
+                    model=ModelSpec(config=DEMO_MODEL_CONFIG), bank=BankConfig(size=8))
+    loaded = LoadedModel(demo_model, open_clip.tokenizer.SimpleTokenizer(context_length=16),
+                         state_dict_checksum(demo_model), "demo")
+    with pytest.raises(ValueError, match=r"target sources \['scans'\] hold 0 pairs; need at least 2; quarantined at "
+                                         r"ingest: path_outside_root × 3 \(fix: list the images' folder in the "
+                                         r"source's allowed_roots\)"):
+        run_pipeline(cfg, loaded)
+    stages = query(connect(Warehouse(cfg.warehouse)), "select stage, status from stg_runs order by stage").to_pylist()
+    assert [s["stage"] for s in stages] == ["ingest", "pipeline"] and stages[1]["status"].startswith("failed")
