@@ -1,7 +1,7 @@
 """How `chips_plus`'s defaults were chosen: variants scored, trained and judged on the target *eval set* only.
 
     .venv/bin/python benchmarks/selection/run.py --v2 --quick --workdir W      # first: the v2 benchmark
-    .venv/bin/python benchmarks/selection/choose_plus.py --workdir W           # then: this (~5 min on 2 CPUs)
+    .venv/bin/python benchmarks/selection/choose_plus.py --workdir W           # then: this (~3 min on 2 CPUs)
 
 It reuses the v2 run's warehouse, featurize runs, general model and CPT settings. For each variant it
 scores the pool through the product (``score_stage`` with that ``ScoreConfig``), selects at the v2
@@ -81,10 +81,7 @@ def main() -> None:
             bench.trained[row["train_key"]] = row
     bench.load_data()
     name = "sheets"
-    t = bench.targets[name]
-    bench.target_suites[name] = [bench_run.eval_suite(f"{name}_test", t.test.pairs, t.test.pairs.classnames, t.test.templates),
-                                 bench_run.eval_suite(f"{name}_evalset", t.eval_set, t.test.pairs.classnames, t.test.templates),
-                                 *bench.suites]
+    bench.set_target_suites(name)
     bench.ingest(name)
     loaded = load_model(bench.run_config(name, 0).model)
     for seed in bench.p["seeds"]:

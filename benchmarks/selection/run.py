@@ -327,11 +327,15 @@ class Bench:
         out["class_entropy"] = float(-(share * np.log(share)).sum() / np.log(max(2, len(counts))))  # 1 = balanced
         return out
 
-    def run_target(self, name: str) -> None:
+    def set_target_suites(self, name: str) -> None:
+        """What every CPT of this target is evaluated on: its held-out test, its eval set, the general suites."""
         t = self.targets[name]
         self.target_suites[name] = [eval_suite(f"{name}_test", t.test.pairs, t.test.pairs.classnames, t.test.templates),
                                     eval_suite(f"{name}_evalset", t.eval_set, t.test.pairs.classnames, t.test.templates),
                                     *self.suites]
+
+    def run_target(self, name: str) -> None:
+        self.set_target_suites(name)
         self.ingest(name)
         loaded = load_model(self.run_config(name, 0).model)
         self.premise(name, loaded)

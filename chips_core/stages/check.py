@@ -20,7 +20,7 @@ from ..scoring.identity import seeded_sample
 from ..scoring.premise import premise_checks
 from ..scoring.reference import full_parameter_alignment
 from ..scoring.target import TargetStats, target_stats_pre
-from .common import load_pairs, model_fields, source_pair_ids
+from .common import load_pairs, model_fields, require_pairs
 from .featurize import build_bank
 from .runconfig import RunConfig
 
@@ -67,10 +67,7 @@ def check_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str 
     """The premise check over the ingested pool and target, before any featurization; one ``check`` run
     whose ``diagnostics_json`` holds every check."""
     run_id = run_id or new_run_id("check")
-    pool_ids, eval_ids = source_pair_ids(wh, cfg.pool), source_pair_ids(wh, cfg.target)
-    for what, ids, sources in (("pool", pool_ids, cfg.pool), ("target", eval_ids, cfg.target)):
-        if len(ids) < 2:
-            raise ValueError(f"{what} sources {[s.name for s in sources]} hold {len(ids)} pairs; need at least 2")
+    pool_ids, eval_ids = require_pairs(wh, cfg.pool, "pool"), require_pairs(wh, cfg.target, "target")
     with recorded_run(wh, "check", cfg, run_id=run_id, parent_run_id=parent_run_id, **model_fields(cfg, loaded)) as row:
         bank = build_bank(cfg, wh, loaded, pool_ids)
         feat = Featurizer(EndpointModel(loaded.model), bank, cfg.sketch, cfg.featurize)

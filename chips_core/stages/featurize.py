@@ -15,7 +15,7 @@ from ..scoring.endpoint import EndpointModel, LoadedModel
 from ..scoring.featurize import Featurizer, ReferenceBank, ScoringContext
 from ..scoring.target import curvature_sample, curvature_stats
 from ..util import progress as progress_bar
-from .common import MapShards, load_pairs, local_map, model_fields, require_bank_model, source_pair_ids
+from .common import MapShards, load_pairs, local_map, model_fields, require_bank_model, require_pairs
 from .runconfig import RunConfig
 
 log = logging.getLogger("chips")
@@ -33,9 +33,7 @@ def build_bank(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, pool_ids: lis
 def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str) -> tuple[list[str], list[list[str]]]:
     """Reduce step: the pool's pair ids, their shards, and the reference bank (drawn, forwarded and
     stored once per run; a resumed run reuses the stored bank)."""
-    ids = source_pair_ids(wh, cfg.pool)
-    if len(ids) < 2:
-        raise ValueError(f"pool sources {[s.name for s in cfg.pool]} hold {len(ids)} pairs; need at least 2")
+    ids = require_pairs(wh, cfg.pool, "pool")
     try:
         load_bank(wh, run_id)
     except FileNotFoundError:

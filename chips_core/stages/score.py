@@ -14,7 +14,7 @@ from ..scoring.featurize import Featurizer
 from ..scoring.premise import premise_checks
 from ..scoring.score import Preconditioners, score_features, select_top
 from .check import pool_sample, target_and_eval_features
-from .common import model_fields, require_bank_model, source_pair_ids
+from .common import model_fields, require_bank_model, require_pairs
 from .runconfig import RunConfig
 
 
@@ -35,9 +35,7 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
                 run_id: str | None = None, parent_run_id: str | None = None) -> dict:
     """Every score for every pool pair of ``featurize_run_id`` against the config's target set."""
     run_id = run_id or new_run_id("score")
-    eval_ids = source_pair_ids(wh, cfg.target)
-    if len(eval_ids) < 2:
-        raise ValueError(f"target sources {[s.name for s in cfg.target]} hold {len(eval_ids)} pairs; need at least 2")
+    eval_ids = require_pairs(wh, cfg.target, "target")
     with recorded_run(wh, "score", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       inputs={"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)},
                       **model_fields(cfg, loaded)) as row:

@@ -19,17 +19,22 @@ from chips_core.train.synthetic import make_pairs
 from ..conftest import make_bank
 
 
-@pytest.fixture(scope="module")
-def scored(demo_model, pairs, eval_pairs):
-    bank = make_bank(demo_model, pairs, size=32)
-    feat = Featurizer(EndpointModel(demo_model), bank, SketchConfig(k=64), FeaturizeConfig(micro_batch=32))
-    images, texts, ids = pairs
+def _score_inputs(model, bank_pairs, pool, target, bank_size=32, micro_batch=32):
+    """Featurize ``pool`` against a bank drawn from ``bank_pairs``; its curvature and ``target``'s statistics."""
+    bank = make_bank(model, bank_pairs, size=bank_size)
+    feat = Featurizer(EndpointModel(model), bank, SketchConfig(k=64), FeaturizeConfig(micro_batch=micro_batch))
+    images, texts, ids = pool
     features = feat.featurize(images, texts, ids)
     hv, ht = feat.endpoint.encode_pre(images, texts)
     ccfg = CurvatureConfig(hard_negatives=8)
     curv = curvature_stats_pre(feat.ctx, hv, ht, ids, ccfg)
-    tgt = target_stats(feat.ctx, *eval_pairs)
+    tgt = target_stats(feat.ctx, *target)
     return feat, features, curv, tgt, ccfg
+
+
+@pytest.fixture(scope="module")
+def scored(demo_model, pairs, eval_pairs):
+    return _score_inputs(demo_model, pairs, pairs, eval_pairs)
 
 
 def test_alpha_zero_is_positive_pair_curvature(scored):
@@ -172,17 +177,11 @@ def test_chips_plus_is_tier_then_the_random_order(scored):
 
 def test_chips_plus_gates_are_calibrated_on_the_eval_set(demo_model, eval_pairs, pairs):
     """Scoring the eval pairs themselves: quantile 0 admits all of them, quantile q about a (1 - q) share."""
-    bank = make_bank(demo_model, pairs, size=32)
-    feat = Featurizer(EndpointModel(demo_model), bank, SketchConfig(k=64), FeaturizeConfig(micro_batch=32))
-    images, texts, ids = eval_pairs
-    features = feat.featurize(images, texts, ids)
-    hv, ht = feat.endpoint.encode_pre(images, texts)
-    curv = curvature_stats_pre(feat.ctx, hv, ht, ids, CurvatureConfig(hard_negatives=8))
-    tgt = target_stats(feat.ctx, images, texts, ids)
+    _, features, curv, tgt, _ = _score_inputs(demo_model, pairs, eval_pairs, eval_pairs)
     tier = lambda **kw: np.floor(score_features(features, tgt, curv, CurvatureConfig(), ScoreConfig(**kw))["chips_plus"])  # noqa: E731
     assert np.all(tier(plus_relevance_quantile=0.0, plus_match_quantile=0.0) == 2)
     half = tier(plus_relevance_quantile=0.0, plus_match_quantile=0.5)
-    assert abs((half == 2).mean() - 0.5) <= 1.5 / len(ids)
+    assert abs((half == 2).mean() - 0.5) <= 1.5 / len(features)
     assert np.all(half >= 1)
     no_eval = dataclasses.replace(tgt, eval_x=None)
     with pytest.raises(ValueError, match="eval_x"):
@@ -199,14 +198,10 @@ def test_chips_plus_guards_against_off_domain_and_swapped_captions(demo_model, t
     """On a noisy mixed pool, chips_plus keeps fewer off-domain pairs and fewer swapped captions than random."""
     pool = make_pairs(600, seed=21, scan_fraction=0.4, noise_fraction=0.3)
     target = make_pairs(64, seed=22, scan_fraction=1.0, noise_fraction=0.0)
-    bank = make_bank(demo_model, (pool.images, tokenizer(pool.captions), pool.pair_ids), size=64)
-    feat = Featurizer(EndpointModel(demo_model), bank, SketchConfig(k=64), FeaturizeConfig(micro_batch=64))
-    texts = tokenizer(pool.captions)
-    features = feat.featurize(pool.images, texts, pool.pair_ids)
-    hv, ht = feat.endpoint.encode_pre(pool.images, texts)
-    ccfg = CurvatureConfig(hard_negatives=8)
-    curv = curvature_stats_pre(feat.ctx, hv, ht, pool.pair_ids, ccfg)
-    tgt = target_stats(feat.ctx, target.images, tokenizer(target.captions), target.pair_ids)
+    inputs = (pool.images, tokenizer(pool.captions), pool.pair_ids)
+    _, features, curv, tgt, ccfg = _score_inputs(demo_model, inputs, inputs,
+                                                 (target.images, tokenizer(target.captions), target.pair_ids),
+                                                 bank_size=64, micro_batch=64)
     s = score_features(features, tgt, curv, ccfg)
     picked = {m: select_top(s[m], features.pair_id, 0.15) for m in ("random", "chips_plus")}
     off = {m: np.mean(pool.domain[k] != "scan") for m, k in picked.items()}
