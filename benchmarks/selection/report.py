@@ -38,14 +38,21 @@ def target_metric(row: dict, metric: str = PRIMARY) -> float:
     return headline(m) if metric == PRIMARY else m[metric]
 
 
+# general suites of a target's own domain: CPT on the target trains them, so they are no measure of retention
+OWN_SUITES = {"animal_sheets": ("general_animals",)}
+
+
+def general_suites(row: dict) -> list[tuple[str, dict]]:
+    """The general suites that measure retention after CPT on ``row``'s target: every ``general_*`` suite but
+    the target's own domain's (:data:`OWN_SUITES`)."""
+    own = OWN_SUITES.get(row["target"], ())
+    return [(s, m) for s, m in sorted(row["metrics"].items()) if s.startswith("general_") and s not in own]
+
+
 def general_score(row: dict) -> float:
-    """Mean over the general suites of each suite's headline metric: zero-shot top-1 where the suite
-    has classes, else mean retrieval R@5."""
-    vals = []
-    for suite, m in sorted(row["metrics"].items()):
-        if not suite.startswith("general_"):
-            continue
-        vals.append(headline(m))
+    """Mean over the general suites (:func:`general_suites`) of each suite's headline metric: zero-shot top-1
+    where the suite has classes, else mean retrieval R@5."""
+    vals = [headline(m) for _, m in general_suites(row)]
     return float(np.mean(vals)) if vals else float("nan")
 
 
@@ -247,7 +254,7 @@ def collapse(row: dict, which: str) -> float:
     if which == "target":
         vals = [row["metrics"].get(f"{row['target']}_test", {}).get("image_mean_cosine")]
     else:
-        vals = [m.get("image_mean_cosine") for s, m in sorted(row["metrics"].items()) if s.startswith("general_")]
+        vals = [m.get("image_mean_cosine") for _, m in general_suites(row)]
     vals = [v for v in vals if v is not None]
     return float(np.mean(vals)) if vals else float("nan")
 

@@ -45,7 +45,7 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
 
 import report as rep  # noqa: E402
-from datasets import PairSet, load_fashion, load_fashion_sheets, load_general, load_medical  # noqa: E402
+from datasets import PairSet, load_animal_sheets, load_fashion, load_fashion_sheets, load_general, load_medical  # noqa: E402
 from datasets.common import _concat  # noqa: E402
 
 from chips_core.platform.readers import SourceSpec  # noqa: E402
@@ -82,10 +82,11 @@ MODES = {
 # the same general-domain replay in every CPT, a fixed number of CPT steps for every budget, 3 seeds,
 # random over in-domain pairs as the primary baseline and a planted oracle check.
 V2_MODES = {
-    "v2-quick": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2], sweep_seeds=[], sheets_pool=5000, test_cap=1000,
+    "v2-quick": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2], sweep_seeds=[], sheets_pool=5000, animal_pool=4000, test_cap=1000,
                      warm_size=1200, general_quick=True, pretrain_epochs=15, cpt_steps=60, replay=0.25,
                      replay_size=2000),
-    "v2-full": dict(seeds=[0, 1, 2, 3, 4], budgets=[0.1, 0.2, 0.3, 0.5], sweep_seeds=[], sheets_pool=16000, test_cap=2000,
+    "v2-full": dict(seeds=[0, 1, 2, 3, 4], budgets=[0.1, 0.2, 0.3, 0.5], sweep_seeds=[], sheets_pool=16000,
+                    animal_pool=8000, test_cap=2000,
                     warm_size=2400, general_quick=False, pretrain_epochs=25, cpt_steps=150, replay=0.25,
                     replay_size=4000),
 }
@@ -153,7 +154,10 @@ class Bench:
             sheets = load_fashion_sheets(self.general, seed=0, pool_size=self.p["sheets_pool"],
                                          test_size=self.p["test_cap"], warm_size=self.p["warm_size"],
                                          warm_captions=self.p.get("warm_captions", "coarse"))
-            self.targets = {"sheets": sheets}
+            # a second domain built the same way; its coarse knowledge is the general mix's single silhouettes
+            animals = load_animal_sheets(self.general, seed=0, pool_size=self.p["animal_pool"],
+                                         test_size=self.p["test_cap"])
+            self.targets = {"sheets": sheets, "animal_sheets": animals}
             # the base model sees a few percent of coarse-captioned sheets (a disjoint split), as a web CLIP has
             self.pretrain_set = _concat([self.general, sheets.recipe["warm"]])
             self.replay = self.general.subset(np.random.default_rng(17).choice(
@@ -421,7 +425,7 @@ def _metrics(rows) -> dict:
 
 def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
     rows, p = bench.rows, bench.p
-    targets = [t for t in ("fashion", "medical", "sheets") if any(r["target"] == t for r in rows)]
+    targets = [t for t in ("fashion", "medical", "sheets", "animal_sheets") if any(r["target"] == t for r in rows)]
     img_dir = out_md.parent / out_md.stem
     files = rep.plots(rows, targets, p["budgets"], img_dir)
     rel = img_dir.name
@@ -695,7 +699,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="report path (default: docs/benchmarks/selection.md in full "
                                                           "mode, <workdir>/quick/selection.md in quick mode)")
     ap.add_argument("--seeds", type=int, default=None, help="use only the first N seeds")
-    ap.add_argument("--targets", default="fashion,medical")
+    ap.add_argument("--targets", default=None, help="comma-separated (default: fashion,medical; with --v2: "
+                                                    "sheets,animal_sheets)")
     ap.add_argument("--no-sweeps", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, train nothing")
     ap.add_argument("--warm-size", type=int, default=None, help="v2: coarse-captioned sheets in the base model's "
@@ -722,11 +727,15 @@ def main() -> None:
         return
     bench.state["command"] = "python benchmarks/selection/run.py " + " ".join(a for a in sys.argv[1:])
     bench.general_model()
-    for name in (bench.targets if args.v2 else args.targets.split(",")):
+    names = args.targets.split(",") if args.targets else list(bench.targets) if args.v2 else ["fashion", "medical"]
+    unknown = [n for n in names if n not in bench.targets]
+    if unknown:
+        ap.error(f"--targets {','.join(unknown)}: this mode's targets are {', '.join(bench.targets)}")
+    for name in names:
         bench.run_target(name)
         if args.v2:
             bench.diagnostics(name)  # random over in-domain / clean pairs: the primary baseline and the planted check
-    if not args.v2 and not args.no_sweeps and "fashion" in args.targets:
+    if not args.v2 and not args.no_sweeps and "fashion" in names:
         bench.sweeps("fashion")
         bench.diagnostics("fashion")
     bench.state.setdefault("invocations", []).append(round(time.perf_counter() - t0, 1))

@@ -116,3 +116,14 @@ def test_collapse_table_reads_image_mean_cosine_per_suite():
     assert "| random | 31.0 ± 1.4 | 15.0 ± 0.0 |" in tab
     assert "chips " not in tab  # methods without the measurement are left out
     assert rep.collapse_table([_row("random", 0.1, 0.4)], "fashion", [0.1]) == ""
+
+
+def test_retention_leaves_out_the_targets_own_domain():
+    """After CPT on animal sheets the general_animals suite is trained, not retained: it is left out of that
+    target's general score (and of nothing else's)."""
+    row = _row("random", 0.1, 0.4, general=0.5, target="animal_sheets")
+    row["metrics"]["general_animals"] = {"zero_shot_top1": 0.9, "image_mean_cosine": 0.9}
+    assert rep.general_score(row) == pytest.approx(0.5)
+    assert [s for s, _ in rep.general_suites(row)] == ["general_a", "general_b"]
+    other = {**row, "target": "sheets", "metrics": {**row["metrics"], "sheets_test": row["metrics"]["animal_sheets_test"]}}
+    assert rep.general_score(other) == pytest.approx((0.5 + 0.5 + 0.9) / 3)

@@ -72,3 +72,37 @@ def test_grounded_warm_up_and_item_classes(target):
     assert all(k in ic and len(ic[k]) == 4 for k in in_domain)
     for key, classes in g.recipe["item_classes"].items():  # the true labels of the sheet's four items
         np.testing.assert_array_equal(classes, ytr[g.recipe["train_items"]["pool"][int(key.rsplit("/", 1)[1])]])
+
+
+def test_a_second_domain_with_reused_items_and_no_warm_up():
+    """``make_sheets`` builds any item domain: the captions use that domain's nouns and coarse prefix; with
+    ``reuse`` the eval items are used once and kept out of the pool, the pool reuses the rest (every item once
+    before any twice); ``warm_size=0`` gives no warm-up sheets. The fashion target's draws do not change."""
+    from datasets import ANIMAL_SHEETS, FASHION_SHEETS
+    rng = np.random.default_rng(2)
+    xtr, xte = rng.integers(0, 256, (1500, 16, 16)).astype(np.uint8), rng.integers(0, 256, (300, 16, 16)).astype(np.uint8)
+    ytr, yte = rng.integers(0, 10, 1500), rng.integers(0, 10, 300)
+    general = PairSet(images=rng.integers(0, 256, (40, 32, 32, 3)).astype(np.uint8),
+                      captions=[f"a drawing number {i}" for i in range(40)], labels=np.full(40, -1), classnames=[],
+                      source=np.full(40, "general"), kind=np.full(40, "clean"), keys=np.array([f"g{i}" for i in range(40)]))
+    a = make_sheets(xtr, ytr, xte, yte, general, pool_size=1000, eval_size=100, test_size=200, warm_size=0,
+                    dom=ANIMAL_SHEETS, reuse=True, name="animal_sheets")
+    assert a.name == "animal_sheets" and a.test.name == "animal_sheets_test" and len(a.recipe["warm"]) == 0
+    nouns = {n[0] for n in ANIMAL_SHEETS.nouns}
+    for cap, key in zip(a.pool.captions[:50], a.pool.keys[:50]):
+        if str(key).startswith("animal_sheets/"):
+            assert {c.rsplit(" ", 1)[-1] for c in cap.split("; ")} <= nouns, cap  # "top left: a small red cat"
+    items = a.recipe["train_items"]
+    pool_items = items["pool"].ravel()
+    assert not set(pool_items.tolist()) & set(items["eval"].ravel().tolist())
+    assert len(set(items["eval"].ravel().tolist())) == 4 * 100  # eval items once each
+    counts = np.bincount(pool_items, minlength=1500)[np.unique(pool_items)]
+    assert len(counts) == 1500 - 400 and counts.max() - counts.min() <= 1  # 2800 uses of 1100 items: 2 or 3 each
+    assert len(a.test.pairs) == 200 and a.recipe["items_reused"]  # 800 item uses of 300 test items
+    with pytest.raises(ValueError, match="eval_size=400"):  # eval items are never reused
+        make_sheets(xtr, ytr, xte, yte, general, pool_size=1000, eval_size=400, test_size=20, warm_size=0,
+                    dom=ANIMAL_SHEETS, reuse=True)
+    f = make_sheets(xtr, ytr, xte, yte, general, pool_size=200, eval_size=20, test_size=20, warm_size=10,
+                    dom=FASHION_SHEETS)
+    g = make_sheets(xtr, ytr, xte, yte, general, pool_size=200, eval_size=20, test_size=20, warm_size=10)
+    assert f.pool.captions == g.pool.captions and f.recipe["warm"].captions[0].startswith("a catalogue sheet with ")

@@ -9,9 +9,12 @@ run time.
   plus one held-out evaluation :class:`Suite` per source.
 * :func:`load_fashion` -- target A: Fashion-MNIST with a noisy candidate pool, a small
   clean target eval set and the held-out test split as a :class:`Suite`.
-* :func:`load_fashion_sheets` -- the v2 target (issue 10, not yet wired into the runner): 2x2
-  catalogue sheets of tinted Fashion-MNIST items with grounded captions (positions, tints, sizes),
-  stated noise, and coarse-captioned warm-up sheets for the base model.
+* :func:`load_fashion_sheets` -- v2 target ``sheets`` (issue 10): 2x2 catalogue sheets of tinted
+  Fashion-MNIST items with grounded captions (positions, tints, sizes), stated noise, and
+  coarse-captioned warm-up sheets for the base model.
+* :func:`load_animal_sheets` -- v2 target ``animal_sheets``: the same sheets of Animal-MNIST
+  silhouettes (the general mix's single silhouettes are the base model's coarse knowledge; the
+  test sheets use only silhouettes the general mix holds out).
 * :func:`load_medical` -- target B: brain MRI (mricron-data templates, AAL atlas region
   captions), head CT (invesalius-examples) and pydicom test DICOM frames, split into
   train/test by alternating slice blocks with gaps.
@@ -36,7 +39,8 @@ from .common import CACHE_VERSION, INSTALL_HINT, NOISE, PairSet, Suite, Target, 
 from .fashion import load_fashion
 from .general import load_general
 from .medical import aal_clean_name, load_medical
-from .sheets import SHEET_NOISE, load_fashion_sheets, make_sheets
+from .sheets import ANIMAL_SHEETS, FASHION_SHEETS, SHEET_NOISE, SheetDomain, load_animal_sheets, load_fashion_sheets, make_sheets
 
 __all__ = ["CACHE_VERSION", "INSTALL_HINT", "NOISE", "PairSet", "Suite", "Target", "aal_clean_name",
-           "contact_sheet", "load_fashion", "load_general", "load_medical", "SHEET_NOISE", "load_fashion_sheets", "make_sheets"]
+           "contact_sheet", "load_fashion", "load_general", "load_medical", "SHEET_NOISE", "load_fashion_sheets", "make_sheets",
+           "ANIMAL_SHEETS", "FASHION_SHEETS", "SheetDomain", "load_animal_sheets"]

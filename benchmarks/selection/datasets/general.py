@@ -323,21 +323,35 @@ def _group_split(groups: np.ndarray, frac: float, rng) -> np.ndarray:
     return np.array([g in chosen for g in groups])
 
 
+HOLDOUT = 0.15  # of each general source, held out of pre-training (its suite is drawn from these)
+
+
+def _random_holdout(rng, n: int, frac: float) -> np.ndarray:
+    held = np.zeros(n, bool)
+    held[rng.permutation(n)[:int(round(frac * n))]] = True
+    return held
+
+
+def general_holdout(src: str, n: int, seed: int = 0) -> np.ndarray:
+    """The items of general source ``src`` (one without groups) that :func:`load_general` holds out of
+    pre-training, as a mask: what a target built from the same items may test on."""
+    return _random_holdout(_rng(seed, "general-split", src), n, HOLDOUT)
+
+
 def load_general(res: int = 32, seed: int = 0, quick: bool = False) -> tuple[PairSet, list[Suite], dict]:
     """General-domain pretraining set (all clean) + held-out general eval suites (one per source) + recipe.
 
     ~15% of each source (whole groups of variants for tuxpaint/openclipart) is held out; each
     suite is a random subset of at most 500 held-out items.  quick=True caps each source's
     training part at 1500 items (suites are the same in quick and full mode)."""
-    holdout, suite_cap, quick_cap = 0.15, 500, 1500
+    holdout, suite_cap, quick_cap = HOLDOUT, 500, 1500
     train_parts, suites, recipe_sources = [], [], {}
 
     def add(src, images, captions, labels, classnames, keys, groups, zs_name):
         rng = _rng(seed, "general-split", src)
         n = len(images)
         if groups is None:
-            held = np.zeros(n, bool)
-            held[rng.permutation(n)[:int(round(holdout * n))]] = True
+            held = _random_holdout(rng, n, holdout)
         else:
             held = _group_split(np.asarray(groups), holdout, rng)
         held_idx = np.flatnonzero(held)

@@ -15,6 +15,9 @@ OPENCLIPART_CLASSES = {"animals": "animal", "buildings": "building", "computer":
                        "shapes": "geometric shape", "signs_and_symbols": "sign or symbol",
                        "electronics": "electronic component", "office": "office item"}
 ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
+# the sheet captions' noun per Animal-MNIST class (one each: a silhouette shows no age or breed, so "kitten" or
+# "grizzly" would not be true of the pixels)
+ANIMAL_NOUNS = [[c] for c in ANIMAL_CLASSES]
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 EMOJI_CLASSES = ["flag", "face", "heart", "hand", "clock", "keycap", "button"]
 
