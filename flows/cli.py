@@ -1,14 +1,25 @@
-"""The ``chips`` command line: demo, run, rescore, cpt, eval, sql, runs, report. Every error a user can
-cause is one line on stderr and exit code 1 (the one boundary: :func:`_one_line_errors`).
+"""The ``chips`` command line: demo, run, check, rescore, cpt, eval, sql, runs, report, server. Every error is one
+line on stderr and exit code 1 (the one boundary: :func:`_one_line_errors`); an unexpected one also writes its
+traceback to a log file whose path the line names (``--debug`` prints it instead). Ctrl-C ends any command within
+seconds with ``interrupted; rerun the same command to resume`` (the stage's run is recorded as failed).
+
+Commands that run a stage check their inputs first (:mod:`chips_core.stages.preflight`): sources, warehouse,
+ids, device — before any model is loaded or flow started. ``sql``, ``runs`` and ``report`` never start Prefect.
 
 Prefect reads its settings from the environment when it is first imported, so ``flows.chips_flows``
 is imported inside the commands, after :func:`main` and ``demo`` have set them."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import logging
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -23,24 +34,87 @@ from chips_core.platform.query import query as run_query
 from chips_core.platform.report import write_report
 from chips_core.platform.warehouse import Warehouse
 from chips_core.scoring.endpoint import load_model
+from chips_core.stages.preflight import (PreflightError, check_sources, existing_warehouse, require_run,
+                                         require_subset, writable_warehouse)
 from chips_core.stages.runconfig import load_run_config
 from flows.demo import prepare_demo, run_core_demo
 
-app = typer.Typer(help="chips — CHIPS data selection for domain-adaptive CLIP, as a data platform.",
+app = typer.Typer(help="chips — CHIPS data selection for domain-adaptive CLIP, as a data platform. "
+                       "Add --debug to any command to print tracebacks instead of one-line errors.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+DEFAULT_STARTUP_TIMEOUT = "180"  # Prefect's own 20 s is too short on a busy machine
+_debug = False
+
+
+def _log_traceback(exc: BaseException) -> Path:
+    """Write ``exc``'s traceback to ``$CHIPS_LOG_DIR`` (default: the temp folder) and return the file."""
+    folder = Path(os.environ.get("CHIPS_LOG_DIR") or tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"chips-error-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    path.write_text(f"chips {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc)))
+    return path
+
+
+def _prefect_startup_failed(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and "attempting to connect to ephemeral Prefect API" in str(e)
 
 
 @contextlib.contextmanager
 def _one_line_errors():
-    """Errors a user can cause (config, paths, ids, SQL) become one line and exit code 1."""
+    """Every error becomes one line and exit code 1: the ones a user causes (config, paths, ids, SQL) with
+    their own message, anything else with its type, message and the log file holding the traceback."""
     try:
         yield
+    except KeyboardInterrupt:  # the SIGINT handler printed the line already
+        raise typer.Exit(code=130) from None
     except (ChipsError, FileNotFoundError, ValueError, KeyError, PermissionError, duckdb.Error) as e:
+        if _debug:
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         if isinstance(e, duckdb.Error) and not isinstance(e, ChipsError):
             msg = f"{type(e).__name__}: {e}"
         typer.echo(f"chips: error: {msg}", err=True)
         raise typer.Exit(code=1) from None
+    except Exception as e:  # noqa: BLE001 - the boundary: nothing else reaches the user as a traceback
+        if _debug:
+            raise
+        if _prefect_startup_failed(e):
+            typer.echo(f"chips: error: the temporary Prefect API did not start within "
+                       f"{os.environ.get(STARTUP_TIMEOUT_ENV, DEFAULT_STARTUP_TIMEOUT)} s (a busy machine?): set "
+                       f"{STARTUP_TIMEOUT_ENV} higher, or keep one API running with `chips server` and set the "
+                       "PREFECT_API_URL it prints", err=True)
+            raise typer.Exit(code=1) from None
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        typer.echo(f"chips: error: {type(e).__name__}: {first} (traceback in {_log_traceback(e)}; "
+                   "--debug prints it)", err=True)
+        raise typer.Exit(code=1) from None
+
+
+_interrupts = 0
+
+
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C: say so once, silence the shutdown noise (a terminal's Ctrl-C also stops the temporary Prefect
+    API, and Prefect would retry reaching it for a minute), and exit within seconds; a second Ctrl-C exits at
+    once. The KeyboardInterrupt raised here unwinds the stage, which records its run as failed."""
+    global _interrupts
+    _interrupts += 1
+    if _interrupts > 1:
+        os._exit(130)
+    typer.echo(f"\nchips: {INTERRUPTED}", err=True)
+    if not _debug:
+        logging.disable(logging.CRITICAL)
+        with contextlib.suppress(OSError):  # whatever Prefect prints while it gives up goes to a log file
+            log = os.open(Path(tempfile.gettempdir()) / f"chips-interrupt-{os.getpid()}.log",
+                          os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(log, 2)
+    watchdog = threading.Timer(8.0, os._exit, args=(130,))
+    watchdog.daemon = True  # a command that unwinds sooner exits sooner
+    watchdog.start()
+    raise KeyboardInterrupt
 
 
 def _warehouse_option():
@@ -52,9 +126,9 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/r
     """Run the whole pipeline (ingest, featurize, score, materialize) as a Prefect flow."""
     with _one_line_errors():
         cfg = load_run_config(config)  # fail fast, before any flow starts, with the bad key named
-        Warehouse(cfg.warehouse, cfg.storage_options)  # reachable and writable, or a named error
-        if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
-            load_model(cfg.model)  # raises CheckpointNotFoundError naming the path
+        check_sources(cfg)  # every source there, readable, with its columns and rows
+        _require_checkpoint(cfg)
+        writable_warehouse(cfg)  # created only now, after the sources passed
         from flows.chips_flows import pipeline_flow
 
         out = pipeline_flow(str(config), progress=True)
@@ -67,7 +141,12 @@ def check_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool, 
     """Premise check: can gradient-based selection be trusted with this model and target? Exit 2 if not."""
     with _one_line_errors():
         cfg = load_run_config(config)
-        Warehouse(cfg.warehouse, cfg.storage_options)
+        if not no_ingest:
+            check_sources(cfg)
+        _require_checkpoint(cfg)
+        if no_ingest:
+            existing_warehouse(cfg)
+        writable_warehouse(cfg)
         from flows.chips_flows import check_flow
 
         out = check_flow(str(config), ingest=not no_ingest)
@@ -86,7 +165,11 @@ def rescore(config: Path = typer.Argument(..., help="pipeline YAML whose `target
             featurize_run_id: str = typer.Option(..., "--featurize-run", help="run id of the pool's featurization")) -> None:
     """Score an already featurized pool for a new target set (the model runs over the target only)."""
     with _one_line_errors():
-        load_run_config(config)
+        cfg = load_run_config(config)
+        check_sources(cfg, pool=False)
+        _require_checkpoint(cfg)
+        require_run(existing_warehouse(cfg), featurize_run_id, ("featurize",))
+        writable_warehouse(cfg)
         from flows.chips_flows import rescore_flow
 
         out = rescore_flow(str(config), featurize_run_id)
@@ -107,7 +190,12 @@ def cpt(config: Path = typer.Argument(..., help="pipeline YAML; its `model` is t
             raise ValueError("give exactly one of --subset / --manifest")
         if manifest is not None and not manifest.is_file():
             raise FileNotFoundError(f"manifest not found: {str(manifest)!r}")
-        load_run_config(config)
+        cfg = load_run_config(config)
+        _require_checkpoint(cfg)
+        if subset is not None:
+            require_subset(existing_warehouse(cfg), subset)
+        writable_warehouse(cfg)
+        _writable_dir(out, "--out")
         from flows.chips_flows import cpt_flow
 
         r = cpt_flow(str(config), str(out), subset_id=subset, manifest=str(manifest) if manifest else None,
@@ -126,9 +214,22 @@ def eval_cmd(config: Path = typer.Argument(..., help="pipeline YAML with `eval_s
              subset: Optional[str] = typer.Option(None, help="the subset that trained it (joins evals to the selection)")) -> None:
     """Zero-shot accuracy and retrieval recall@{1,5,10} on every configured suite -> the `evals` table."""
     with _one_line_errors():
-        load_run_config(config)
+        cfg = load_run_config(config)
         if checkpoint is not None and not checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint not found: {str(checkpoint)!r}")
+        if checkpoint is None:
+            _require_checkpoint(cfg)
+        if not cfg.eval_suites:
+            raise PreflightError(f"{config}: no eval_suites configured (each: {{name, path, templates}})")
+        missing = [s.path for s in cfg.eval_suites if "://" not in s.path and not Path(s.path).is_file()]
+        if missing:
+            raise PreflightError(f"eval suite file not found: {missing[0]!r}")
+        wh = existing_warehouse(cfg)
+        if subset is not None:
+            require_subset(wh, subset)
+        if cpt_run is not None:
+            require_run(wh, cpt_run, ("cpt",))
+        writable_warehouse(cfg)
         from flows.chips_flows import eval_flow
 
         r = eval_flow(str(config), str(checkpoint) if checkpoint else None, cpt_run, subset)
@@ -185,8 +286,42 @@ def report(run_id: str = typer.Argument(..., help="a score, materialize, pipelin
            out: Path = typer.Option(None, help="output folder (default: chips-report-<run id>)")) -> None:
     """Write an HTML report with PNG plots for a scoring run."""
     with _one_line_errors():
-        page = write_report(Warehouse(warehouse, create=False), run_id, out or Path(f"chips-report-{run_id}"))
+        wh = Warehouse(warehouse, create=False)
+        out = out or Path(f"chips-report-{run_id}")
+        _writable_dir(out, "--out")
+        page = write_report(wh, run_id, out)
     typer.echo(f"report: {page}")
+
+
+@app.command()
+def server(port: int = typer.Option(4200, help="port of the local API (127.0.0.1 only)"),
+           ui: bool = typer.Option(False, help="serve Prefect's web UI too")) -> None:
+    """Keep one local Prefect API running (foreground; Ctrl-C stops it). Commands run with the PREFECT_API_URL it
+    prints use it instead of starting a temporary API each (about 15-20 s each), for a working day."""
+    url = f"http://127.0.0.1:{port}/api"
+    typer.echo(f"chips server: a Prefect API at {url} (its database: PREFECT_HOME, default ~/.prefect).\n"
+               f"In other shells:  export PREFECT_API_URL={url}\nCtrl-C stops it.", err=True)
+    prefect = Path(sys.executable).with_name("prefect")
+    args = [str(prefect) if prefect.is_file() else "prefect", "server", "start", "--host", "127.0.0.1",
+            "--port", str(port), "--analytics-off", "--ui" if ui else "--no-ui"]
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the server handles its own Ctrl-C
+    os.execvp(args[0], args)
+
+
+def _require_checkpoint(cfg) -> None:
+    if cfg.model.checkpoint and "://" not in cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
+        load_model(cfg.model)  # raises CheckpointNotFoundError naming the path
+
+
+def _writable_dir(path: Path, what: str) -> None:
+    """``path`` is (or can be made) a folder this process can write to, else a PreflightError naming it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".chips-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PreflightError(f"{what} {str(path)!r} is not a writable folder: {e.strerror or e}") from None
 
 
 def _print_table(table: pa.Table, limit: int) -> None:
@@ -200,6 +335,10 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     i, f, s, m = out["ingest"], out["featurize"], out["score"], out["materialize"]
     typer.echo(f"\nPipeline run {out['run_id']}")
     typer.echo(f"  ingest      read {i['read']}, kept {i['kept']}, quarantined {i['quarantined']}, unchanged {i['unchanged']}")
+    for name, q in out.get("quarantine", {}).items():
+        causes = ", ".join(f"{r} × {n}" for r, n in sorted(q["causes"].items(), key=lambda kv: -kv[1])[:3])
+        typer.echo(f"              {name}: {q['quarantined']} of {q['rows']} rows quarantined ({q['share']:.0%})"
+                   + (f": {causes}" if causes else "") + f" [stops the run above {cfg.max_quarantine_share:.0%}]")
     typer.echo(f"  featurize   {f['pairs']} pool pairs in {f['shards']} shards (k={cfg.sketch.k}, "
                f"K={f.get('bank_size', cfg.bank.size)}" + (f", clipped from bank.size={cfg.bank.size}"
                                                           if f.get("bank_size", cfg.bank.size) < cfg.bank.size else "") + ")")
@@ -231,12 +370,19 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
                " \"select reason, count(*) n from stg_quarantine group by reason order by n desc\"")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global _debug
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _debug = "--debug" in argv  # accepted anywhere on the line
+    argv = [a for a in argv if a != "--debug"]
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # An ephemeral API started by this process would try to send usage telemetry (offline here: it
     # can only fail, and once logged a 'database is locked' traceback in the demo's output).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    app()
+    os.environ.setdefault(STARTUP_TIMEOUT_ENV, DEFAULT_STARTUP_TIMEOUT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
+    app(args=argv, prog_name="chips")
 
 
 if __name__ == "__main__":

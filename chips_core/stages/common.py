@@ -45,6 +45,30 @@ REASON_HINTS = {"path_outside_root": "list the images' folder in the source's al
                 "missing_image_file": "check the image paths (relative paths resolve against the CSV's folder)"}
 
 
+def _causes(wh: Warehouse, names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per source, the quarantine causes recorded for it with their counts (duplicates left out: a duplicate
+    is kept under its first source key, nothing is lost). A ``read_error``'s cause is the specific one its
+    detail starts with (``"path_outside_root: ..."``)."""
+    q = wh.read("quarantine", columns=["source", "reason", "detail"])
+    q = q.filter(pc.is_in(q.column("source"), pa.array(list(names), pa.string())))
+    out: dict[str, dict[str, int]] = {}
+    for row in q.to_pylist():
+        if row["reason"] == "duplicate":
+            continue
+        cause = (row["detail"] or "").split(":", 1)[0]
+        reason = cause if row["reason"] == "read_error" and cause.isidentifier() else row["reason"]
+        per = out.setdefault(row["source"], {})
+        per[reason] = per.get(reason, 0) + 1
+    return out
+
+
+def _why(counts: dict[str, int]) -> str:
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    why = ("quarantined at ingest: " + ", ".join(f"{r} × {n}" for r, n in top)) if top else ""
+    hints = [REASON_HINTS[r] for r, _ in top if r in REASON_HINTS]
+    return why + (f" (fix: {hints[0]})" if hints else "")
+
+
 def require_pairs(wh: Warehouse, sources: Sequence[SourceSpec], what: str, minimum: int = 2) -> list[str]:
     """The sources' pair ids, or one ValueError naming the sources and, when ingest quarantined their rows,
     the top reasons with counts and what to do — before any model time is spent on a run that cannot score."""
@@ -52,18 +76,43 @@ def require_pairs(wh: Warehouse, sources: Sequence[SourceSpec], what: str, minim
     if len(ids) >= minimum:
         return ids
     names = [s.name for s in sources]
-    q = wh.read("quarantine", columns=["source", "reason", "detail"])
-    q = q.filter(pc.is_in(q.column("source"), pa.array(names, pa.string())))
     counts: dict[str, int] = {}
-    for row in q.to_pylist():  # a read_error's detail starts with the specific cause ("path_outside_root: ...")
-        cause = (row["detail"] or "").split(":", 1)[0]
-        reason = cause if row["reason"] == "read_error" and cause.isidentifier() else row["reason"]
-        counts[reason] = counts.get(reason, 0) + 1
-    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
-    why = ("; quarantined at ingest: " + ", ".join(f"{r} × {n}" for r, n in top)) if top else ""
-    hints = [REASON_HINTS[r] for r, _ in top if r in REASON_HINTS]
-    raise ValueError(f"{what} sources {names} hold {len(ids)} pairs; need at least {minimum}{why}"
-                     + (f" (fix: {hints[0]})" if hints else ""))
+    for per in _causes(wh, names).values():
+        for r, n in per.items():
+            counts[r] = counts.get(r, 0) + n
+    why = _why(counts)
+    raise ValueError(f"{what} sources {names} hold {len(ids)} pairs; need at least {minimum}" + (f"; {why}" if why else ""))
+
+
+def quarantine_shares(wh: Warehouse, sources: Sequence[SourceSpec | str]) -> dict[str, dict]:
+    """Per source: ``{"rows", "quarantined", "share", "causes"}`` over every source key recorded for it
+    (kept, duplicate or quarantined; duplicates do not count as quarantined)."""
+    names = [s if isinstance(s, str) else s.name for s in sources]
+    t = wh.read("pair_sources", columns=["source", "source_key"])
+    t = t.filter(pc.is_in(t.column("source"), pa.array(names, pa.string())))
+    kept: dict[str, set] = {}
+    for src, key in zip(t.column("source").to_pylist(), t.column("source_key").to_pylist()):
+        kept.setdefault(src, set()).add(key)
+    causes = _causes(wh, names)
+    out = {}
+    for name in names:
+        bad = sum(causes.get(name, {}).values())
+        rows = len(kept.get(name, ())) + bad
+        out[name] = {"rows": rows, "quarantined": bad, "share": bad / rows if rows else 0.0,
+                     "causes": causes.get(name, {})}
+    return out
+
+
+def require_quarantine_share(wh: Warehouse, sources: Sequence[SourceSpec], limit: float) -> dict[str, dict]:
+    """Stop a run whose source lost more than ``limit`` of its rows to quarantine (all of them always
+    stops it), with one ValueError naming the source, its top causes with counts and the fix; else the
+    shares (:func:`quarantine_shares`)."""
+    shares = quarantine_shares(wh, sources)
+    for name, s in shares.items():
+        if s["rows"] and (s["share"] > limit or s["quarantined"] == s["rows"]):
+            raise ValueError(f"source {name!r}: {s['quarantined']} of {s['rows']} rows ({s['share']:.0%}) "
+                             f"{_why(s['causes'])}; above max_quarantine_share={limit:g}")
+    return shares
 
 
 def load_pairs(wh: Warehouse, ids: Sequence[str], loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from ..scoring.endpoint import LoadedModel, image_preprocess
 from ..train.cpt import ImageFilePairs, PairData, train_cpt
 from ..util import read_pair_table
 from .common import model_fields, source_pair_ids
+from .preflight import require_subset
 from .runconfig import RunConfig
 
 
@@ -22,8 +23,7 @@ def subset_data(wh: Warehouse, subset_id: str, loaded: LoadedModel) -> ImageFile
     images decoded on demand."""
     sub = wh.read("subsets", columns=["subset_id", "pair_id", "rank"], filter=pc.field("subset_id") == subset_id)
     if sub.num_rows == 0:
-        known = sorted(set(wh.read("subsets", columns=["subset_id"]).column("subset_id").to_pylist()))
-        raise KeyError(f"subset {subset_id!r} not in the subsets table (known: {known[:8]}{' ...' if len(known) > 8 else ''})")
+        require_subset(wh, subset_id)
     return _warehouse_pairs(wh, sub.sort_by([("rank", "ascending"), ("pair_id", "ascending")]).column("pair_id").to_pylist(),
                             loaded)
 

@@ -13,7 +13,7 @@ from typing import Callable
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import LoadedModel, load_model
-from .common import MapShards, local_map, model_fields, require_pairs
+from .common import MapShards, local_map, model_fields, require_pairs, require_quarantine_share
 from .featurize import featurize_stage
 from .ingest import ingest_stage
 from .materialize import materialize_stage
@@ -47,7 +47,9 @@ def run_pipeline(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bo
     parent = new_run_id("pipeline")
     with recorded_run(wh, "pipeline", cfg, run_id=parent, **model_fields(cfg, loaded)):
         out = {"run_id": parent, "ingest": stages["ingest"](list(cfg.pool) + list(cfg.target), parent_run_id=parent)}
-        require_pairs(wh, cfg.target, "target")  # before featurize, not after it
+        # before featurize, not after it
+        out["quarantine"] = require_quarantine_share(wh, list(cfg.pool) + list(cfg.target), cfg.max_quarantine_share)
+        require_pairs(wh, cfg.target, "target")
         require_pairs(wh, cfg.pool, "pool")
         out["featurize"] = stages["featurize"](parent_run_id=parent)
         out |= _score_and_materialize(cfg, stages, out["featurize"]["run_id"], parent)
@@ -65,6 +67,7 @@ def run_rescore(cfg: RunConfig, featurize_run_id: str, loaded: LoadedModel | Non
     with recorded_run(wh, "rescore", cfg, run_id=parent, inputs={"featurize_run_id": featurize_run_id},
                       **model_fields(cfg, loaded)):
         out = {"run_id": parent, "ingest": stages["ingest"](list(cfg.target), parent_run_id=parent)}
+        out["quarantine"] = require_quarantine_share(wh, cfg.target, cfg.max_quarantine_share)
         require_pairs(wh, cfg.target, "target")
         out |= _score_and_materialize(cfg, stages, featurize_run_id, parent)
     return out

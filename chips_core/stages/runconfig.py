@@ -69,6 +69,9 @@ class RunConfig:
     publish: PublishConfig = PublishConfig()  # lakehouse tables written by the pipeline
     cpt: CPTConfig = CPTConfig()  # continual pre-training on a materialised subset (`chips cpt`)
     eval_suites: tuple[SuiteSpec, ...] = ()  # named evaluation suites (`chips eval`)
+    # a source that loses more than this share of its rows to quarantine stops the run before featurize
+    # (all of them always does): mass quarantine is a configuration problem (e.g. allowed_roots), not noise
+    max_quarantine_share: float = 0.5
     storage_options: dict | None = field(default=None, hash=False)
 
     def __post_init__(self):
@@ -81,6 +84,8 @@ class RunConfig:
         suites = [s.name for s in self.eval_suites]
         check(len(set(suites)) == len(suites), "RunConfig", "eval_suites", suites, "names must be distinct")
         check(self.shard_size >= 1, "RunConfig", "shard_size", self.shard_size, "must be >= 1")
+        check(0.0 <= self.max_quarantine_share <= 1.0, "RunConfig", "max_quarantine_share", self.max_quarantine_share,
+              "must lie in [0, 1]")
         object.__setattr__(self, "device", resolve_device(self.device))  # provenance records the device used
 
 

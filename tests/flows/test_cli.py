@@ -98,3 +98,155 @@ def test_tables_never_wrap_or_cut_ids(capsys):
     for run_id in ids:
         assert any(run_id in line for line in lines), run_id
     assert all(any(f"column_{j}" in line for line in lines) for j in range(14))  # no column elided
+
+
+def _cfg(tmp_path, name, pool, target=None, warehouse=None):
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    target = target or [{"name": "tgt", "kind": "csv", "paths": [str(tmp_path / "good.csv")]}]
+    path.write_text(yaml.safe_dump({"warehouse": str(warehouse or tmp_path / "wh"), "pool": pool,
+                                    "target": target, "model": {"name": "RN50"}}))
+    return path
+
+
+def test_preflight_errors_are_one_line_before_any_model_or_flow(tmp_path):
+    """Each mistake is found before a model loads or a flow starts (these run without a Prefect API), in one
+    line naming the source, path, warehouse or id; the warehouse is created only after the sources pass."""
+    from chips_core.platform.provenance import recorded_run
+    from chips_core.platform.warehouse import Warehouse
+
+    from ..platform.test_ingest import png
+
+    runner = CliRunner()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(png(1))
+    (tmp_path / "nocap.csv").write_text("filepath,caption\nimgs/a.png,a cat\n")
+    (tmp_path / "good.csv").write_text("filepath,title\nimgs/a.png,a cat\n")
+    cases = {
+        "missing": ([{"name": "web", "kind": "csv", "paths": [str(tmp_path / "nope.csv")]}],
+                    f"pool source 'web' (csv) paths[0]='{tmp_path / 'nope.csv'}': no such file or folder"),
+        "nocap": ([{"name": "web", "kind": "csv", "paths": [str(tmp_path / "nocap.csv")]}],
+                  "column 'title' not found"),
+        "empty": ([{"name": "web", "kind": "folder", "paths": [str(tmp_path / "empty")]}],
+                  "is an empty folder (no image with a caption file)"),
+        "notfolder": ([{"name": "web", "kind": "folder", "paths": [str(tmp_path / "good.csv")]}], "is not a folder"),
+    }
+    for name, (pool, expected) in cases.items():
+        res = runner.invoke(app, ["run", str(_cfg(tmp_path, name, pool))])
+        assert res.exit_code == 1 and res.output.startswith("chips: error: ") and expected in res.output, (name, res.output)
+        assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "wh").exists()  # nothing created by a run that did not pass its pre-flight
+
+    good = [{"name": "web", "kind": "csv", "paths": [str(tmp_path / "good.csv")]}]
+    # a warehouse folder that exists but cannot be written (root writes anywhere chmod allows: use /proc)
+    res = runner.invoke(app, ["run", str(_cfg(tmp_path, "ro", good, warehouse="/proc/self"))])
+    assert res.exit_code == 1 and res.output.startswith("chips: error: warehouse '/proc/self' is not writable: "), res.output
+
+    cfg = _cfg(tmp_path, "good", good)
+    with recorded_run(Warehouse(str(tmp_path / "wh")), "ingest", {}):
+        pass
+    res = runner.invoke(app, ["cpt", str(cfg), "--subset", "score-x:chips@0.25", "--out", str(tmp_path / "cpt")])
+    assert res.exit_code == 1 and res.output.startswith("chips: error: subset 'score-x:chips@0.25' is not in "
+                                                        f"warehouse '{tmp_path / 'wh'}' (known: []"), res.output
+    res = runner.invoke(app, ["rescore", str(cfg), "--featurize-run", "featurize-x"])
+    assert res.exit_code == 1 and "run 'featurize-x' is not in warehouse" in res.output, res.output
+    ingest = Warehouse(str(tmp_path / "wh")).read("runs", columns=["run_id"]).column("run_id")[0].as_py()
+    res = runner.invoke(app, ["rescore", str(cfg), "--featurize-run", ingest])
+    assert res.exit_code == 1 and f"run '{ingest}' is a ingest run with status 'succeeded', not a succeeded " \
+                                  "featurize run" in res.output, res.output
+    res = runner.invoke(app, ["eval", str(cfg)])
+    assert res.exit_code == 1 and "no eval_suites configured" in res.output
+    res = runner.invoke(app, ["report", "run-x", "-w", str(tmp_path / "wh"), "--out", "/proc/self/report"])
+    assert res.exit_code == 1 and res.output.startswith("chips: error: --out '/proc/self/report' is not a writable "
+                                                        "folder"), res.output
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_in_a_log_file(tmp_path, monkeypatch, capsys):
+    import typer
+
+    from flows import cli
+
+    monkeypatch.setenv("CHIPS_LOG_DIR", str(tmp_path / "logs"))
+    with pytest.raises(typer.Exit) as e:
+        with cli._one_line_errors():
+            raise RuntimeError("the disk ate the shard\nsecond line")
+    assert e.value.exit_code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chips: error: RuntimeError: the disk ate the shard (traceback in ") and \
+        err.endswith("; --debug prints it)") and len(err.splitlines()) == 1
+    log = next((tmp_path / "logs").glob("chips-error-*.log")).read_text()
+    assert "Traceback (most recent call last)" in log and "second line" in log
+    with pytest.raises(typer.Exit):
+        with cli._one_line_errors():
+            raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+    assert "the temporary Prefect API did not start within" in capsys.readouterr().err
+
+
+def test_debug_prints_the_traceback_instead(tmp_path):
+    """``--debug`` anywhere on the line: the error propagates with its traceback (a subprocess: ``main`` sets the
+    process's SIGINT handler)."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-c", "from flows.cli import main; main()", "runs", "-w", str(tmp_path / "typo")]
+    plain = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    debug = subprocess.run(args + ["--debug"], capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 1 and plain.stderr.strip().startswith("chips: error: not a chips warehouse")
+    assert "Traceback" not in plain.stderr
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr and "WarehouseError" in debug.stderr
+
+
+@pytest.mark.slow
+def test_chips_server_keeps_an_api_that_flow_commands_use(tmp_path):
+    """`chips server` serves a Prefect API on the given port; a chips flow run with its PREFECT_API_URL is
+    recorded there (so commands skip starting a temporary API of their own)."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from ..platform.test_ingest import png
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "server", "--port", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.communicate()
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "chips server did not answer"
+            time.sleep(0.5)
+        (tmp_path / "a.png").write_bytes(png(3))
+        (tmp_path / "t.csv").write_text("filepath,title\na.png,a cat\n")
+        cfg = {"warehouse": str(tmp_path / "wh"), "pool": [{"name": "t", "kind": "csv", "paths": [str(tmp_path / "t.csv")]}],
+               "target": [], "model": {"name": "RN50"}}
+        run = subprocess.run([sys.executable, "-c", "import sys, json; from flows.chips_flows import ingest_flow; "
+                              "print(ingest_flow(json.loads(sys.argv[1]))['kept'])", json.dumps(cfg)],
+                             env={**env, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and run.stdout.strip().endswith("1"), run.stderr
+        req = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            runs = json.loads(r.read())
+        assert [f["state_type"] for f in runs] == ["COMPLETED"]
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=30)

@@ -58,7 +58,8 @@ def test_cpt_on_a_subset_then_eval_joins_to_the_selection(prefect_api, setup):
     res = runner.invoke(app, ["cpt", str(path), "--subset", sid, "--out", str(tmp / "cpt")])
     assert res.exit_code == 0, res.output
     assert "24 pairs, 6 steps" in res.output  # ceil(0.3 * 80) pairs, 3 batches of 8 per epoch, 2 epochs
-    run_id = res.output.split("cpt ", 1)[1].split(":", 1)[0]
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("cpt "))  # the command's summary, not a log
+    run_id = line.split("cpt ", 1)[1].split(":", 1)[0]
     res = runner.invoke(app, ["eval", str(path), "--checkpoint", str(tmp / "cpt" / "final.pt"), "--cpt-run", run_id,
                               "--subset", sid])
     assert res.exit_code == 0, res.output
@@ -89,7 +90,7 @@ def test_cpt_from_a_manifest_and_errors(prefect_api, setup):
     assert res.exit_code == 0, res.output
     assert (tmp / "cpt-m" / "final.pt").is_file()
     res = runner.invoke(app, ["cpt", str(path), "--subset", "nope:chips@0.3", "--out", str(tmp / "x")])
-    assert res.exit_code == 1 and "not in the subsets table" in res.output
+    assert res.exit_code == 1 and "subset 'nope:chips@0.3' is not in warehouse" in res.output
     res = runner.invoke(app, ["cpt", str(path), "--out", str(tmp / "x")])
     assert res.exit_code == 1 and "exactly one of --subset / --manifest" in res.output
     res = runner.invoke(app, ["eval", str(path), "--checkpoint", str(tmp / "missing.pt")])
@@ -120,3 +121,43 @@ def test_cpt_stage_replays_an_ingested_source_and_records_it(setup, demo_model):
     bad = dataclasses.replace(cfg, cpt=dataclasses.replace(cfg.cpt, replay=ReplayConfig(source="nope", fraction=0.25)))
     with pytest.raises(KeyError, match="replay source 'nope' holds no pairs.*'target'"):
         cpt_stage(bad, wh, loaded, data, tmp / "cpt-bad")
+
+
+def test_ctrl_c_ends_cpt_within_seconds_and_records_the_run_as_failed(setup, tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group, the temporary Prefect API included. `chips cpt`
+    still exits within 10 s, with one line and no traceback, and its cpt run is recorded as failed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    tmp, path, out = setup
+    cfg = yaml.safe_load(path.read_text())
+    cfg["cpt"] |= {"epochs": 2000, "checkpoint_every": 100000}  # minutes of training: interrupted long before
+    long = tmp_path / "long.yaml"
+    long.write_text(yaml.safe_dump(cfg))
+    sid = f"{out['score']['run_id']}:random@0.3"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "cpt", str(long), "--subset",
+                             sid, "--out", str(tmp_path / "cpt")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)  # its own group: the test's is spared
+    log = tmp_path / "cpt" / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and log.read_text().count("\n") >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline, "cpt did not start training"
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 10, (elapsed, stderr)
+    assert proc.returncode == 130 and "chips: interrupted; rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    runs = query(connect(Warehouse(cfg["warehouse"])), "select status, input_fingerprints from stg_runs where stage = 'cpt'")
+    mine = [r for r in runs.to_pylist() if str(tmp_path / "cpt") in (r["input_fingerprints"] or "")]
+    assert len(mine) == 1 and mine[0]["status"].startswith("failed: KeyboardInterrupt"), mine

@@ -14,6 +14,7 @@ from chips_core.scoring.featurize import BankConfig
 from chips_core.scoring.sketch import SketchConfig
 from chips_core.scoring.target import CurvatureConfig
 from chips_core.stages import featurize_stage, run_pipeline
+from chips_core.stages.common import require_pairs, require_quarantine_share
 from chips_core.stages.runconfig import OutputConfig, RunConfig
 from chips_core.train.synthetic import DEMO_MODEL_CONFIG, make_pairs
 from flows.demo import write_folder
@@ -283,9 +284,46 @@ def test_a_target_lost_to_quarantine_stops_the_run_before_featurize(tmp_path, de
                     model=ModelSpec(config=DEMO_MODEL_CONFIG), bank=BankConfig(size=8))
     loaded = LoadedModel(demo_model, open_clip.tokenizer.SimpleTokenizer(context_length=16),
                          state_dict_checksum(demo_model), "demo")
-    with pytest.raises(ValueError, match=r"target sources \['scans'\] hold 0 pairs; need at least 2; quarantined at "
-                                         r"ingest: path_outside_root × 3 \(fix: list the images' folder in the "
-                                         r"source's allowed_roots\)"):
+    with pytest.raises(ValueError, match=r"source 'scans': 3 of 3 rows \(100%\) quarantined at ingest: "
+                                         r"path_outside_root × 3 \(fix: list the images' folder in the "
+                                         r"source's allowed_roots\); above max_quarantine_share=0.5"):
         run_pipeline(cfg, loaded)
-    stages = query(connect(Warehouse(cfg.warehouse)), "select stage, status from stg_runs order by stage").to_pylist()
+    wh = Warehouse(cfg.warehouse)
+    stages = query(connect(wh), "select stage, status from stg_runs order by stage").to_pylist()
     assert [s["stage"] for s in stages] == ["ingest", "pipeline"] and stages[1]["status"].startswith("failed")
+    # all rows lost always stops a run, whatever the limit; the pool (nothing lost) passes any limit
+    with pytest.raises(ValueError, match="3 of 3 rows"):
+        require_quarantine_share(wh, cfg.target, 1.0)
+    assert require_quarantine_share(wh, cfg.pool, 0.0)["pool"] == {"rows": 20, "quarantined": 0, "share": 0.0,
+                                                                  "causes": {}}
+    with pytest.raises(ValueError, match=r"target sources \['scans'\] hold 0 pairs; need at least 2; quarantined at "
+                                         r"ingest: path_outside_root × 3 \(fix: list the images' folder"):
+        require_pairs(wh, cfg.target, "target")  # what rescore and score say when the share check is off
+
+
+def test_a_source_above_the_quarantine_limit_stops_the_run_and_the_limit_is_configurable(tmp_path):
+    """3 of 8 rows outside allowed_roots: 38% quarantined. The default limit (0.5) lets it through, 0.3 stops
+    it with the cause and the fix; duplicates are not counted as lost."""
+    from chips_core.stages.ingest import ingest_stage
+
+    from ..platform.test_ingest import png
+
+    for d in ("imgs", "elsewhere"):
+        (tmp_path / d).mkdir()
+    rows = []
+    for i in range(8):
+        d = "elsewhere" if i < 3 else "imgs"
+        (tmp_path / d / f"{i}.png").write_bytes(png(i if i != 7 else 6))  # row 7 duplicates row 6's pair
+        rows.append(f"{tmp_path / d / f'{i}.png'},a scan {i if i != 7 else 6}")
+    (tmp_path / "t.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    spec = SourceSpec("scans", "csv", (str(tmp_path / "t.csv"),), allowed_roots=(str(tmp_path / "imgs"),))
+    wh = Warehouse(str(tmp_path / "wh"))
+    ingest_stage([spec], wh)
+    shares = require_quarantine_share(wh, [spec], 0.5)
+    assert shares["scans"]["quarantined"] == 3 and shares["scans"]["rows"] == 8
+    assert shares["scans"]["causes"] == {"path_outside_root": 3}
+    with pytest.raises(ValueError, match=r"source 'scans': 3 of 8 rows \(38%\) quarantined at ingest: "
+                                         r"path_outside_root × 3 .*above max_quarantine_share=0.3"):
+        require_quarantine_share(wh, [spec], 0.3)
+    with pytest.raises(ValueError, match=r"max_quarantine_share=1.5 is invalid"):
+        RunConfig(warehouse="w", pool=(), target=(), model=ModelSpec(config=DEMO_MODEL_CONFIG), max_quarantine_share=1.5)
