@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -203,8 +204,8 @@ def cpt(config: Path = typer.Argument(..., help="pipeline YAML; its `model` is t
     resumed = f" (resumed at step {r['resumed_from_step']})" if r["resumed_from_step"] else ""
     typer.echo(f"cpt {r['run_id']}: {r['pairs']} pairs, {r['steps']} steps{resumed}, final loss {r['final_loss']:.4f}\n"
                f"  weights: {r['final']}\n"
-               f"  next: chips eval {config} --checkpoint {r['final']} --cpt-run {r['run_id']}"
-               + (f" --subset '{subset}'" if subset else ""))
+               f"  next: chips eval {shlex.quote(str(config))} --checkpoint {shlex.quote(str(r['final']))} "
+               f"--cpt-run {r['run_id']}" + (f" --subset {shlex.quote(subset)}" if subset else ""))
 
 
 @app.command("eval")
@@ -258,7 +259,24 @@ def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, ware
 
     out = pipeline_flow(cfg_dict, progress=True)
     _summary(out, load_run_config(cfg_dict), demo=True)
-    typer.echo(f"\nDemo finished in {time.perf_counter() - t0:.0f} s.")
+    typer.echo(f"\nDemo finished in {time.perf_counter() - t0:.0f} s. Its config: {workdir.resolve() / 'demo.yaml'}")
+    _next_steps(workdir.resolve(), out)
+
+
+def _next_steps(workdir: Path, out: dict) -> None:
+    """The commands a user runs next, each working as printed: report, CPT on a subset, eval, the mart."""
+    q = shlex.quote
+    cfg, wh, score = workdir / "demo.yaml", str(workdir / "warehouse"), out["score"]["run_id"]
+    sid = f"{score}:chips_plus@0.3"
+    mart = ("select method, budget, suite, metric, value from mart_eval_by_selection "
+            "where metric = 'zero_shot_top1' order by budget")
+    typer.echo("\nNext steps (each works as printed):\n"
+               f"  chips report {out['run_id']} -w {q(wh)} --out {q(str(workdir / 'report'))}\n"
+               f"  chips cpt {q(str(cfg))} --subset {q(sid)} --out {q(str(workdir / 'cpt-chips_plus-0.3'))}\n"
+               "      (it prints the `chips eval` command for the model it trains)\n"
+               f"  chips eval {q(str(cfg))}\n"
+               "      (the model before CPT: method 'none' in the mart)\n"
+               f"  chips sql -w {q(wh)} \"{mart}\"")  # the query holds no $, \" or `: double quotes keep it readable
 
 
 @app.command("sql")
@@ -334,11 +352,12 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     con = connect(Warehouse(cfg.warehouse, cfg.storage_options))
     i, f, s, m = out["ingest"], out["featurize"], out["score"], out["materialize"]
     typer.echo(f"\nPipeline run {out['run_id']}")
-    typer.echo(f"  ingest      read {i['read']}, kept {i['kept']}, quarantined {i['quarantined']}, unchanged {i['unchanged']}")
+    typer.echo(f"  ingest      read {i['read']}, kept {i['kept']}, quarantined {i['quarantined']}, unchanged {i['unchanged']}"
+               f" (a source above {cfg.max_quarantine_share:.0%} quarantined stops the run)")
     for name, q in out.get("quarantine", {}).items():
         causes = ", ".join(f"{r} × {n}" for r, n in sorted(q["causes"].items(), key=lambda kv: -kv[1])[:3])
         typer.echo(f"              {name}: {q['quarantined']} of {q['rows']} rows quarantined ({q['share']:.0%})"
-                   + (f": {causes}" if causes else "") + f" [stops the run above {cfg.max_quarantine_share:.0%}]")
+                   + (f": {causes}" if causes else ""))
     typer.echo(f"  featurize   {f['pairs']} pool pairs in {f['shards']} shards (k={cfg.sketch.k}, "
                f"K={f.get('bank_size', cfg.bank.size)}" + (f", clipped from bank.size={cfg.bank.size}"
                                                           if f.get("bank_size", cfg.bank.size) < cfg.bank.size else "") + ")")

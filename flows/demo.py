@@ -24,13 +24,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CHIPS_CACHE", Path.home() / ".cache" / "chips"))
 
 
-def demo_checkpoint(steps: int) -> Path:
+def demo_checkpoint(steps: int, progress: bool = True) -> Path:
     """The demo CLIP's weights: trained once (seconds) and cached by step count."""
     path = cache_dir() / f"demo_clip_{steps}.pt"
     if not path.is_file():
         print(f"training the demo CLIP ({steps} steps; cached at {path})...", flush=True)
-        atomic_write(path, torch_bytes(train_demo_clip(steps=steps, seed=0).state_dict()))
+        atomic_write(path, torch_bytes(train_demo_clip(steps=steps, seed=0, progress=progress).state_dict()))
     return path
+
+
+def write_suite(path: Path, n: int, seed: int) -> None:
+    """An evaluation suite of ``n`` clean scans as Parquet (``image`` bytes, ``title``, ``label``: the shape)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chips_core.train.synthetic import SHAPES
+
+    data = make_pairs(n, seed=seed, scan_fraction=1.0, noise_fraction=0.0)
+    rows = []
+    for i in range(n):
+        arr = (data.images[i].numpy().transpose(1, 2, 0) * 0.3 + 0.3).clip(0, 1) * 255
+        buf = io.BytesIO()
+        Image.fromarray(arr.astype("uint8")).save(buf, format="PNG")
+        rows.append({"image": buf.getvalue(), "title": data.captions[i],
+                     "label": next(s for s in SHAPES if s in data.captions[i])})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 def write_folder(folder: Path, data, n: int) -> None:
@@ -47,7 +68,10 @@ def _subset(data, idx):
 
 
 def prepare_demo(workdir: Path, pool_size: int = 600, eval_size: int = 100, steps: int = 300) -> dict:
-    """Write the demo's pool and target folders (once) and return its run configuration."""
+    """Write the demo's pool and target folders and its evaluation suite (once), and its run configuration to
+    ``<workdir>/demo.yaml`` (usable by ``chips run``, ``rescore``, ``cpt`` and ``eval``); return the config."""
+    import yaml
+
     workdir = Path(workdir).resolve()
     data = workdir / "data" / f"pool-{pool_size}"
     scans, photos = data / "scans", data / "photos"
@@ -66,7 +90,10 @@ def prepare_demo(workdir: Path, pool_size: int = 600, eval_size: int = 100, step
         (photos / "no-caption.png").write_bytes((photos / "00002.png").read_bytes())
     if not target.is_dir():
         write_folder(target, make_pairs(eval_size, seed=2, scan_fraction=1.0, noise_fraction=0.0), eval_size)
-    return {
+    suite = workdir / "data" / "scan-suite.parquet"  # held out of pool and target: what `chips eval` measures
+    if not suite.is_file():
+        write_suite(suite, 200, seed=3)
+    cfg = {
         "warehouse": str(workdir / "warehouse"),
         "pool": [{"name": "scan-archive", "kind": "folder", "paths": [str(scans)]},
                  {"name": "web-photos", "kind": "folder", "paths": [str(photos)]}],
@@ -76,7 +103,12 @@ def prepare_demo(workdir: Path, pool_size: int = 600, eval_size: int = 100, step
         "curvature": {"n_curv": min(2000, pool_size), "hard_negatives": 16},
         "budgets": [0.1, 0.3, 0.5], "shard_size": 200,
         "outputs": {"dir": str(workdir / "out")},
+        "cpt": {"epochs": 5, "batch_size": 32, "warmup_steps": 5, "keep_checkpoints": False},
+        "eval_suites": [{"name": "scans", "path": str(suite),
+                         "templates": ["a scan of a {c} lesion", "an x-ray showing a {c} lesion"]}],
     }
+    (workdir / "demo.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return cfg
 
 
 def run_core_demo(pool_size: int = 2000, eval_size: int = 200, steps: int = 300, budget: float = 0.3,

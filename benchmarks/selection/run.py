@@ -206,7 +206,7 @@ class Bench:
             model=ModelSpec(config=BENCH_MODEL, checkpoint=str(self.work / "general" / "final.pt")),
             sketch=SketchConfig(k=k, seed=seed), bank=BankConfig(seed=seed), curvature=CurvatureConfig(alpha=alpha, seed=seed),
             score=ScoreConfig(random_seed=seed), budgets=tuple(budgets or self.p["budgets"]), methods=tuple(methods),
-            shard_size=4096, outputs=OutputConfig(dir=str(d / "out"), formats=()),
+            shard_size=4096, outputs=OutputConfig(dir=str(d / "out"), formats=(), full=False),
             cpt=CPTConfig(**TARGET_CPT, seed=seed,
                           replay=ReplayConfig("replay", self.p["replay"]) if self.v2 else ReplayConfig()))
 

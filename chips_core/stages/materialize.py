@@ -15,9 +15,15 @@ from ..scoring.score import select_top
 from .runconfig import RunConfig
 
 
-def subsets_table(pair_ids, scores: dict, budgets, methods, run_id: str, score_run_id: str) -> pa.Table:
-    """One row per selected pair per (method, budget); subset ids name both."""
+def subsets_table(pair_ids, scores: dict, budgets, methods, run_id: str, score_run_id: str,
+                  full: bool = False) -> pa.Table:
+    """One row per selected pair per (method, budget); subset ids name both. With ``full``, also every pair as
+    method ``full`` at budget 1 (ranked in pair-id order)."""
     rows = []
+    if full:
+        sid = f"{score_run_id}:full@1"
+        rows += [{"subset_id": sid, "run_id": run_id, "score_run_id": score_run_id, "budget": 1.0, "method": "full",
+                  "pair_id": p, "rank": r + 1} for r, p in enumerate(sorted(pair_ids))]
     for method in methods:
         for budget in budgets:
             keep = select_top(scores[method], pair_ids, budget)
@@ -36,7 +42,7 @@ def materialize_stage(cfg: RunConfig, wh: Warehouse, score_run_id: str, run_id: 
         st = wh.read("scores", filter=pc.field("run_id") == score_run_id)
         ids = st.column("pair_id").to_pylist()
         scores = {m: st.column(m).to_numpy() for m in cfg.methods}
-        subsets = subsets_table(ids, scores, cfg.budgets, cfg.methods, run_id, score_run_id)
+        subsets = subsets_table(ids, scores, cfg.budgets, cfg.methods, run_id, score_run_id, full=cfg.outputs.full)
         wh.write("subsets", subsets, {"run": run_id}, "subsets")
         files = write_manifests(wh, subsets, Path(cfg.outputs.dir) / run_id, cfg.outputs.formats)
         row.update(rows_in=len(ids), rows_out=subsets.num_rows, rows_quarantined=0)

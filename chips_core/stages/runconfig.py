@@ -38,6 +38,9 @@ from ..train.evaluate import SuiteSpec
 class OutputConfig:
     dir: str = "chips-out"  # where subset manifests are written
     formats: tuple[str, ...] = ("parquet", "csv")  # parquet manifest, open_clip_train CSV
+    # also materialise the whole scored pool as subset `<score run>:full@1` (CPT on everything: the comparison
+    # every selection needs); false for a pool so large that its manifest would copy every image
+    full: bool = True
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in ("parquet", "csv")]

@@ -82,8 +82,11 @@ def make_pairs(n: int, seed: int, scan_fraction: float = 0.3, noise_fraction: fl
 
 
 def train_demo_clip(steps: int = 300, seed: int = 0, batch: int = 64, n_pairs: int = 4000,
-                    scan_fraction: float = 0.15, log_every: int = 0) -> torch.nn.Module:
-    """Train the tiny demo CLIP from scratch on clean general data (few scans): seconds on a CPU."""
+                    scan_fraction: float = 0.15, log_every: int = 0, progress: bool = False) -> torch.nn.Module:
+    """Train the tiny demo CLIP from scratch on clean general data (few scans): seconds on a CPU
+    (a progress bar with ``progress``)."""
+    from ..util import progress as progress_bar
+
     import open_clip
 
     torch.manual_seed(seed)
@@ -94,7 +97,7 @@ def train_demo_clip(steps: int = 300, seed: int = 0, batch: int = 64, n_pairs: i
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(steps):
+    for step in progress_bar(range(steps), enabled=progress, desc="demo CLIP", unit="step"):
         lr = 2e-3 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr

@@ -1,50 +1,9 @@
-"""The `chips` CLI: the embedded demo end to end (a real Prefect run), sql, runs, and one-line errors."""
+"""The `chips` CLI: one-line errors, pre-flight checks, --debug, tables, `chips server` (the demo end to end is
+tests/test_newcomer.py)."""
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-
-
-@pytest.mark.slow
-def test_chips_demo_then_sql_and_runs(prefect_api, tmp_path, monkeypatch):
-    monkeypatch.setenv("CHIPS_CACHE", str(tmp_path / "cache"))
-    runner = CliRunner()
-    res = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--pool-size", "150",
-                              "--eval-size", "30", "--steps", "40"])
-    assert res.exit_code == 0, res.output
-    for text in ("ingest      read 183, kept 180, quarantined 3", "premise check", "Top pairs by CHIPS utility",
-                 "chips@0.3=45",
-                 "Share of 'scan' captions", "chips sql -w"):
-        assert text in res.output
-    assert "Calculating Metrics" not in res.output  # GX's own progress bars stay out of the demo's output
-    wh = str(tmp_path / "demo" / "warehouse")
-    res = runner.invoke(app, ["sql", "-w", wh, "select reason, count(*) n from stg_quarantine group by reason order by reason"])
-    assert res.exit_code == 0 and "image_undecodable" in res.output and "caption_empty" in res.output
-    res = runner.invoke(app, ["runs", "-w", wh, "--stage", "score"])
-    assert res.exit_code == 0 and "succeeded" in res.output
-    from chips_core.platform.query import connect, query
-    from chips_core.platform.warehouse import Warehouse
-
-    pipeline = query(connect(Warehouse(wh)), "select run_id from stg_runs where stage = 'pipeline'").to_pylist()[0]
-    res = runner.invoke(app, ["report", pipeline["run_id"], "-w", wh, "--out", str(tmp_path / "report")])
-    assert res.exit_code == 0, res.output
-    page = (tmp_path / "report" / "index.html").read_text()
-    for png in ("factors.png", "utility_vs_clipscore.png", "selection_by_source.png", "budget_curves.png"):
-        assert f'src="{png}"' in page and (tmp_path / "report" / png).stat().st_size > 5000
-    assert "scan-archive" in page or "web-photos" in page
-    assert "Premise check" in page and "eval_matching" in page
-    import yaml
-
-    from flows.demo import prepare_demo
-
-    cfg_path = tmp_path / "demo.yaml"
-    cfg_path.write_text(yaml.safe_dump(prepare_demo(tmp_path / "demo", 150, 30, 40)))
-    res = runner.invoke(app, ["check", str(cfg_path), "--no-ingest"])
-    for name in ("eval_matching", "p_corr_over_chance", "mean_pairwise_cosine", "w_learn_spread"):
-        assert name in res.output
-    assert res.exit_code == (0 if "premise check passed" in res.output else 2), res.output
-    res = runner.invoke(app, ["report", "no-such-run", "-w", wh])
-    assert res.exit_code == 1 and "no scoring run found for 'no-such-run'" in res.output
 
 
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):

@@ -1,9 +1,5 @@
 """`chips cpt` trains on a warehouse subset (or a manifest) and `chips eval` writes evals rows that
 join to the selection that produced the model — real Prefect flows, real warehouse, real DuckDB."""
-import io
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -11,26 +7,12 @@ from chips_core.platform.query import connect, query
 from chips_core.platform.warehouse import Warehouse
 from chips_core.stages import run_pipeline
 from chips_core.stages.runconfig import load_run_config
-from chips_core.train.synthetic import SHAPES, make_pairs
 from flows.cli import app
+from flows.demo import write_suite
 
 from ..conftest import tiny_pipeline_config
 
 pytestmark = pytest.mark.slow  # real Prefect runs / training: deselect with -m 'not slow'
-
-
-def _suite(path, n, seed):
-    from PIL import Image
-
-    data = make_pairs(n, seed=seed, scan_fraction=1.0, noise_fraction=0.0)
-    rows = []
-    for i in range(n):
-        arr = (data.images[i].numpy().transpose(1, 2, 0) * 0.3 + 0.3).clip(0, 1) * 255
-        buf = io.BytesIO()
-        Image.fromarray(arr.astype("uint8")).save(buf, format="PNG")
-        label = next(s for s in SHAPES if s in data.captions[i])
-        rows.append({"image": buf.getvalue(), "title": data.captions[i], "label": label})
-    pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +20,7 @@ def setup(tmp_path_factory, demo_model):
     import yaml
 
     tmp = tmp_path_factory.mktemp("cptflow")
-    _suite(tmp / "scans.parquet", 40, seed=21)
+    write_suite(tmp / "scans.parquet", 40, seed=21)
     cfg = tiny_pipeline_config(tmp, demo_model, 80, 20, seed=9, budgets=[0.3], methods=["random", "chips"],
                                sketch={"k": 64}, bank={"size": 32}, curvature={"n_curv": 50, "hard_negatives": 4},
                                shard_size=40, outputs={"dir": str(tmp / "out"), "formats": ["csv"]},
@@ -78,6 +60,12 @@ def test_cpt_on_a_subset_then_eval_joins_to_the_selection(prefect_api, setup):
     assert all(0.0 <= r["value"] <= 1.0 for r in rows)
     base = query(con, "select count(*) n from stg_evals where subset_id is null and cpt_run_id is null").to_pylist()
     assert base[0]["n"] == len(rows)
+    # the model before CPT is method 'none' at budget 0 in the mart; `full` is materialised like any method
+    none = query(con, "select distinct method, budget from mart_eval_by_selection where cpt_run_id is null").to_pylist()
+    assert none == [{"method": "none", "budget": 0.0}]
+    full = query(con, "select count(*) n, min(budget) b from stg_subsets where subset_id = $s",
+                 {"s": f"{out['score']['run_id']}:full@1"}).to_pylist()[0]
+    assert full == {"n": out["score"]["pairs"], "b": 1.0}
     runs = query(con, "select stage, status from stg_runs where stage in ('cpt', 'eval') order by stage").to_pylist()
     assert runs == [{"stage": "cpt", "status": "succeeded"}] + [{"stage": "eval", "status": "succeeded"}] * 2
 

@@ -2,6 +2,7 @@
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from chips_core.platform.provenance import recorded_run
@@ -29,7 +30,10 @@ def test_marts_and_clean_audits_on_given_rows():
     ids = [f"p{i:02d}" for i in range(10)]
     sources = ["a"] * 6 + ["b"] * 4
     scores, st = _scores(ids)
-    subs = subsets_table(ids, scores, [0.3, 0.5], ["chips", "random"], "mat-1", "score-1")
+    subs = subsets_table(ids, scores, [0.3, 0.5], ["chips", "random"], "mat-1", "score-1", full=True)
+    full = subs.filter(pc.field("method") == "full")
+    assert full.column("pair_id").to_pylist() == sorted(ids) and set(full.column("budget").to_pylist()) == {1.0}
+    subs = subs.filter(pc.field("method") != "full")
     runs = pa.Table.from_pylist([{"run_id": "score-1", "stage": "score", "status": "succeeded"}], schema=SCHEMAS["runs"])
     con = connect(tables={"pairs": _pairs(ids, sources), "scores": st, "subsets": subs, "runs": runs})
     sel = query(con, "select * from mart_selection_by_source where method = $m and budget = $b order by source",

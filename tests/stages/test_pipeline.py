@@ -262,7 +262,6 @@ def test_cpt_on_a_subset_or_on_its_manifest_trains_the_same_model(run, tmp_path)
 def test_a_target_lost_to_quarantine_stops_the_run_before_featurize(tmp_path, demo_model):
     """Images given outside allowed_roots are quarantined; the run stops right after ingest, naming the
     target source, the reason with its count and the fix — no featurize run is started."""
-    import dataclasses
 
     import open_clip
 
