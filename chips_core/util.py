@@ -3,10 +3,11 @@ tables, progress bars."""
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -52,6 +53,26 @@ def progress(items: Iterable | None = None, *, enabled: bool, desc: str, unit: s
 def open_rgb(src: bytes | str) -> Image.Image:
     """A PIL RGB image from encoded bytes or a file path."""
     return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src).convert("RGB")
+
+
+def within_roots(path: str, roots: Sequence[str]) -> bool:
+    """Whether ``path``, with every link resolved, lies inside one of ``roots`` (also resolved)."""
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, r]) == r for r in (os.path.realpath(x) for x in roots))
+
+
+def resolve_image_path(path: str, base: str | Path, roots: Sequence[str] | None, what: str) -> str:
+    """The path rule every table of image paths follows (pool sources, manifests, eval suites): a relative path
+    resolves against ``base`` (the table's folder); a local path must lie inside ``roots`` (default: ``base``);
+    a URL is read as given. A path outside is a ConfigError naming ``what``, the path and the roots."""
+    full = path if os.path.isabs(path) or "://" in path else os.path.join(str(base), path)
+    if "://" in full:
+        return full
+    roots = list(roots or [str(base)])
+    if not within_roots(full, roots):
+        raise ConfigError(f"{what}: image path {path!r} resolves to {os.path.realpath(full)!r}, outside the allowed "
+                          f"roots {[os.path.realpath(r) for r in roots]} (list its folder in allowed_roots)")
+    return full
 
 
 def read_pair_table(path: str | Path, what: str) -> pa.Table:

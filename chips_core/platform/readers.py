@@ -27,6 +27,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from ..errors import ChipsError, check
+from ..util import within_roots
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTS = ("txt", "json")
@@ -111,8 +112,8 @@ def _read_path(path: str, allowed_roots: Sequence[str]) -> tuple[bytes | None, t
     """Read an image file if it lies inside an allowed root; else a (reason, detail)."""
     if "://" not in path:
         real = os.path.realpath(path)
-        roots = [os.path.realpath(r) for r in allowed_roots]
-        if not any(os.path.commonpath([real, r]) == r for r in roots):
+        if not within_roots(path, allowed_roots):
+            roots = [os.path.realpath(r) for r in allowed_roots]
             return None, ("path_outside_root", f"{path!r} resolves to {real!r}, outside allowed roots {roots}")
         if not os.path.isfile(real):
             return None, ("missing_image_file", f"no file at {path!r}")

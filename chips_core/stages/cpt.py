@@ -4,6 +4,7 @@ warehouse) or on a manifest file, with an optional replay stream from an ingeste
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow.compute as pc
 
@@ -11,7 +12,7 @@ from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import LoadedModel, image_preprocess
 from ..train.cpt import ImageFilePairs, PairData, train_cpt
-from ..util import read_pair_table
+from ..util import read_pair_table, resolve_image_path
 from .common import model_fields, source_pair_ids
 from .preflight import require_subset
 from .runconfig import RunConfig
@@ -45,15 +46,17 @@ def _warehouse_pairs(wh: Warehouse, ids: list[str], loaded: LoadedModel) -> Imag
                           image_preprocess(loaded.model), loaded.tokenizer, ids)
 
 
-def manifest_data(path: str | Path, loaded: LoadedModel) -> ImageFilePairs:
-    """The pairs of a manifest (Parquet or open_clip CSV/TSV with ``filepath`` and ``title``)."""
+def manifest_data(path: str | Path, loaded: LoadedModel, allowed_roots: Sequence[str] | None = None) -> ImageFilePairs:
+    """The pairs of a manifest (Parquet or open_clip CSV/TSV with ``filepath`` and ``title``). Image paths follow
+    the sources' rule: relative to the manifest's folder, and inside ``allowed_roots`` (default: that folder,
+    which holds materialize's exported ``images/``)."""
     t = read_pair_table(path, "manifest")
     for col in ("filepath", "title"):
         if col not in t.column_names:
             raise KeyError(f"manifest {str(path)!r} has no column {col!r} (has {t.column_names})")
     files, titles = t.column("filepath").to_pylist(), t.column("title").to_pylist()
     base = Path(path).parent
-    files = [f if Path(f).is_absolute() else str(base / f) for f in files]
+    files = [resolve_image_path(f, base, allowed_roots, f"manifest {str(path)!r}") for f in files]
     return ImageFilePairs(files, titles, image_preprocess(loaded.model), loaded.tokenizer, files)
 
 

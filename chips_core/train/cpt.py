@@ -66,6 +66,8 @@ class CPTConfig:
     checkpoint_every: int = 100  # steps between resume checkpoints (and one at every epoch end)
     replay: ReplayConfig = ReplayConfig()  # general-domain replay mixed into each batch
     keep_checkpoints: bool = True  # False: delete the resume checkpoints once final.pt is written
+    # `chips cpt --manifest`: image paths must lie inside these (default: the manifest's folder), as for sources
+    manifest_allowed_roots: tuple[str, ...] = ()
 
     def __post_init__(self):
         check(isinstance(self.epochs, int) and self.epochs >= 1, "CPTConfig", "epochs", self.epochs, "an int >= 1")
@@ -201,7 +203,8 @@ def train_cpt(model, data: PairData, config: CPTConfig, out_dir: str | Path, dev
     per_epoch = [epoch_batches(n, config, e) for e in range(config.epochs)]
     total = sum(len(b) for b in per_epoch)
     model.to(device)
-    trains = {k: v for k, v in dataclasses.asdict(config).items() if k != "keep_checkpoints"}  # what shapes the weights
+    trains = {k: v for k, v in dataclasses.asdict(config).items()  # what shapes the weights
+              if k not in ("keep_checkpoints", "manifest_allowed_roots")}
     identity = {"config": json.dumps(trains, sort_keys=True), "data": data.fingerprint(),
                 "pairs": n, "start_model": state_dict_checksum(model)[:16],
                 "replay": replay.fingerprint() if replay is not None else None}

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ConfigError, check
 from ..scoring.premise import mean_pairwise_cosine
-from ..util import open_rgb, read_pair_table
+from ..util import open_rgb, read_pair_table, resolve_image_path
 
 
 def _unit(a) -> np.ndarray:
@@ -71,6 +71,7 @@ class SuiteSpec:
     classnames: tuple[str, ...] = ()  # default: the distinct labels, sorted
     caption_column: str = "title"
     label_column: str = "label"
+    allowed_roots: tuple[str, ...] = ()  # image paths must lie inside these (default: the suite file's folder)
 
     def __post_init__(self):
         check(bool(self.name), "SuiteSpec", "name", self.name, "must not be empty")
@@ -102,8 +103,8 @@ def load_eval_suite(spec: SuiteSpec, preprocess) -> EvalSuite:
     ims = []
     for r in rows:
         src = r[img_col]
-        if isinstance(src, str) and not Path(src).is_absolute():
-            src = str(path.parent / src)
+        if isinstance(src, str):  # the sources' path rule (util.resolve_image_path)
+            src = resolve_image_path(src, path.parent, spec.allowed_roots or None, f"eval suite {spec.name!r}")
         ims.append(preprocess(open_rgb(src)))
     labels, classnames = None, tuple(spec.classnames)
     if spec.label_column in t.column_names:

@@ -1,5 +1,6 @@
 """Metrics on hand-built cases whose answers are known."""
 import numpy as np
+import torch
 import pytest
 
 from chips_core.train.evaluate import class_embeddings, retrieval_recall, zero_shot_accuracy
@@ -48,3 +49,36 @@ def test_suite_reports_embedding_collapse(tiny_vit, tokenizer):
     assert m["image_mean_cosine"] == pytest.approx(mean_pairwise_cosine(x))
     same = EvalSuite("same", images[:1].repeat(4, 1, 1, 1), caps[:4], None, (), ())
     assert evaluate_suite(tiny_vit, tokenizer, same)["image_mean_cosine"] == pytest.approx(1.0)
+
+
+def test_suites_and_manifests_follow_the_sources_path_rule(tmp_path, tiny_vit, tokenizer):
+    """An eval suite's or a manifest's image paths resolve against its folder and must lie inside its
+    allowed roots (default: that folder), as a pool source's do; a path outside is one error naming it."""
+    from PIL import Image
+
+    from chips_core.errors import ConfigError
+    from chips_core.scoring.endpoint import LoadedModel
+    from chips_core.stages.cpt import manifest_data
+    from chips_core.train.evaluate import SuiteSpec, load_eval_suite
+
+    (tmp_path / "suite" / "imgs").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for p in (tmp_path / "suite" / "imgs" / "a.png", tmp_path / "elsewhere" / "b.png"):
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(p)
+    inside = "filepath,title\nimgs/a.png,a red square\n"
+    outside = f"filepath,title\nimgs/a.png,a red square\n{tmp_path / 'elsewhere' / 'b.png'},a red square\n"
+    (tmp_path / "suite" / "in.csv").write_text(inside)
+    (tmp_path / "suite" / "out.csv").write_text(outside)
+    pre = lambda im: torch.zeros(3, 32, 32)  # noqa: E731 - the path rule is under test, not preprocessing
+    assert len(load_eval_suite(SuiteSpec("s", str(tmp_path / "suite" / "in.csv")), pre).captions) == 1
+    with pytest.raises(ConfigError, match=r"eval suite 's': image path '.*elsewhere/b.png' resolves to .* outside the "
+                                          r"allowed roots .*list its folder in allowed_roots"):
+        load_eval_suite(SuiteSpec("s", str(tmp_path / "suite" / "out.csv")), pre)
+    ok = SuiteSpec("s", str(tmp_path / "suite" / "out.csv"), allowed_roots=(str(tmp_path),))
+    assert len(load_eval_suite(ok, pre).captions) == 2
+
+    loaded = LoadedModel(tiny_vit, tokenizer, "x", "tiny")
+    assert len(manifest_data(tmp_path / "suite" / "in.csv", loaded)) == 1
+    with pytest.raises(ConfigError, match=r"manifest '.*out.csv': image path '.*elsewhere/b.png'"):
+        manifest_data(tmp_path / "suite" / "out.csv", loaded)
+    assert len(manifest_data(tmp_path / "suite" / "out.csv", loaded, [str(tmp_path)])) == 2
