@@ -384,7 +384,8 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
             typer.echo(f"  {r['method']:<18} {r['budget']:>4g}  {r['scan_share']:.0%}")
     out_dir = Path(cfg.outputs.dir) / m["run_id"]
     typer.echo(f"\nWarehouse: {cfg.warehouse}\nManifests (Parquet + open_clip CSV): {out_dir}")
-    typer.echo(f"GX Data Docs: {Path(cfg.warehouse) / 'data_docs' / 'index.html'}")
+    typer.echo(f"GX Data Docs: {Path(cfg.warehouse) / 'data_docs' / 'chips.html'} (works offline; GX's own "
+               "index.html beside it needs network)")
     typer.echo("Try:\n  chips sql -w " + str(cfg.warehouse) +
                " \"select reason, count(*) n from stg_quarantine group by reason order by n desc\"")
 

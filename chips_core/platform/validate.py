@@ -248,6 +248,52 @@ def _docs_checkpoints(docs_dir: str):
     return checkpoints
 
 
+OFFLINE_INDEX = "chips.html"
+
+
+def write_offline_index(docs_dir: str) -> str | None:
+    """``<docs_dir>/chips.html``: every validation and expectation-suite page of the Data Docs, as plain links with
+    each validation's status, newest first. GX's own ``index.html`` builds its tables with scripts from CDNs, so
+    offline it lists nothing; this page needs no network (the pages it links still ask CDNs for their styles and
+    show unstyled, complete, offline). None when no Data Docs were built there."""
+    import html
+    import re
+
+    root = Path(docs_dir)
+    if not (root / "index.html").is_file():
+        return None
+
+    def pages(sub: str) -> list[Path]:
+        return sorted((root / sub).rglob("*.html")) if (root / sub).is_dir() else []
+
+    status = re.compile(r"Status:\s*(?:<[^>]*>\s*)*(Succeeded|Failed)")
+    rows = []
+    for page in pages("validations"):
+        rel = page.relative_to(root)
+        parts = rel.parts  # validations/<suite>/<table>/<batch>/<run time>/<asset>.html
+        found = status.search(page.read_text(errors="replace"))
+        rows.append((parts[-2], "/".join(parts[1:-3]) or parts[1], found.group(1) if found else "see page", rel))
+    rows.sort(key=lambda r: r[0], reverse=True)
+    esc = html.escape
+    body = ["<!doctype html><html><head><meta charset='utf-8'><title>chips: data validation</title>",
+            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 12px;text-align:left}"
+            ".Failed{color:#b00}</style></head><body><h1>Data validation (Great Expectations)</h1>",
+            "<p>Works offline. GX's own <a href='index.html'>index.html</a> loads its table scripts from CDNs and "
+            "lists nothing without network; the pages below load their styles from CDNs too and show unstyled "
+            "offline, with every result.</p>",
+            f"<h2>Validations ({len(rows)}, newest first)</h2><table><tr><th>run time</th><th>suite</th>"
+            "<th>status</th></tr>"]
+    body += [f"<tr><td><a href='{esc(str(rel))}'>{esc(when)}</a></td><td>{esc(suite)}</td>"
+             f"<td class='{esc(st)}'>{esc(st)}</td></tr>" for when, suite, st, rel in rows]
+    body += ["</table><h2>Expectation suites</h2><ul>"]
+    body += [f"<li><a href='{esc(str(p.relative_to(root)))}'>{esc(str(p.relative_to(root / 'expectations')))}</a></li>"
+             for p in pages("expectations")]
+    body += ["</ul></body></html>"]
+    out = root / OFFLINE_INDEX
+    out.write_text("\n".join(body))
+    return str(out)
+
+
 def check_batch(pairs: pd.DataFrame, read: int, kept: int, quarantined: int, docs_dir: str | None = None) -> None:
     """Batch rules; raise :class:`BatchValidationError` naming every failed expectation.
     With ``docs_dir``, the results are also rendered as GX Data Docs HTML there."""

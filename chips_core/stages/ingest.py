@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from ..platform.provenance import input_fingerprint, new_run_id, recorded_run
 from ..platform.readers import RawRecord, SourceSpec, open_shard, shard_name
-from ..platform.validate import Validated, check_batch, validate_records
+from ..platform.validate import Validated, check_batch, validate_records, write_offline_index
 from ..platform.warehouse import SCHEMAS, Warehouse
 from ..util import progress as progress_bar
 
@@ -118,6 +118,7 @@ class _DataDocs:
         return self
 
     def __exit__(self, *exc):
+        write_offline_index(self.local)
         if self._tmp is not None:
             self.wh.fs.put(self._tmp.name + "/", self.target, recursive=True)
             self._tmp.cleanup()

@@ -198,6 +198,13 @@ def test_data_docs_written_beside_the_warehouse(tmp_path, wh):
     pages = [f for d, _, fs in os.walk(os.path.join(docs, "validations")) for f in fs if f.endswith(".html")]
     assert pages, "batch-rule validation results are rendered"
     assert os.path.isfile(os.path.join(docs, "expectations", "chips_row_rules.html"))
+    # the offline index: every validation page linked with its status, and nothing fetched from a network
+    page = open(os.path.join(docs, "chips.html")).read()
+    rels = [os.path.relpath(os.path.join(d, f), docs) for d, _, fs in os.walk(os.path.join(docs, "validations"))
+            for f in fs if f.endswith(".html")]
+    assert all(f"href='{r}'" in page for r in rels)
+    assert page.count(">Succeeded<") == len(rels) and "chips_row_rules.html" in page
+    assert "http://" not in page and "https://" not in page
 
 
 def test_parquet_with_an_image_path_column_and_tsv(tmp_path, wh):
