@@ -42,8 +42,11 @@ def test_demo_then_the_printed_commands_through_cpt_eval_and_the_mart(prefect_ap
     _run(runner, report)
     page = (workdir / "report" / "index.html").read_text()
     assert "Premise check" in page and "eval_matching" in page and ("scan-archive" in page or "web-photos" in page)
-    for png in ("factors.png", "utility_vs_clipscore.png", "selection_by_source.png", "budget_curves.png"):
+    for png in ("factors.png", "utility_vs_clipscore.png", "selection_by_source.png", "budget_curves.png",
+                "source_share.png"):
         assert f'src="{png}"' in page and (workdir / "report" / png).stat().st_size > 5000
+    assert page.count('<div class="thumb"><img src="thumbs/') == 16  # the top and bottom 8, as images
+    assert "No model trained on this run's subsets has been evaluated yet" in page
 
     cpt_out = _run(runner, cpt)
     (eval_cpt,) = _commands(cpt_out, "next:")
@@ -57,6 +60,9 @@ def test_demo_then_the_printed_commands_through_cpt_eval_and_the_mart(prefect_ap
                               "where metric = 'zero_shot_top1' order by budget").to_pylist()
     assert [(r["method"], r["budget"], r["suite"]) for r in rows] == [("none", 0.0, "scans"), ("chips_plus", 0.3, "scans")]
     assert all(0.0 <= r["value"] <= 1.0 for r in rows)
+    _run(runner, report)  # the report now shows the evaluations beside the selection
+    evals = (workdir / "report" / "index.html").read_text().split("<h2>Evaluations</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "<td>chips_plus</td><td>0.3</td>" in evals and "<td>none</td><td>0</td>" in evals
 
     # the same warehouse through the read commands, and the premise check from the demo's own config
     res = runner.invoke(app, ["sql", "-w", str(wh.url), "select reason, count(*) n from stg_quarantine group by reason"])
