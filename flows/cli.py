@@ -246,8 +246,8 @@ def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, ware
                                                          "no Prefect (~20 s)")) -> None:
     """The embedded default: train (or reuse) a tiny CLIP, build a noisy pool and a 'scan' target set,
     and run the whole pipeline on them — no network, a few minutes on 2 CPUs."""
-    if core:
-        run_core_demo(out_dir=str(workdir / "core"))
+    if core:  # the library alone, in memory: its model from the cache, nothing written to the workdir
+        run_core_demo()
         return
     if "PREFECT_API_URL" not in os.environ and "prefect" not in sys.modules:
         # no server configured: keep the ephemeral API's database with the demo, so a ~/.prefect

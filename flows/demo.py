@@ -11,7 +11,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from chips_core.scoring.endpoint import EndpointModel, state_dict_checksum
+from chips_core.scoring.endpoint import EndpointModel, build_custom_model, state_dict_checksum
 from chips_core.scoring.featurize import BankConfig, FeaturizeConfig, Featurizer, ReferenceBank
 from chips_core.scoring.score import METHODS, Preconditioners, ScoreConfig, score_features, select_top
 from chips_core.scoring.sketch import SketchConfig
@@ -114,11 +114,18 @@ def prepare_demo(workdir: Path, pool_size: int = 600, eval_size: int = 100, step
 def run_core_demo(pool_size: int = 2000, eval_size: int = 200, steps: int = 300, budget: float = 0.3,
                   out_dir: str | None = None, seed: int = 0) -> dict:
     """The scoring library alone (no warehouse, no Prefect), step by step on synthetic pairs, printing
-    what each method picked (``chips demo --core``)."""
+    what each method picked (``chips demo --core``). The demo CLIP comes from the cache ``chips demo`` uses
+    (trained there once); nothing is written elsewhere unless ``out_dir`` is given."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
-    print(f"[1/5] training the demo CLIP ({steps} steps on synthetic pairs)...")
-    model = train_demo_clip(steps=steps, seed=seed)
+    if seed == 0:
+        print(f"[1/5] the demo CLIP ({steps} steps on synthetic pairs; cached in {cache_dir()})")
+        model = build_custom_model(DEMO_MODEL_CONFIG)
+        model.load_state_dict(torch.load(demo_checkpoint(steps), weights_only=True))
+        model.eval()
+    else:
+        print(f"[1/5] training the demo CLIP ({steps} steps on synthetic pairs, seed {seed})...")
+        model = train_demo_clip(steps=steps, seed=seed, progress=True)
     checksum = state_dict_checksum(model)
     if out_dir:
         atomic_write(Path(out_dir) / "demo_clip.pt", torch_bytes(model.state_dict()))
