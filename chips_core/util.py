@@ -13,7 +13,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -36,6 +35,8 @@ def atomic_write(path: str, data: bytes, fs: fsspec.AbstractFileSystem | None = 
 
 def torch_bytes(obj) -> bytes:
     """``torch.save`` into memory (for :func:`atomic_write`)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()

@@ -34,11 +34,9 @@ from chips_core.platform.query import connect
 from chips_core.platform.query import query as run_query
 from chips_core.platform.report import write_report
 from chips_core.platform.warehouse import Warehouse
-from chips_core.scoring.endpoint import load_model
-from chips_core.stages.preflight import (PreflightError, check_sources, existing_warehouse, require_run,
-                                         require_subset, writable_warehouse)
-from chips_core.stages.runconfig import load_run_config
-from flows.demo import prepare_demo, run_core_demo
+
+# The stages, the model code and the demo import torch (seconds): each command imports them when it needs them,
+# so the read commands (`sql`, `runs`, `report`) start in about a second.
 
 app = typer.Typer(help="chips — CHIPS data selection for domain-adaptive CLIP, as a data platform. "
                        "Add --debug to any command to print tracebacks instead of one-line errors.",
@@ -126,6 +124,9 @@ def _warehouse_option():
 def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/runconfig.py)")) -> None:
     """Run the whole pipeline (ingest, featurize, score, materialize) as a Prefect flow."""
     with _one_line_errors():
+        from chips_core.stages.preflight import check_sources, writable_warehouse
+        from chips_core.stages.runconfig import load_run_config
+
         cfg = load_run_config(config)  # fail fast, before any flow starts, with the bad key named
         check_sources(cfg)  # every source there, readable, with its columns and rows
         _require_checkpoint(cfg)
@@ -141,6 +142,9 @@ def check_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool, 
               no_ingest: bool = typer.Option(False, "--no-ingest", help="the pool and target are ingested already")) -> None:
     """Premise check: can gradient-based selection be trusted with this model and target? Exit 2 if not."""
     with _one_line_errors():
+        from chips_core.stages.preflight import check_sources, existing_warehouse, writable_warehouse
+        from chips_core.stages.runconfig import load_run_config
+
         cfg = load_run_config(config)
         if not no_ingest:
             check_sources(cfg)
@@ -166,6 +170,9 @@ def rescore(config: Path = typer.Argument(..., help="pipeline YAML whose `target
             featurize_run_id: str = typer.Option(..., "--featurize-run", help="run id of the pool's featurization")) -> None:
     """Score an already featurized pool for a new target set (the model runs over the target only)."""
     with _one_line_errors():
+        from chips_core.stages.preflight import check_sources, existing_warehouse, require_run, writable_warehouse
+        from chips_core.stages.runconfig import load_run_config
+
         cfg = load_run_config(config)
         check_sources(cfg, pool=False)
         _require_checkpoint(cfg)
@@ -187,6 +194,9 @@ def cpt(config: Path = typer.Argument(..., help="pipeline YAML; its `model` is t
         manifest: Optional[Path] = typer.Option(None, help="or a manifest (Parquet / open_clip CSV: filepath, title)")) -> None:
     """Continual pre-training on a selected subset (resumes from --out's checkpoints if present)."""
     with _one_line_errors():
+        from chips_core.stages.preflight import existing_warehouse, require_subset, writable_warehouse
+        from chips_core.stages.runconfig import load_run_config
+
         if (subset is None) == (manifest is None):
             raise ValueError("give exactly one of --subset / --manifest")
         if manifest is not None and not manifest.is_file():
@@ -215,6 +225,10 @@ def eval_cmd(config: Path = typer.Argument(..., help="pipeline YAML with `eval_s
              subset: Optional[str] = typer.Option(None, help="the subset that trained it (joins evals to the selection)")) -> None:
     """Zero-shot accuracy and retrieval recall@{1,5,10} on every configured suite -> the `evals` table."""
     with _one_line_errors():
+        from chips_core.stages.preflight import (PreflightError, existing_warehouse, require_run, require_subset,
+                                                 writable_warehouse)
+        from chips_core.stages.runconfig import load_run_config
+
         cfg = load_run_config(config)
         if checkpoint is not None and not checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint not found: {str(checkpoint)!r}")
@@ -246,6 +260,9 @@ def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, ware
                                                          "no Prefect (~20 s)")) -> None:
     """The embedded default: train (or reuse) a tiny CLIP, build a noisy pool and a 'scan' target set,
     and run the whole pipeline on them — no network, a few minutes on 2 CPUs."""
+    from chips_core.stages.runconfig import load_run_config
+    from flows.demo import prepare_demo, run_core_demo
+
     if core:  # the library alone, in memory: its model from the cache, nothing written to the workdir
         run_core_demo()
         return
@@ -327,6 +344,8 @@ def server(port: int = typer.Option(4200, help="port of the local API (127.0.0.1
 
 
 def _require_checkpoint(cfg) -> None:
+    from chips_core.scoring.endpoint import load_model
+
     if cfg.model.checkpoint and "://" not in cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
         load_model(cfg.model)  # raises CheckpointNotFoundError naming the path
 
@@ -339,6 +358,8 @@ def _writable_dir(path: Path, what: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        from chips_core.stages.preflight import PreflightError
+
         raise PreflightError(f"{what} {str(path)!r} is not a writable folder: {e.strerror or e}") from None
 
 

@@ -1,5 +1,5 @@
-"""The `chips` CLI: one-line errors, pre-flight checks, --debug, tables, `chips server` (the demo end to end is
-tests/test_newcomer.py)."""
+"""The `chips` CLI: one-line errors, pre-flight checks, --debug, tables (the demo end to end is tests/test_newcomer.py;
+`chips server` is tests/flows/test_server.py)."""
 import pytest
 from typer.testing import CliRunner
 
@@ -155,57 +155,3 @@ def test_debug_prints_the_traceback_instead(tmp_path):
     assert plain.returncode == 1 and plain.stderr.strip().startswith("chips: error: not a chips warehouse")
     assert "Traceback" not in plain.stderr
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr and "WarehouseError" in debug.stderr
-
-
-@pytest.mark.slow
-def test_chips_server_keeps_an_api_that_flow_commands_use(tmp_path):
-    """`chips server` serves a Prefect API on the given port; a chips flow run with its PREFECT_API_URL is
-    recorded there (so commands skip starting a temporary API of their own)."""
-    import json
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from ..platform.test_ingest import png
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "server", "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.communicate()
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "chips server did not answer"
-            time.sleep(0.5)
-        (tmp_path / "a.png").write_bytes(png(3))
-        (tmp_path / "t.csv").write_text("filepath,title\na.png,a cat\n")
-        cfg = {"warehouse": str(tmp_path / "wh"), "pool": [{"name": "t", "kind": "csv", "paths": [str(tmp_path / "t.csv")]}],
-               "target": [], "model": {"name": "RN50"}}
-        run = subprocess.run([sys.executable, "-c", "import sys, json; from flows.chips_flows import ingest_flow; "
-                              "print(ingest_flow(json.loads(sys.argv[1]))['kept'])", json.dumps(cfg)],
-                             env={**env, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0 and run.stdout.strip().endswith("1"), run.stderr
-        req = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            runs = json.loads(r.read())
-        assert [f["state_type"] for f in runs] == ["COMPLETED"]
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        server.wait(timeout=30)

@@ -47,7 +47,8 @@ def test_pipeline_tables_runs_and_audits(run):
     assert [s["stage"] for s in stages] == ["featurize", "ingest", "materialize", "pipeline", "score"]
     assert all(s["status"] == "succeeded" for s in stages)
     sizes = query(con, "select method, budget, count(*) n from stg_subsets group by all order by all").to_pylist()
-    assert {(s["budget"], s["n"]) for s in sizes} == {(0.1, 12), (0.3, 36)}
+    assert {(s["budget"], s["n"]) for s in sizes} == {(0.1, 12), (0.3, 36), (1.0, 120)}  # and full@1: every pair
+    assert [s["method"] for s in sizes if s["budget"] == 1.0] == ["full"]
     assert all(t.num_rows == 0 for t in run_audits(con).values()), run_audits(con)
     sid = f"{out['score']['run_id']}:chips@0.1"
     top = query(con, "select pair_id from stg_subsets where subset_id = $s and rank = 1", {"s": sid}).to_pylist()[0]
@@ -190,7 +191,7 @@ def test_rescore_with_publish_writes_delta_tables_under_one_parent(run):
     cfg, loaded, out = run
     cfg = dataclasses.replace(cfg, publish=PublishConfig(delta=True))
     res = run_rescore(cfg, out["featurize"]["run_id"], loaded)
-    assert res["publish"]["rows"] == {"scores": 120, "subsets": len(cfg.methods) * (12 + 36)}
+    assert res["publish"]["rows"] == {"scores": 120, "subsets": len(cfg.methods) * (12 + 36) + 120}  # + full@1
     scores = DeltaTable(res["publish"]["tables"]["scores"]).to_pyarrow_table()
     assert set(scores.column("run_id").to_pylist()) == {res["score"]["run_id"]} and scores.num_rows == 120
     con = connect(Warehouse(cfg.warehouse))
