@@ -32,6 +32,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
+
 __version__ = "0.1.0"
 
 __all__ = [
