@@ -62,11 +62,16 @@ def within_roots(path: str, roots: Sequence[str]) -> bool:
     return any(os.path.commonpath([real, r]) == r for r in (os.path.realpath(x) for x in roots))
 
 
+def relative_to(path: str, base: str | Path) -> str:
+    """``path`` as given when absolute or a URL, else joined to ``base`` (the folder of the table naming it)."""
+    return path if os.path.isabs(path) or "://" in path else os.path.join(str(base), path)
+
+
 def resolve_image_path(path: str, base: str | Path, roots: Sequence[str] | None, what: str) -> str:
     """The path rule every table of image paths follows (pool sources, manifests, eval suites): a relative path
     resolves against ``base`` (the table's folder); a local path must lie inside ``roots`` (default: ``base``);
     a URL is read as given. A path outside is a ConfigError naming ``what``, the path and the roots."""
-    full = path if os.path.isabs(path) or "://" in path else os.path.join(str(base), path)
+    full = relative_to(path, base)
     if "://" in full:
         return full
     roots = list(roots or [str(base)])

@@ -124,12 +124,12 @@ def _warehouse_option():
 def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/runconfig.py)")) -> None:
     """Run the whole pipeline (ingest, featurize, score, materialize) as a Prefect flow."""
     with _one_line_errors():
-        from chips_core.stages.preflight import check_sources, writable_warehouse
+        from chips_core.stages.preflight import check_sources, require_checkpoint, writable_warehouse
         from chips_core.stages.runconfig import load_run_config
 
         cfg = load_run_config(config)  # fail fast, before any flow starts, with the bad key named
         check_sources(cfg)  # every source there, readable, with its columns and rows
-        _require_checkpoint(cfg)
+        require_checkpoint(cfg)
         writable_warehouse(cfg)  # created only now, after the sources passed
         from flows.chips_flows import pipeline_flow
 
@@ -142,13 +142,13 @@ def check_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool, 
               no_ingest: bool = typer.Option(False, "--no-ingest", help="the pool and target are ingested already")) -> None:
     """Premise check: can gradient-based selection be trusted with this model and target? Exit 2 if not."""
     with _one_line_errors():
-        from chips_core.stages.preflight import check_sources, existing_warehouse, writable_warehouse
+        from chips_core.stages.preflight import check_sources, existing_warehouse, require_checkpoint, writable_warehouse
         from chips_core.stages.runconfig import load_run_config
 
         cfg = load_run_config(config)
         if not no_ingest:
             check_sources(cfg)
-        _require_checkpoint(cfg)
+        require_checkpoint(cfg)
         if no_ingest:
             existing_warehouse(cfg)
         writable_warehouse(cfg)
@@ -170,12 +170,13 @@ def rescore(config: Path = typer.Argument(..., help="pipeline YAML whose `target
             featurize_run_id: str = typer.Option(..., "--featurize-run", help="run id of the pool's featurization")) -> None:
     """Score an already featurized pool for a new target set (the model runs over the target only)."""
     with _one_line_errors():
-        from chips_core.stages.preflight import check_sources, existing_warehouse, require_run, writable_warehouse
+        from chips_core.stages.preflight import (check_sources, existing_warehouse, require_checkpoint, require_run,
+                                                 writable_warehouse)
         from chips_core.stages.runconfig import load_run_config
 
         cfg = load_run_config(config)
         check_sources(cfg, pool=False)
-        _require_checkpoint(cfg)
+        require_checkpoint(cfg)
         require_run(existing_warehouse(cfg), featurize_run_id, ("featurize",))
         writable_warehouse(cfg)
         from flows.chips_flows import rescore_flow
@@ -194,7 +195,8 @@ def cpt(config: Path = typer.Argument(..., help="pipeline YAML; its `model` is t
         manifest: Optional[Path] = typer.Option(None, help="or a manifest (Parquet / open_clip CSV: filepath, title)")) -> None:
     """Continual pre-training on a selected subset (resumes from --out's checkpoints if present)."""
     with _one_line_errors():
-        from chips_core.stages.preflight import existing_warehouse, require_subset, writable_warehouse
+        from chips_core.stages.preflight import (existing_warehouse, require_checkpoint, require_subset,
+                                                 writable_warehouse)
         from chips_core.stages.runconfig import load_run_config
 
         if (subset is None) == (manifest is None):
@@ -202,7 +204,7 @@ def cpt(config: Path = typer.Argument(..., help="pipeline YAML; its `model` is t
         if manifest is not None and not manifest.is_file():
             raise FileNotFoundError(f"manifest not found: {str(manifest)!r}")
         cfg = load_run_config(config)
-        _require_checkpoint(cfg)
+        require_checkpoint(cfg)
         if subset is not None:
             require_subset(existing_warehouse(cfg), subset)
         writable_warehouse(cfg)
@@ -225,20 +227,16 @@ def eval_cmd(config: Path = typer.Argument(..., help="pipeline YAML with `eval_s
              subset: Optional[str] = typer.Option(None, help="the subset that trained it (joins evals to the selection)")) -> None:
     """Zero-shot accuracy and retrieval recall@{1,5,10} on every configured suite -> the `evals` table."""
     with _one_line_errors():
-        from chips_core.stages.preflight import (PreflightError, existing_warehouse, require_run, require_subset,
-                                                 writable_warehouse)
+        from chips_core.stages.preflight import (check_eval_suites, existing_warehouse, require_checkpoint,
+                                                 require_run, require_subset, writable_warehouse)
         from chips_core.stages.runconfig import load_run_config
 
         cfg = load_run_config(config)
         if checkpoint is not None and not checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint not found: {str(checkpoint)!r}")
         if checkpoint is None:
-            _require_checkpoint(cfg)
-        if not cfg.eval_suites:
-            raise PreflightError(f"{config}: no eval_suites configured (each: {{name, path, templates}})")
-        missing = [s.path for s in cfg.eval_suites if "://" not in s.path and not Path(s.path).is_file()]
-        if missing:
-            raise PreflightError(f"eval suite file not found: {missing[0]!r}")
+            require_checkpoint(cfg)
+        check_eval_suites(cfg, config)
         wh = existing_warehouse(cfg)
         if subset is not None:
             require_subset(wh, subset)
@@ -341,13 +339,6 @@ def server(port: int = typer.Option(4200, help="port of the local API (127.0.0.1
             "--port", str(port), "--analytics-off", "--ui" if ui else "--no-ui"]
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the server handles its own Ctrl-C
     os.execvp(args[0], args)
-
-
-def _require_checkpoint(cfg) -> None:
-    from chips_core.scoring.endpoint import load_model
-
-    if cfg.model.checkpoint and "://" not in cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
-        load_model(cfg.model)  # raises CheckpointNotFoundError naming the path
 
 
 def _writable_dir(path: Path, what: str) -> None:

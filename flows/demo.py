@@ -11,7 +11,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from chips_core.scoring.endpoint import EndpointModel, build_custom_model, state_dict_checksum
+from chips_core.scoring.endpoint import EndpointModel, ModelSpec, load_model, state_dict_checksum
 from chips_core.scoring.featurize import BankConfig, FeaturizeConfig, Featurizer, ReferenceBank
 from chips_core.scoring.score import METHODS, Preconditioners, ScoreConfig, score_features, select_top
 from chips_core.scoring.sketch import SketchConfig
@@ -120,9 +120,7 @@ def run_core_demo(pool_size: int = 2000, eval_size: int = 200, steps: int = 300,
     t0 = time.perf_counter()
     if seed == 0:
         print(f"[1/5] the demo CLIP ({steps} steps on synthetic pairs; cached in {cache_dir()})")
-        model = build_custom_model(DEMO_MODEL_CONFIG)
-        model.load_state_dict(torch.load(demo_checkpoint(steps), weights_only=True))
-        model.eval()
+        model = load_model(ModelSpec(config=DEMO_MODEL_CONFIG, checkpoint=str(demo_checkpoint(steps)))).model
     else:
         print(f"[1/5] training the demo CLIP ({steps} steps on synthetic pairs, seed {seed})...")
         model = train_demo_clip(steps=steps, seed=seed, progress=True)

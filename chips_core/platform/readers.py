@@ -27,7 +27,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from ..errors import ChipsError, check
-from ..util import within_roots
+from ..util import relative_to, within_roots
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTS = ("txt", "json")
@@ -104,10 +104,6 @@ def read_webdataset(url: str, source: str, storage_options: dict | None = None) 
         yield emit(current, members)
 
 
-def _resolve(path: str, base: str) -> str:
-    return path if os.path.isabs(path) or "://" in path else os.path.join(base, path)
-
-
 def _read_path(path: str, allowed_roots: Sequence[str]) -> tuple[bytes | None, tuple[str, str] | None]:
     """Read an image file if it lies inside an allowed root; else a (reason, detail)."""
     if "://" not in path:
@@ -138,7 +134,7 @@ def read_csv(path: str, source: str, filepath_col: str = "filepath", caption_col
                 raise SchemaChangeError(f"{path}: column {col!r} not found (columns: {reader.fieldnames})")
         for line, row in enumerate(reader, start=2):
             rel = row[filepath_col] or ""
-            full = _resolve(rel, base)
+            full = relative_to(rel, base)
             image, err = _read_path(full, roots)
             cap = row[caption_col]
             cap = cap.encode("utf-8", "surrogateescape") if cap is not None else None
@@ -165,7 +161,7 @@ def read_parquet(path: str, source: str, caption_col: str = "caption", image_col
                 ref = f"{path}#row={row}"
                 row += 1
                 if path_col:
-                    full = _resolve(im or "", base)
+                    full = relative_to(im or "", base)
                     image, err = _read_path(full, roots)
                     yield RawRecord(source, ref, image, full, cap, err)
                     continue

@@ -90,14 +90,13 @@ def quarantine_shares(wh: Warehouse, sources: Sequence[SourceSpec | str]) -> dic
     names = [s if isinstance(s, str) else s.name for s in sources]
     t = wh.read("pair_sources", columns=["source", "source_key"])
     t = t.filter(pc.is_in(t.column("source"), pa.array(names, pa.string())))
-    kept: dict[str, set] = {}
-    for src, key in zip(t.column("source").to_pylist(), t.column("source_key").to_pylist()):
-        kept.setdefault(src, set()).add(key)
+    per = t.group_by("source").aggregate([("source_key", "count_distinct")]).to_pylist()
+    kept = {r["source"]: r["source_key_count_distinct"] for r in per}
     causes = _causes(wh, names)
     out = {}
     for name in names:
         bad = sum(causes.get(name, {}).values())
-        rows = len(kept.get(name, ())) + bad
+        rows = kept.get(name, 0) + bad
         out[name] = {"rows": rows, "quarantined": bad, "share": bad / rows if rows else 0.0,
                      "causes": causes.get(name, {})}
     return out

@@ -3,6 +3,7 @@ raised as one :class:`PreflightError` that names the source, path, warehouse or 
 
 - every source path exists, is readable, and its reader finds its columns and at least one record
   (the reader itself is asked, so the check and the ingest cannot disagree);
+- the model checkpoint and the eval suite files exist;
 - the warehouse is writable (a probe file is written and removed), created only after the sources pass;
 - a subset or run id a command names exists in the warehouse.
 
@@ -10,6 +11,7 @@ The device is checked when the config is loaded (``runconfig.resolve_device``)."
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import fsspec
@@ -54,6 +56,23 @@ def check_sources(cfg: RunConfig, pool: bool = True, target: bool = True) -> Non
         check_source(spec, "pool")
     for spec in (cfg.target if target else ()):
         check_source(spec, "target")
+
+
+def require_checkpoint(cfg: RunConfig) -> None:
+    """A local checkpoint the config names exists (else the loader's CheckpointNotFoundError naming the path)."""
+    if cfg.model.checkpoint and "://" not in cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
+        from ..scoring.endpoint import load_model
+
+        load_model(cfg.model)
+
+
+def check_eval_suites(cfg: RunConfig, config: str | Path) -> None:
+    """``config`` (the file ``cfg`` came from) names eval suites, and each local suite file exists."""
+    if not cfg.eval_suites:
+        raise PreflightError(f"{config}: no eval_suites configured (each: {{name, path, templates}})")
+    missing = [s.path for s in cfg.eval_suites if "://" not in s.path and not Path(s.path).is_file()]
+    if missing:
+        raise PreflightError(f"eval suite file not found: {missing[0]!r}")
 
 
 def writable_warehouse(cfg: RunConfig) -> Warehouse:
