@@ -33,6 +33,18 @@ def atomic_write(path: str, data: bytes, fs: fsspec.AbstractFileSystem | None = 
     return path
 
 
+def atomic_put(local_path: str, path: str, fs: fsspec.AbstractFileSystem | None = None) -> str:
+    """:func:`atomic_write` for a local file too large to hold in memory: copied (``fs.put``) under the
+    hidden temporary name, then moved into place."""
+    fs = fs or fsspec.filesystem("file")
+    folder, name = posixpath.split(str(path))
+    fs.makedirs(folder, exist_ok=True)
+    tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    fs.put_file(str(local_path), tmp)
+    fs.mv(tmp, str(path))
+    return str(path)
+
+
 def torch_bytes(obj) -> bytes:
     """``torch.save`` into memory (for :func:`atomic_write`)."""
     import torch

@@ -28,8 +28,8 @@ def _setup(config: str | dict) -> tuple[RunConfig, Warehouse, LoadedModel]:
 
 
 @task(name="featurize-shard", retries=2, retry_delay_seconds=1, cache_policy=NONE)
-def _shard(fn, n: int, shard_ids: list[str]):
-    return fn(n, shard_ids)
+def _shard(fn, n: int, shard):
+    return fn(n, shard)
 
 
 def _map_shards(fn, shards):

@@ -60,16 +60,68 @@ def load_curvature(wh: Warehouse, run_id: str) -> CurvatureStats:
                           meta["sample_seed"], FeatureIdentity.from_json(meta["identity"]))
 
 
+def save_pre(wh: Warehouse, run_id: str, shard: str, pair_ids: list[str], h_v: torch.Tensor, h_t: torch.Tensor) -> None:
+    """A shard's curvature-sample pairs' trunk outputs (float32, exact), for the curvature reduce: the sample is
+    forwarded once, inside its shards, not read again."""
+    def vec(h: torch.Tensor) -> pa.FixedSizeListArray:
+        a = h.detach().to("cpu", torch.float32).numpy()
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), a.shape[1])
+    t = pa.table({"pair_id": pa.array(pair_ids, pa.string()), "h_v": vec(h_v), "h_t": vec(h_t)})
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    wh.write_bytes(_globals(wh, run_id, f"pre/{shard}.parquet"), buf.getvalue())
+
+
+def load_pre(wh: Warehouse, run_id: str, pair_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored trunk outputs of ``pair_ids``, in that order (a missing one is a named error)."""
+    parts = sorted(wh.fs.glob(_globals(wh, run_id, "pre/*.parquet")))
+    t = pa.concat_tables([pq.read_table(io.BytesIO(wh.read_bytes(p))) for p in parts]) if parts else None
+    have = {} if t is None else {p: i for i, p in enumerate(t.column("pair_id").to_pylist())}
+    missing = [p for p in pair_ids if p not in have]
+    if missing:
+        raise KeyError(f"featurize run {run_id!r} kept no trunk outputs for {len(missing)} curvature-sample pairs, "
+                       f"e.g. {missing[:3]}")
+    idx = np.array([have[p] for p in pair_ids], dtype=np.int64)
+
+    def mat(name: str) -> torch.Tensor:
+        col = t.column(name).combine_chunks()
+        return torch.from_numpy(col.flatten().to_numpy().reshape(len(col), -1)[idx].copy())
+    return mat("h_v"), mat("h_t")
+
+
 def write_features(wh: Warehouse, features: FeatureBatch, run_id: str, shard: str) -> str:
     """One shard of a featurization run: float16 vectors, the feature identity in the footer."""
     return wh.write("features", features.to_arrow("float16"), {"run": run_id}, shard)
 
 
-def read_features(wh: Warehouse, run_id: str) -> FeatureBatch:
-    """All shards of a featurization run as one :class:`FeatureBatch`, in pair-id order; parts whose
-    identity (model checksum, bank id, sketch seed, k) differs raise ``IncompatibleFeaturesError``."""
+def feature_parts(wh: Warehouse, run_id: str) -> list[str]:
+    """The parts of a featurization run (one per featurize shard), in a fixed order."""
     parts = sorted(wh.fs.glob(posixpath.join(wh.table_dir("features"), f"run={run_id}", "*.parquet")))
     if not parts:
         raise FileNotFoundError(f"no features for run {run_id!r} in warehouse {wh.url!r}")
-    out = FeatureBatch.concat([FeatureBatch.from_arrow(pq.read_table(io.BytesIO(wh.read_bytes(p)))) for p in parts])
+    return parts
+
+
+def read_feature_part(wh: Warehouse, path: str) -> FeatureBatch:
+    """One part of a featurization run, in its stored (pool storage) order."""
+    return FeatureBatch.from_arrow(pq.read_table(io.BytesIO(wh.read_bytes(path))))
+
+
+def iter_features(wh: Warehouse, run_id: str):
+    """The run's features part by part (memory of one part, whatever the pool's size); parts whose identity
+    differs from the first's raise ``IncompatibleFeaturesError``."""
+    first = None
+    for path in feature_parts(wh, run_id):
+        batch = read_feature_part(wh, path)
+        if first is None:
+            first = batch.identity
+        first.require_same(batch.identity, "feature batches")
+        yield path, batch
+
+
+def read_features(wh: Warehouse, run_id: str) -> FeatureBatch:
+    """All shards of a featurization run as one :class:`FeatureBatch`, in pair-id order; parts whose
+    identity (model checksum, bank id, sketch seed, k) differs raise ``IncompatibleFeaturesError``.
+    This holds the whole run in memory: the stages read it part by part (:func:`iter_features`)."""
+    out = FeatureBatch.concat([b for _, b in iter_features(wh, run_id)])
     return out.take(np.argsort(np.asarray(out.pair_id, dtype=str), kind="stable"))

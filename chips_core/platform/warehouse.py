@@ -6,6 +6,7 @@ sees half a file. Writing the same part again replaces it whole (a run's own ``r
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import io
@@ -21,7 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ..errors import ChipsError
-from ..util import atomic_write
+from ..util import atomic_put, atomic_write
 
 
 class WarehouseError(ChipsError):
@@ -70,6 +71,11 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
+# rows per Parquet row group of a ``pairs`` part: featurize's shards are whole row groups, so a shard reads
+# only its own pairs' bytes (platform/poolscan.py)
+PAIRS_ROW_GROUP = 128
+
+
 @dataclass
 class Warehouse:
     url: str
@@ -77,6 +83,8 @@ class Warehouse:
     create: bool = True  # False: open an existing warehouse only (read commands never create one)
 
     def __post_init__(self):
+        # rows whose image bytes this process read from ``pairs`` (how tests hold featurize to one pass)
+        self.image_rows_read: collections.Counter = collections.Counter()
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
             if self.create:
@@ -109,7 +117,7 @@ class Warehouse:
             data = data.replace_schema_metadata({**(data.schema.metadata or {}), **metadata})
         path = self.part_path(table, partition, name)
         buf = io.BytesIO()
-        pq.write_table(data, buf, compression="zstd")
+        pq.write_table(data, buf, compression="zstd", row_group_size=PAIRS_ROW_GROUP if table == "pairs" else None)
         self.write_bytes(path, buf.getvalue())
         return path
 
@@ -152,6 +160,13 @@ class Warehouse:
         except Exception as e:  # noqa: BLE001 - any backend error means the same thing to the user
             raise WarehouseError(f"cannot write {path!r} in warehouse {self.url!r}: {e}") from e
 
+    def put_file(self, local_path: str, path: str) -> str:
+        """Move a local file into the warehouse atomically (a part written in a stream, too big for memory)."""
+        try:
+            return atomic_put(local_path, path, self.fs)
+        except Exception as e:  # noqa: BLE001 - any backend error means the same thing to the user
+            raise WarehouseError(f"cannot write {path!r} in warehouse {self.url!r}: {e}") from e
+
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open(path, "rb") as f:
             return f.read()
@@ -173,7 +188,17 @@ class Warehouse:
             return empty.select(columns) if columns else empty
         ds = pads.dataset(d, filesystem=self.fs, format="parquet", partitioning="hive",
                           exclude_invalid_files=False)
+        if table == "pairs" and (columns is None or "image" in columns):
+            self.image_rows_read["pairs"] += ds.count_rows()  # a filtered scan still reads every row group
         return ds.to_table(columns=columns, filter=filter)
+
+    def read_row_groups(self, path: str, row_groups: Sequence[int], columns: Sequence[str]) -> pa.Table:
+        """Whole row groups of one part (a featurize shard's rows), only ``columns``."""
+        with self.fs.open(path, "rb") as f:
+            t = pq.ParquetFile(f).read_row_groups(list(row_groups), columns=list(columns))
+        if "image" in columns:
+            self.image_rows_read[posixpath.basename(posixpath.dirname(posixpath.dirname(path)))] += t.num_rows
+        return t
 
     def read_pairs(self, ids: Sequence[str], columns: Sequence[str] = ("pair_id", "caption", "image")) -> list[dict]:
         """Rows of ``pairs`` for ``ids``, in the order of ``ids``; an id not in the table is a named error."""

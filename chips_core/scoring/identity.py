@@ -51,9 +51,38 @@ def seeded_sample(pair_ids, n: int, seed: int) -> list[str]:
     ids = list(pair_ids)
     if len(set(ids)) != len(ids):
         raise ValueError("seeded_sample needs distinct pair ids")
-    keys = seeded_unit(ids, seed)
-    order = np.lexsort((np.array(ids, dtype=object).astype(str), keys))[:n]
-    return [ids[i] for i in order]
+    return [ids[i] for i in _key_order(ids, seeded_unit(ids, seed))[:n]]
+
+
+class StreamSample:
+    """:func:`seeded_sample` over a stream of batches, holding only the candidates. Offer each batch's ids,
+    and with ``concat`` (e.g. ``FeatureBatch.concat``) a payload whose ``take(idx)`` gives its rows;
+    :attr:`ids` and :attr:`payload` then equal ``seeded_sample`` over everything offered, in key order."""
+
+    def __init__(self, n: int, seed: int, concat=None):
+        self.n, self.seed, self.concat = n, seed, concat
+        self.ids: list[str] = []
+        self.keys = np.empty(0, dtype=np.float64)
+        self.payload = None
+
+    def offer(self, pair_ids, payload=None) -> None:
+        ids = list(pair_ids)
+        if not ids or self.n <= 0:
+            return
+        keys = seeded_unit(ids, self.seed)
+        local = _key_order(ids, keys)[:self.n]
+        ids, keys = self.ids + [ids[i] for i in local], np.concatenate([self.keys, keys[local]])
+        keep = _key_order(ids, keys)[:self.n]
+        if len(set(ids[i] for i in keep)) != len(keep):
+            raise ValueError("seeded_sample needs distinct pair ids")
+        self.ids, self.keys = [ids[i] for i in keep], keys[keep]
+        if self.concat is not None:
+            rows = payload.take(local)
+            self.payload = (rows if self.payload is None else self.concat([self.payload, rows])).take(keep)
+
+
+def _key_order(ids: list[str], keys: np.ndarray) -> np.ndarray:
+    return np.lexsort((np.array(ids, dtype=object).astype(str), keys))
 
 
 def content_pair_id(image_bytes: bytes, caption: str) -> str:

@@ -80,10 +80,17 @@ def guarded_tier(features: FeatureBatch, w_r: np.ndarray, target: TargetStats, c
     return relevant.astype(np.float64) + (relevant & agrees)
 
 
+def rowdot(a: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``a @ v`` row by row, each row summed in the same order whatever the number of rows: a pair's score
+    does not depend on which other pairs share its batch, so scoring a pool part by part (the score stage)
+    gives the same bits as scoring it whole. (BLAS ``a @ v`` does not promise that.)"""
+    return np.einsum("ij,j->i", a, v)
+
+
 def _cos(v: np.ndarray, mu: np.ndarray) -> np.ndarray:
     # Stored embeddings are unit vectors up to float16 rounding; renormalise so |cos| <= 1 exactly.
     v = v.astype(np.float64)
-    return np.clip(v @ mu / np.maximum(np.linalg.norm(v, axis=1), 1e-300), -1.0, 1.0)
+    return np.clip(rowdot(v, mu) / np.maximum(np.sqrt(np.einsum("ij,ij->i", v, v)), 1e-300), -1.0, 1.0)
 
 
 @dataclass
@@ -114,15 +121,15 @@ def score_features(features: FeatureBatch, target: TargetStats, curv: CurvatureS
     features.identity.require_same(target.identity, "target statistics", ("model_checksum", "sketch_seed", "k"))
     pre = pre or Preconditioners.solve(target, curv, curvature)
     g = features.g.astype(np.float64)
-    align = g @ pre.v_chips
+    align = rowdot(g, pre.v_chips)
     w_l = learnability_weight(features.p_corr.astype(np.float64), features.margin.astype(np.float64))
     w_r = relevance_weight(features.x, features.y, target.mu_x, target.mu_y, config.beta)
     key = seeded_unit(features.pair_id, config.random_seed)
     return {
         "random": key,
         "clipscore": features.clipscore.astype(np.float64),
-        "dot": g @ target.u,
-        "trak": g @ pre.v_trak,
+        "dot": rowdot(g, target.u),
+        "trak": rowdot(g, pre.v_trak),
         "chips_align": align,
         "chips_align_learn": align * w_l,
         "chips": align * w_l * w_r,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 from scipy.stats import spearmanr
 
 from ..platform.provenance import new_run_id, recorded_run
@@ -54,12 +53,6 @@ def target_and_eval_features(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel,
 def pool_sample_ids(cfg: RunConfig, pool_ids: list[str]) -> list[str]:
     """The seeded pool sample the learnability check reads (the same pairs in a check and a score run)."""
     return seeded_sample(pool_ids, min(cfg.check.pool_sample, len(pool_ids)), cfg.check.seed)
-
-
-def pool_sample(cfg: RunConfig, features: FeatureBatch) -> FeatureBatch:
-    """That sample, from features already computed."""
-    chosen = set(pool_sample_ids(cfg, features.pair_id))
-    return features.take(np.flatnonzero([p in chosen for p in features.pair_id]))
 
 
 def check_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str | None = None,

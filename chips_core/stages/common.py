@@ -116,10 +116,17 @@ def require_quarantine_share(wh: Warehouse, sources: Sequence[SourceSpec], limit
 
 def load_pairs(wh: Warehouse, ids: Sequence[str], loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (preprocessed) and tokenized captions for ``ids``, in the order of ``ids``."""
-    rows = wh.read_pairs(ids)
+    return model_inputs(wh.read_pairs(ids), loaded)
+
+
+def model_inputs(rows: pa.Table | list[dict], loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (preprocessed) and tokenized captions of rows with ``image`` and ``caption``, in their order."""
+    if isinstance(rows, pa.Table):
+        images, captions = rows.column("image").to_pylist(), rows.column("caption").to_pylist()
+    else:
+        images, captions = [r["image"] for r in rows], [r["caption"] for r in rows]
     prep = image_preprocess(loaded.model)
-    images = torch.stack([prep(open_rgb(r["image"])) for r in rows])
-    return images, loaded.tokenizer([r["caption"] for r in rows])
+    return torch.stack([prep(open_rgb(b)) for b in images]), loaded.tokenizer(captions)
 
 
 def require_bank_model(loaded: LoadedModel, bank: ReferenceBank, run_id: str) -> None:

@@ -1,68 +1,114 @@
-"""The featurize stage: a reduce (the reference bank), a map over shards (per-pair features), a
-reduce (the curvature statistics). Resumes at shard granularity: a shard whose part exists is
-skipped, and a resumed run writes the same bytes."""
+"""The featurize stage: a reduce (one pass over the pool's ids: its shards, the bank, the curvature
+sample), a map over shards (per-pair features), a reduce (the curvature statistics). The shards are whole
+row groups of the ``pairs`` parts in storage order, so every pair's bytes are read once per run (the bank's
+pairs once more). Resumes at shard granularity: a shard whose part exists is skipped, and a resumed run
+writes the same bytes."""
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
 
-from ..platform.features import load_bank, load_curvature, save_bank, save_curvature, write_features
+import pyarrow as pa
+
+from ..platform.features import (load_bank, load_curvature, load_pre, save_bank, save_curvature, save_pre,
+                                 write_features)
+from ..platform.poolscan import PoolScan, PoolShard
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import EndpointModel, LoadedModel
-from ..scoring.featurize import Featurizer, ReferenceBank, ScoringContext
-from ..scoring.target import curvature_sample, curvature_stats
+from ..scoring.featurize import Featurizer, ReferenceBank, ScoringContext, forward_pre
+from ..scoring.identity import StreamSample
+from ..scoring.target import curvature_stats_pre
 from ..util import progress as progress_bar
-from .common import MapShards, load_pairs, local_map, model_fields, require_bank_model, require_pairs
+from .common import MapShards, load_pairs, local_map, model_fields, model_inputs, require_bank_model, require_pairs
 from .runconfig import RunConfig
 
 log = logging.getLogger("chips")
 
 
 def build_bank(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, pool_ids: list[str]) -> ReferenceBank:
-    """The reference bank of a pool: ``cfg.bank.size`` pairs drawn by seeded key, forwarded once."""
+    """The reference bank of a pool given as ids: ``cfg.bank.size`` pairs drawn by seeded key, forwarded once
+    (the check stage; featurize draws the same bank in its one pass over the pool, :func:`featurize_prepare`)."""
     bank_ids = ReferenceBank.draw_ids(pool_ids, cfg.bank)
-    return ReferenceBank.from_pairs(EndpointModel(loaded.model), *load_pairs(wh, bank_ids, loaded), bank_ids,
+    return _bank(cfg, loaded, *load_pairs(wh, bank_ids, loaded), bank_ids)
+
+
+def _bank(cfg: RunConfig, loaded: LoadedModel, images, texts, bank_ids: list[str]) -> ReferenceBank:
+    return ReferenceBank.from_pairs(EndpointModel(loaded.model), images, texts, bank_ids,
                                     model_checksum=loaded.checksum, seed=cfg.bank.seed,
                                     micro_batch=cfg.featurize.micro_batch, mask_same_caption=cfg.bank.mask_same_caption,
                                     mask_image_cosine=cfg.bank.mask_image_cosine)
 
 
-def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str) -> tuple[list[str], list[list[str]]]:
-    """Reduce step: the pool's pair ids, their shards, and the reference bank (drawn, forwarded and
-    stored once per run; a resumed run reuses the stored bank)."""
-    ids = require_pairs(wh, cfg.pool, "pool")
+@dataclass
+class FeaturizePlan:
+    """What the shards need: the pool's shards (whole row groups of ``pairs`` parts), how many pool pairs,
+    and the curvature sample's ids (each shard keeps its sample pairs' trunk outputs for the reduce)."""
+
+    scan: PoolScan
+    shards: list[PoolShard]
+    pairs: int
+    curvature_ids: list[str]
+
+
+def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str) -> FeaturizePlan:
+    """Reduce step, one pass over the pool's ids (no image bytes): its shards, the bank and curvature samples
+    (the pairs of smallest seeded key, order- and shard-free), then the bank forwarded and stored once per run
+    (a resumed run reuses the stored bank)."""
+    scan = PoolScan(wh, [s.name for s in cfg.pool])
+    bank = StreamSample(cfg.bank.size, cfg.bank.seed, pa.concat_tables)
+    curv = StreamSample(cfg.curvature.n_curv, cfg.curvature.seed)
+    seen = [0]
+
+    def offer(ids: list[str], where: pa.Table) -> None:
+        seen[0] += len(ids)
+        bank.offer(ids, where)
+        curv.offer(ids)
+
+    shards = scan.plan(cfg.shard_size, offer)
+    if seen[0] < 2:
+        require_pairs(wh, cfg.pool, "pool")  # its error names the sources and their quarantine causes
     try:
         load_bank(wh, run_id)
     except FileNotFoundError:
-        save_bank(wh, build_bank(cfg, wh, loaded, ids), run_id)
-    return ids, [ids[i:i + cfg.shard_size] for i in range(0, len(ids), cfg.shard_size)]
+        rows = scan.read_located(bank.payload)
+        save_bank(wh, _bank(cfg, loaded, *model_inputs(rows, loaded), bank.ids), run_id)
+    return FeaturizePlan(scan, shards, seen[0], curv.ids)
 
 
-def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str, n: int,
-                    shard_ids: Sequence[str]) -> bool:
-    """Map step: one shard's features; skipped (False) when its part already exists."""
+def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str, plan: FeaturizePlan, n: int,
+                    shard: PoolShard) -> bool:
+    """Map step: one shard's features (and its curvature-sample pairs' trunk outputs); skipped (False) when
+    its part already exists."""
     name = f"shard-{n:05d}"
     if wh.has_part("features", {"run": run_id}, name):
         return False
     bank = load_bank(wh, run_id)
     require_bank_model(loaded, bank, run_id)
     feat = Featurizer(EndpointModel(loaded.model), bank, cfg.sketch, cfg.featurize)
-    write_features(wh, feat.featurize(*load_pairs(wh, shard_ids, loaded), list(shard_ids)), run_id, name)
+    rows = plan.scan.read(shard)
+    ids = rows.column("pair_id").to_pylist()
+    h_v, h_t = forward_pre(feat.endpoint, *model_inputs(rows, loaded), cfg.featurize.micro_batch)
+    wanted = set(plan.curvature_ids)
+    keep = [i for i, p in enumerate(ids) if p in wanted]
+    save_pre(wh, run_id, name, [ids[i] for i in keep], h_v[keep], h_t[keep])
+    # the features part goes last: its presence marks the shard complete
+    write_features(wh, feat.featurize_pre(h_v, h_t, ids), run_id, name)
     return True
 
 
-def featurize_curvature(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str, ids: list[str]) -> None:
-    """Reduce step: Φ_pos, Φ_neg and the Fisher over the seeded sample, stored once per run."""
+def featurize_curvature(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str, plan: FeaturizePlan) -> None:
+    """Reduce step: Φ_pos, Φ_neg and the Fisher over the seeded sample, from the trunk outputs the shards kept,
+    stored once per run."""
     try:
         load_curvature(wh, run_id)
     except FileNotFoundError:
         ctx = ScoringContext(EndpointModel(loaded.model), load_bank(wh, run_id), cfg.sketch)
-        sample = curvature_sample(ids, cfg.curvature)
-        save_curvature(wh, curvature_stats(ctx, *load_pairs(wh, sample, loaded), sample, cfg.curvature,
-                                           cfg.featurize), run_id)
+        h_v, h_t = load_pre(wh, run_id, plan.curvature_ids)
+        save_curvature(wh, curvature_stats_pre(ctx, h_v, h_t, plan.curvature_ids, cfg.curvature,
+                                               cfg.featurize.micro_batch), run_id)
 
 
 def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str | None = None,
@@ -73,16 +119,17 @@ def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
     run_id = run_id or new_run_id("featurize")
     with recorded_run(wh, "featurize", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       **model_fields(cfg, loaded)) as row:
-        ids, shards = featurize_prepare(cfg, wh, loaded, run_id)
-        results = map_shards(partial(featurize_shard, cfg, wh, loaded, run_id), shards)
+        plan = featurize_prepare(cfg, wh, loaded, run_id)
+        shards = plan.shards
+        results = map_shards(partial(featurize_shard, cfg, wh, loaded, run_id, plan), shards)
         written = sum(bool(r) for r in progress_bar(results, enabled=progress, desc="featurize", total=len(shards)))
-        featurize_curvature(cfg, wh, loaded, run_id, ids)
+        featurize_curvature(cfg, wh, loaded, run_id, plan)
         bank = load_bank(wh, run_id)
-        bank_size = len(bank.pair_ids)
+        bank_size, n = len(bank.pair_ids), plan.pairs
         if bank_size < cfg.bank.size:
-            log.warning("bank.size=%d clipped to the pool's %d pairs (K=%d)", cfg.bank.size, len(ids), bank_size)
-        row.update(bank_id=bank.bank_id, rows_in=len(ids), rows_out=len(ids), rows_quarantined=0,
-                   input_fingerprints=json.dumps({"pool_pairs": len(ids)}),
+            log.warning("bank.size=%d clipped to the pool's %d pairs (K=%d)", cfg.bank.size, n, bank_size)
+        row.update(bank_id=bank.bank_id, rows_in=n, rows_out=n, rows_quarantined=0,
+                   input_fingerprints=json.dumps({"pool_pairs": n}),
                    diagnostics_json=json.dumps({"bank_size": bank_size, "bank_size_configured": cfg.bank.size}))
-    return {"run_id": run_id, "pairs": len(ids), "shards": len(shards), "shards_written": written,
+    return {"run_id": run_id, "pairs": n, "shards": len(shards), "shards_written": written,
             "bank_id": bank.bank_id, "bank_size": bank_size}

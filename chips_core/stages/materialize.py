@@ -1,15 +1,18 @@
 """The materialize stage: the subsets at every (method, budget) as the ``subsets`` table, and per
-subset a Parquet manifest and an open_clip_train CSV (``filepath``, ``title``) for the trainer."""
+subset a Parquet manifest and an open_clip_train CSV (``filepath``, ``title``) for the trainer.
+
+:func:`subsets_table` is the in-memory reference (``select_top``); the stage computes the same rows out of
+core."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..platform.provenance import new_run_id, recorded_run
+from ..platform.selection import export_images, manifest_rows, write_subsets
 from ..platform.warehouse import SCHEMAS, Warehouse
 from ..scoring.score import select_top
 from .runconfig import RunConfig
@@ -35,46 +38,67 @@ def subsets_table(pair_ids, scores: dict, budgets, methods, run_id: str, score_r
 
 def materialize_stage(cfg: RunConfig, wh: Warehouse, score_run_id: str, run_id: str | None = None,
                       parent_run_id: str | None = None) -> dict:
-    """Subsets of one scoring run, written to the warehouse and as manifests under ``cfg.outputs.dir``."""
+    """Subsets of one scoring run, written to the warehouse and as manifests under ``cfg.outputs.dir``.
+    Out of core: DuckDB ranks the run's scores and the subsets and manifests are streamed
+    (``platform/selection.py``), equal to :func:`subsets_table` (``select_top``) on any pool that fits memory."""
     run_id = run_id or new_run_id("materialize")
     with recorded_run(wh, "materialize", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       inputs={"score_run_id": score_run_id}) as row:
-        st = wh.read("scores", filter=pc.field("run_id") == score_run_id)
-        ids = st.column("pair_id").to_pylist()
-        scores = {m: st.column(m).to_numpy() for m in cfg.methods}
-        subsets = subsets_table(ids, scores, cfg.budgets, cfg.methods, run_id, score_run_id, full=cfg.outputs.full)
-        wh.write("subsets", subsets, {"run": run_id}, "subsets")
-        files = write_manifests(wh, subsets, Path(cfg.outputs.dir) / run_id, cfg.outputs.formats)
-        row.update(rows_in=len(ids), rows_out=subsets.num_rows, rows_quarantined=0)
-    return {"run_id": run_id, "subsets": sorted(set(subsets.column("subset_id").to_pylist())), "files": files}
+        written = write_subsets(wh, score_run_id, cfg.methods, cfg.budgets, run_id, full=cfg.outputs.full)
+        files = write_manifests(wh, run_id, written["subsets"], Path(cfg.outputs.dir) / run_id, cfg.outputs.formats)
+        row.update(rows_in=written["scored"], rows_out=written["rows"], rows_quarantined=0)
+    return {"run_id": run_id, "subsets": sorted(written["subsets"]), "files": files}
 
 
-def write_manifests(wh: Warehouse, subsets: pa.Table, out: Path, formats) -> list[str]:
-    """Export each selected image once (``images/<pair_id>.<ext>``) and write per-subset manifests."""
+def write_manifests(wh: Warehouse, run_id: str, subset_ids, out: Path, formats) -> list[str]:
+    """Export each selected image once (``images/<pair_id>.<ext>``) and write per-subset manifests, streamed."""
     if not formats:  # the subsets table only (e.g. a trainer that reads pairs from the warehouse)
         return []
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    where = {}
-    for p in wh.read_pairs(sorted(set(subsets.column("pair_id").to_pylist())), ["caption", "image", "image_format"]):
-        ext = {"JPEG": "jpg"}.get(p["image_format"], (p["image_format"] or "bin").lower())
-        path = (out / "images" / f"{p['pair_id']}.{ext}").resolve()
-        if not path.exists():
-            path.write_bytes(p["image"])
-        where[p["pair_id"]] = (str(path), p["caption"])
+    export_images(wh, run_id, str(out / "images"))
     files = []
-    for sid in sorted(set(subsets.column("subset_id").to_pylist())):
-        rows = subsets.filter(pc.field("subset_id") == sid).sort_by("rank").to_pylist()
+    for sid in sorted(subset_ids):
         stem = sid.split(":", 1)[1].replace("@", "_at_")
+        writers = []
         if "parquet" in formats:
-            t = pa.table({"pair_id": [r["pair_id"] for r in rows], "rank": [r["rank"] for r in rows],
-                          "filepath": [where[r["pair_id"]][0] for r in rows],
-                          "title": [where[r["pair_id"]][1] for r in rows]})
-            pq.write_table(t, out / f"{stem}.parquet")
-            files.append(str(out / f"{stem}.parquet"))
+            writers.append(_ParquetManifest(out / f"{stem}.parquet"))
         if "csv" in formats:
-            with open(out / f"{stem}.csv", "w", newline="", encoding="utf-8") as f:
-                w = csv.writer(f)
-                w.writerow(["filepath", "title"])
-                w.writerows(where[r["pair_id"]] for r in rows)
-            files.append(str(out / f"{stem}.csv"))
+            writers.append(_CsvManifest(out / f"{stem}.csv"))
+        try:
+            for batch in manifest_rows(wh, run_id, sid, str(out / "images")):
+                for w in writers:
+                    w.write(batch)
+        finally:
+            for w in writers:
+                w.close()
+        files += [str(w.path) for w in writers]
     return files
+
+
+class _ParquetManifest:
+    SCHEMA = pa.schema([("pair_id", pa.string()), ("rank", pa.int64()), ("filepath", pa.string()), ("title", pa.string())])
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.w = pq.ParquetWriter(path, self.SCHEMA)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.w.write_table(pa.Table.from_batches([batch]).select(self.SCHEMA.names).cast(self.SCHEMA))
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class _CsvManifest:
+    """open_clip_train's CSV: ``filepath``, ``title``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "w", newline="", encoding="utf-8")
+        self.w = csv.writer(self.f)
+        self.w.writerow(["filepath", "title"])
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.w.writerows(zip(batch.column("filepath").to_pylist(), batch.column("title").to_pylist()))
+
+    def close(self) -> None:
+        self.f.close()

@@ -1,38 +1,55 @@
 """The score stage: target statistics from the eval set (the model runs over the eval set only), then
 every method's score for every featurized pool pair from the stored features, bank and curvature,
-and the premise checks (``stages/check.py``) in the run's ``diagnostics_json``."""
+and the premise checks (``stages/check.py``) in the run's ``diagnostics_json``.
+
+It streams: the preconditioners are solved once, then the features are scored part by part (memory of one
+part, whatever the pool's size; a part already scored is skipped on a rerun), and DuckDB ranks the parts
+into the run's ``scores`` part out of core (``platform/selection.py``)."""
 from __future__ import annotations
+
+import io
+import posixpath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ..platform.features import load_bank, load_curvature, read_features
+from ..platform.features import feature_parts, load_bank, load_curvature, read_feature_part
 from ..platform.provenance import new_run_id, recorded_run
+from ..platform.selection import unranked_dir, write_ranked_scores
 from ..platform.warehouse import SCHEMAS, Warehouse
 from ..scoring.endpoint import EndpointModel, LoadedModel
-from ..scoring.featurize import Featurizer
+from ..scoring.featurize import FeatureBatch, Featurizer
+from ..scoring.identity import StreamSample
 from ..scoring.premise import premise_checks
 from ..scoring.score import Preconditioners, score_features, select_top
-from .check import pool_sample, target_and_eval_features
+from ..util import progress as progress_bar
+from .check import target_and_eval_features
 from .common import model_fields, require_bank_model, require_pairs
 from .runconfig import RunConfig
 
+UNRANKED = pa.schema([f for f in SCHEMAS["scores"] if f.name != "rank"])
+
+
+def unranked_table(pair_ids, scores: dict, run_id: str) -> pa.Table:
+    """One row per pair of a scoring run, every score; ``utility`` is the CHIPS score."""
+    cols = {"pair_id": list(pair_ids), "run_id": [run_id] * len(pair_ids)}
+    cols.update({name: np.asarray(scores[name], dtype=np.float64) for name in UNRANKED.names if name in scores})
+    cols["utility"] = np.asarray(scores["chips"], dtype=np.float64)
+    return pa.table(cols, schema=UNRANKED)
+
 
 def scores_table(pair_ids, scores: dict, run_id: str) -> pa.Table:
-    """One row per pair of a scoring run; ``utility`` is the CHIPS score, ``rank`` 1 = best (ties by pair id)."""
+    """:func:`unranked_table` with ``rank`` (1 = best utility, ties by pair id), in memory: the reference the
+    stage's out-of-core ranking is held equal to, and a table for tests and small pools."""
     order = select_top(scores["chips"], pair_ids, 1.0)
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(1, len(order) + 1)
-    cols = {"pair_id": list(pair_ids), "run_id": [run_id] * len(pair_ids)}
-    cols.update({name: np.asarray(scores[name], dtype=np.float64) for name in SCHEMAS["scores"].names
-                 if name in scores})
-    cols["utility"] = np.asarray(scores["chips"], dtype=np.float64)
-    cols["rank"] = rank
-    return pa.table(cols, schema=SCHEMAS["scores"])
+    return unranked_table(pair_ids, scores, run_id).append_column("rank", pa.array(rank, pa.int64()))
 
 
 def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_run_id: str,
-                run_id: str | None = None, parent_run_id: str | None = None) -> dict:
+                run_id: str | None = None, parent_run_id: str | None = None, progress: bool = False) -> dict:
     """Every score for every pool pair of ``featurize_run_id`` against the config's target set."""
     run_id = run_id or new_run_id("score")
     eval_ids = require_pairs(wh, cfg.target, "target")
@@ -43,14 +60,27 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
         require_bank_model(loaded, bank, featurize_run_id)
         feat = Featurizer(EndpointModel(loaded.model), bank, cfg.sketch, cfg.featurize)
         tstats, eval_features = target_and_eval_features(cfg, wh, loaded, feat, eval_ids)
-        features = read_features(wh, featurize_run_id)
         curv = load_curvature(wh, featurize_run_id)
-        scores = score_features(features, tstats, curv, cfg.curvature, cfg.score,
-                                Preconditioners.solve(tstats, curv, cfg.curvature))
-        wh.write("scores", scores_table(features.pair_id, scores, run_id), {"run": run_id}, "scores")
-        premise = premise_checks(eval_features, tstats.eval_loss, pool_sample(cfg, features), len(bank.pair_ids),
-                                 cfg.check)
-        row.update(bank_id=bank.bank_id, rows_in=len(features), rows_out=len(features), rows_quarantined=0,
+        pre = Preconditioners.solve(tstats, curv, cfg.curvature)
+        sample = StreamSample(cfg.check.pool_sample, cfg.check.seed, FeatureBatch.concat)
+        parts = feature_parts(wh, featurize_run_id)
+        for path in progress_bar(parts, enabled=progress, desc="score", unit="part"):
+            features = read_feature_part(wh, path)
+            features.identity.require_same(curv.identity, "feature part " + posixpath.basename(path))
+            sample.offer(features.pair_id, features)
+            out = posixpath.join(unranked_dir(wh, run_id), posixpath.basename(path))
+            if not wh.fs.exists(out):
+                scores = score_features(features, tstats, curv, cfg.curvature, cfg.score, pre)
+                _write_unranked(wh, out, unranked_table(features.pair_id, scores, run_id))
+        n = write_ranked_scores(wh, run_id)
+        premise = premise_checks(eval_features, tstats.eval_loss, sample.payload, len(bank.pair_ids), cfg.check)
+        row.update(bank_id=bank.bank_id, rows_in=n, rows_out=n, rows_quarantined=0,
                    diagnostics_json=premise.to_json())
-    return {"run_id": run_id, "pairs": len(features), "eval_pairs": len(eval_ids), "eval_loss": tstats.eval_loss,
+    return {"run_id": run_id, "pairs": n, "eval_pairs": len(eval_ids), "eval_loss": tstats.eval_loss,
             "premise_passed": premise.passed, "premise": premise.verdict()}
+
+
+def _write_unranked(wh: Warehouse, path: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    wh.write_bytes(path, buf.getvalue())

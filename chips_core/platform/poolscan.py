@@ -1,0 +1,128 @@
+"""The pool in storage order: which rows of the ``pairs`` parts belong to a pool, and shards of whole Parquet
+row groups, so that featurize reads every pair's bytes once per run whatever the number of shards.
+
+A pair belongs to the pool when its ``pairs`` row was kept under a pool source, or when ``pair_sources``
+records it under a pool source as well (a pair first seen under another source: the few cross-source
+duplicates, found by one anti-join in DuckDB and held as a set). The scan reads only the ``pair_id`` and
+``source`` columns; a shard then reads its own row groups' bytes (a Dask worker reads only its own shards).
+"""
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .warehouse import Warehouse
+
+
+@dataclass(frozen=True)
+class PoolShard:
+    """Row groups of one ``pairs`` part (or rows ``start:stop`` of one, when the shard size is below the row
+    group size), and how many of their rows are pool pairs."""
+
+    path: str
+    row_groups: tuple[int, ...]
+    pairs: int
+    start: int = 0
+    stop: int | None = None
+
+
+class PoolScan:
+    """The pool of ``sources`` (names) over the warehouse's ``pairs`` parts."""
+
+    def __init__(self, wh: Warehouse, sources: Sequence[str]):
+        self.wh, self.sources = wh, sorted(set(sources))
+        self.extra = frozenset(self._cross_source_ids())
+
+    def parts(self) -> list[str]:
+        return sorted(self.wh.fs.glob(posixpath.join(self.wh.table_dir("pairs"), "**", "*.parquet")))
+
+    def _cross_source_ids(self) -> list[str]:
+        """Pool pairs whose ``pairs`` row was kept under a source outside the pool."""
+        from .selection import engine  # DuckDB anti-join, out of core
+
+        if not self.wh.fs.exists(self.wh.table_dir("pair_sources")) or not self.parts():
+            return []
+        con = engine(self.wh)
+        try:
+            con.execute("create temp table pool_sources as select unnest(?::varchar[]) as source", [self.sources])
+            glob = lambda t: self.wh.url_of(posixpath.join(self.wh.table_dir(t), "**", "*.parquet"))  # noqa: E731
+            return [r[0] for r in con.execute(
+                "select distinct ps.pair_id from read_parquet(?, hive_partitioning = false) ps "
+                "where ps.source in (select source from pool_sources) and ps.pair_id not in ("
+                "  select p.pair_id from read_parquet(?, hive_partitioning = false, union_by_name = true) p "
+                "  where p.source in (select source from pool_sources))",
+                [glob("pair_sources"), glob("pairs")]).fetchall()]
+        finally:
+            con.close()
+
+    def member_mask(self, table: pa.Table) -> np.ndarray:
+        """Which rows of a ``pairs`` table (``pair_id``, ``source``) are pool pairs."""
+        mask = pc.is_in(table.column("source"), pa.array(self.sources, pa.string()))
+        mask = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+        if self.extra:
+            mask = mask | pc.is_in(table.column("pair_id"), pa.array(sorted(self.extra), pa.string())).to_numpy(
+                zero_copy_only=False)
+        return mask
+
+    def plan(self, shard_size: int, on_ids: Callable[[list[str], pa.Table], None] | None = None) -> list[PoolShard]:
+        """Shards of whole row groups holding about ``shard_size`` rows each, in storage order (below the row
+        group size: row ranges of one row group, each of which reads that row group again); rows without a pool
+        pair are left out. ``on_ids(ids, where)`` sees every pool pair id once, with ``where`` a table of
+        ``(pair_id, path, row_group)`` to find it again."""
+        shards: list[PoolShard] = []
+        for path in self.parts():
+            with self.wh.fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                groups, rows, members = [], 0, 0
+                for rg in range(pf.num_row_groups):
+                    t = pf.read_row_group(rg, columns=["pair_id", "source"])
+                    mask = self.member_mask(t)
+                    n = int(mask.sum())
+                    if n and on_ids is not None:
+                        ids = t.column("pair_id").filter(pa.array(mask))
+                        on_ids(ids.to_pylist(), pa.table({
+                            "pair_id": ids, "path": pa.array([path] * n, pa.string()),
+                            "row_group": pa.array(np.full(n, rg, np.int32))}))
+                    if n and t.num_rows > shard_size:  # shards below the row group: row ranges of it
+                        if groups:
+                            shards.append(PoolShard(path, tuple(groups), members))
+                            groups, rows, members = [], 0, 0
+                        for a in range(0, t.num_rows, shard_size):
+                            m = int(mask[a:a + shard_size].sum())
+                            if m:
+                                shards.append(PoolShard(path, (rg,), m, a, min(a + shard_size, t.num_rows)))
+                        continue
+                    if n:
+                        groups.append(rg)
+                        rows += t.num_rows
+                        members += n
+                    if groups and (rows >= shard_size or rg == pf.num_row_groups - 1):
+                        shards.append(PoolShard(path, tuple(groups), members))
+                        groups, rows, members = [], 0, 0
+        return shards
+
+    def read(self, shard: PoolShard, columns: Sequence[str] = ("pair_id", "caption", "image")) -> pa.Table:
+        """The pool pairs of one shard, in storage order."""
+        cols = list(dict.fromkeys(["pair_id", "source", *columns]))
+        t = self.wh.read_row_groups(shard.path, list(shard.row_groups), cols)
+        if shard.stop is not None:
+            t = t.slice(shard.start, shard.stop - shard.start)
+        return t.filter(pa.array(self.member_mask(t))).select(list(dict.fromkeys(["pair_id", *columns])))
+
+    def read_located(self, where: pa.Table, columns: Sequence[str] = ("pair_id", "caption", "image")) -> pa.Table:
+        """The rows of ``where`` (``pair_id, path, row_group``, as ``plan`` gave them), in its order, reading
+        only their row groups."""
+        want = where.column("pair_id").to_pylist()
+        got: dict[str, dict] = {}
+        for (path, rg) in sorted(set(zip(where.column("path").to_pylist(), where.column("row_group").to_pylist()))):
+            t = self.wh.read_row_groups(path, [rg], list(dict.fromkeys(["pair_id", *columns])))
+            t = t.filter(pc.is_in(t.column("pair_id"), pa.array(want, pa.string())))
+            got.update({r["pair_id"]: r for r in t.to_pylist()})
+        return pa.Table.from_pylist([got[p] for p in want])
+

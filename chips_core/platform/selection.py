@@ -1,0 +1,220 @@
+"""Out-of-core selection: the top ``ceil(rN)`` pairs per method and budget, computed by DuckDB over a scoring
+run's ``scores`` parts and streamed into ``subsets`` parts, so no Python object per pair is ever held.
+
+It is :func:`chips_core.scoring.score.select_top` at any size: scores descending, ties by ascending
+``pair_id`` (byte order, which for UTF-8 is the code-point order NumPy sorts by), ``-0.0`` equal to
+``0.0``, NaN refused. ``tests/platform/test_selection.py`` holds the two equal, ties included. DuckDB sorts
+out of core: it spills to its temp directory beyond ``memory_limit``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+import tempfile
+from typing import Iterator, Sequence
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .warehouse import SCHEMAS, Warehouse
+
+ROWS_PER_BATCH = 65536
+
+
+def engine(wh: Warehouse, memory_limit: str = "1GB", threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection for the stages' own (trusted, internal) queries over the warehouse: bounded
+    memory, spilling to a temp directory. User SQL goes through ``platform.query.connect`` instead."""
+    con = duckdb.connect(":memory:")
+    if not wh.is_local:
+        con.register_filesystem(wh.fs)
+    spill = tempfile.mkdtemp(prefix="chips-duckdb-")
+    con.execute("set temp_directory = ?", [spill])
+    con.execute("set memory_limit = ?", [memory_limit])
+    con.execute("set preserve_insertion_order = false")
+    if threads:
+        con.execute(f"set threads = {int(threads)}")
+    return con
+
+
+def parts_glob(wh: Warehouse, table: str, partition: dict[str, str]) -> str:
+    parts = [f"{k}={v}" for k, v in partition.items()]
+    return wh.url_of(posixpath.join(wh.table_dir(table), *parts, "*.parquet"))
+
+
+def n_keep(budget: float, n: int) -> int:
+    """``ceil(budget * n)``, robust to float error (0.3 * 10 keeps 3), as ``select_top``."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget={budget!r} must lie in (0, 1]")
+    return math.ceil(budget * n - 1e-9)
+
+
+def _scores(con: duckdb.DuckDBPyConnection, wh: Warehouse, score_run_id: str) -> None:
+    """``run_scores``: a view over one scoring run's parts."""
+    con.execute("create or replace temp view run_scores as select * from read_parquet("
+                f"{_lit(parts_glob(wh, 'scores', {'run': score_run_id}))})")
+
+
+def unranked_dir(wh: Warehouse, score_run_id: str) -> str:
+    """Where the score stage writes its per-shard parts before they are ranked (beside the run's globals)."""
+    return wh.path("globals", f"run={score_run_id}", "unranked")
+
+
+def write_ranked_scores(wh: Warehouse, score_run_id: str, memory_limit: str = "1GB") -> int:
+    """The run's one ``scores`` part from its unranked parts, ``rank`` numbered by utility (ties by
+    ``pair_id``) and rows in rank order, streamed; then the unranked parts are removed. Returns the rows."""
+    con = engine(wh, memory_limit)
+    try:
+        src = _lit(wh.url_of(posixpath.join(unranked_dir(wh, score_run_id), "*.parquet")))
+        cols = ", ".join(f'"{c}"' for c in SCHEMAS["scores"].names if c != "rank")
+        n = con.execute(f"select count(*) filter (where isnan(utility)) from read_parquet({src})").fetchall()[0][0]
+        if n:
+            raise ValueError(f"{n} utilities are NaN; refusing to rank them")
+        rel = con.sql(f"select {cols}, row_number() over (order by (utility + 0.0) desc, pair_id) as rank "
+                      f"from read_parquet({src}) order by rank")
+        rows = _write_part(wh, "scores", {"run": score_run_id}, "scores", [rel])
+    finally:
+        con.close()
+    wh.fs.rm(unranked_dir(wh, score_run_id), recursive=True)
+    return rows
+
+
+def _lit(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    if name not in SCHEMAS["scores"].names:
+        raise ValueError(f"method {name!r} is not a column of the scores table ({SCHEMAS['scores'].names})")
+    return '"' + name + '"'
+
+
+def count_scored(con: duckdb.DuckDBPyConnection, methods: Sequence[str]) -> int:
+    """Pairs in the run; a method with NaN scores is refused as ``select_top`` refuses it."""
+    cols = ", ".join(f"count(*) filter (where isnan({_ident(m)}))" for m in methods)
+    row = con.execute(f"select count(*){', ' + cols if cols else ''} from run_scores").fetchall()[0]
+    for m, bad in zip(methods, row[1:]):
+        if bad:
+            raise ValueError(f"{bad} scores are NaN; refusing to rank them (method {m!r})")
+    return int(row[0])
+
+
+def ranked(con: duckdb.DuckDBPyConnection, method: str | None, limit: int) -> duckdb.DuckDBPyRelation:
+    """``(pair_id, rank)`` of the ``limit`` best pairs by ``method`` (``None``: every pair in pair-id order, the
+    ``full`` subset), rank 1 first. ``+ 0.0`` turns ``-0.0`` into ``0.0`` so that the two tie, as in NumPy."""
+    order = "pair_id" if method is None else f"({_ident(method)} + 0.0) desc, pair_id"
+    return con.sql(f"select pair_id, pick as rank from (select pair_id, row_number() over (order by {order}) as pick "
+                   f"from run_scores qualify pick <= {int(limit)})")  # (run_scores has a rank column of its own)
+
+
+def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budgets: Sequence[float], run_id: str,
+                  full: bool = False, memory_limit: str = "1GB") -> dict:
+    """The ``subsets`` parts of one materialize run (one part per method, budgets as rank prefixes; and
+    ``full@1``), streamed from DuckDB. Returns ``{"scored": N, "rows": rows written, "subsets": [ids]}``."""
+    con = engine(wh, memory_limit)
+    try:
+        _scores(con, wh, score_run_id)
+        n = count_scored(con, methods)
+        rows, ids = 0, []
+        plan = ([(None, [1.0])] if full else []) + [(m, sorted(budgets)) for m in methods]
+        for method, bs in plan:
+            keeps = {b: n_keep(b, n) for b in bs}
+            con.execute("create or replace temp table top as " + ranked(con, method, max(keeps.values())).sql_query())
+            label = method or "full"
+            name = label if method else "full"
+            sids = []
+            batches = []
+            for b, k in keeps.items():
+                sid = f"{score_run_id}:{label}@{b:g}"
+                sids.append(sid)
+                batches.append(con.sql(
+                    f"select {_lit(sid)} as subset_id, {_lit(run_id)} as run_id, {_lit(score_run_id)} as score_run_id, "
+                    f"cast({float(b)!r} as double) as budget, {_lit(label)} as method, pair_id, rank from top "
+                    f"where rank <= {k} order by rank"))
+            rows += _write_part(wh, "subsets", {"run": run_id}, name, batches)
+            ids += sids
+        return {"scored": n, "rows": rows, "subsets": ids}
+    finally:
+        con.close()
+
+
+def _write_part(wh: Warehouse, table: str, partition: dict[str, str], name: str,
+                relations: Sequence[duckdb.DuckDBPyRelation]) -> int:
+    """Stream DuckDB relations into one part of ``table`` (its Arrow schema enforced), written to a local temp
+    file and moved into place atomically."""
+    schema = SCHEMAS[table]
+    fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="chips-part-")
+    os.close(fd)
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+            for rel in relations:
+                for batch in _batches(rel):
+                    w.write_table(pa.Table.from_batches([batch]).cast(schema))
+                    rows += batch.num_rows
+        wh.put_file(tmp, wh.part_path(table, partition, name))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return rows
+
+
+def _batches(rel: duckdb.DuckDBPyRelation) -> Iterator[pa.RecordBatch]:
+    reader = rel.to_arrow_reader(ROWS_PER_BATCH)
+    yield from reader
+
+
+def _pairs(con: duckdb.DuckDBPyConnection, wh: Warehouse) -> None:
+    """``all_pairs``: a view over every ``pairs`` part."""
+    con.execute("create or replace temp view all_pairs as select * from read_parquet("
+                f"{_lit(wh.url_of(posixpath.join(wh.table_dir('pairs'), '**', '*.parquet')))}, "
+                "hive_partitioning = false, union_by_name = true)")
+
+
+def _subsets(con: duckdb.DuckDBPyConnection, wh: Warehouse, run_id: str) -> None:
+    con.execute("create or replace temp view run_subsets as select * from read_parquet("
+                f"{_lit(parts_glob(wh, 'subsets', {'run': run_id}))})")
+
+
+EXT_SQL = "case image_format when 'JPEG' then 'jpg' else lower(coalesce(image_format, 'bin')) end"
+
+
+def export_images(wh: Warehouse, run_id: str, folder: str, memory_limit: str = "1GB") -> int:
+    """Every image selected by materialize run ``run_id``, once, as ``<folder>/<pair_id>.<ext>`` (a file already
+    there is kept), streamed from the ``pairs`` table. Returns the number of images."""
+    os.makedirs(folder, exist_ok=True)
+    con = engine(wh, memory_limit)
+    n = 0
+    try:
+        _pairs(con, wh)
+        _subsets(con, wh, run_id)
+        rel = con.sql(f"select pair_id, {EXT_SQL} as ext, image from all_pairs "
+                      "where pair_id in (select pair_id from run_subsets)")
+        for batch in _batches(rel):
+            for pid, ext, image in zip(*(batch.column(c).to_pylist() for c in ("pair_id", "ext", "image"))):
+                path = os.path.join(folder, f"{pid}.{ext}")
+                if not os.path.exists(path):
+                    with open(path, "wb") as f:
+                        f.write(image)
+                n += 1
+    finally:
+        con.close()
+    return n
+
+
+def manifest_rows(wh: Warehouse, run_id: str, subset_id: str, folder: str,
+                  memory_limit: str = "1GB") -> Iterator[pa.RecordBatch]:
+    """``(pair_id, rank, filepath, title)`` of one subset in rank order, streamed (``filepath`` is the exported
+    image under ``folder``)."""
+    con = engine(wh, memory_limit)
+    try:
+        _pairs(con, wh)
+        _subsets(con, wh, run_id)
+        prefix = os.path.join(os.path.abspath(folder), "")
+        rel = con.sql(f"select s.pair_id, s.rank, {_lit(prefix)} || s.pair_id || '.' || {EXT_SQL} as filepath, "
+                      "p.caption as title from run_subsets s join all_pairs p using (pair_id) "
+                      f"where s.subset_id = {_lit(subset_id)} order by s.rank")
+        yield from _batches(rel)
+    finally:
+        con.close()
