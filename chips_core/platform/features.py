@@ -91,7 +91,9 @@ def load_pre(wh: Warehouse, run_id: str, pair_ids: list[str]) -> tuple[torch.Ten
 
 def write_features(wh: Warehouse, features: FeatureBatch, run_id: str, shard: str) -> str:
     """One shard of a featurization run: float16 vectors, the feature identity in the footer."""
-    return wh.write("features", features.to_arrow("float16"), {"run": run_id}, shard)
+    # the vectors are float16 noise to a compressor: stored plain (fast to read), the rest zstd
+    return wh.write("features", features.to_arrow("float16"), {"run": run_id}, shard,
+                    compression={v: "none" for v in FeatureBatch.VECTORS})
 
 
 def feature_parts(wh: Warehouse, run_id: str) -> list[str]:
@@ -103,8 +105,11 @@ def feature_parts(wh: Warehouse, run_id: str) -> list[str]:
 
 
 def read_feature_part(wh: Warehouse, path: str) -> FeatureBatch:
-    """One part of a featurization run, in its stored (pool storage) order."""
-    return FeatureBatch.from_arrow(pq.read_table(io.BytesIO(wh.read_bytes(path))))
+    """One part of a featurization run, in its stored (pool storage) order; vectors as stored (float16)."""
+    if wh.is_local:  # memory-mapped: the stored float16 vectors are used in place, never copied
+        return FeatureBatch.from_arrow(pq.read_table(path, memory_map=True), dtype=None)
+    with wh.fs.open(path, "rb") as f:
+        return FeatureBatch.from_arrow(pq.read_table(f), dtype=None)
 
 
 def iter_features(wh: Warehouse, run_id: str):

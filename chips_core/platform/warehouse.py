@@ -107,17 +107,20 @@ class Warehouse:
         return posixpath.join(self.table_dir(table), *parts, f"{name}.parquet")
 
     def write(self, table: str, data: pa.Table, partition: dict[str, str], name: str,
-              metadata: dict[str, str] | None = None) -> str:
+              metadata: dict[str, str] | None = None, compression: str | dict = "zstd") -> str:
         """Write one part atomically; the table's Arrow schema is enforced (cast, or a named error).
-        ``metadata`` goes into the Parquet footer's key-value metadata."""
+        ``metadata`` goes into the Parquet footer's key-value metadata; ``compression`` is per part, or per
+        column (a column left out of the mapping is zstd)."""
         schema = SCHEMAS.get(table)
         if schema is not None:
             data = conform(data, schema, table)
         if metadata:
             data = data.replace_schema_metadata({**(data.schema.metadata or {}), **metadata})
         path = self.part_path(table, partition, name)
+        if isinstance(compression, dict):
+            compression = {c: compression.get(c, "zstd") for c in data.column_names}
         buf = io.BytesIO()
-        pq.write_table(data, buf, compression="zstd", row_group_size=PAIRS_ROW_GROUP if table == "pairs" else None)
+        pq.write_table(data, buf, compression=compression, row_group_size=PAIRS_ROW_GROUP if table == "pairs" else None)
         self.write_bytes(path, buf.getvalue())
         return path
 

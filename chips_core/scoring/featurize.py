@@ -293,7 +293,8 @@ FEATURE_SCALARS = ("p_corr", "margin", "clipscore", "loss")
 
 @dataclass
 class FeatureBatch:
-    """Per-pair features of one featurization run, as numpy arrays (float32 in memory)."""
+    """Per-pair features of one featurization run, as numpy arrays (float32 from the featurizer; vectors read
+    back from storage may stay float16, see :meth:`from_arrow`)."""
 
     pair_id: list[str]
     x: np.ndarray  # (B, D)
@@ -327,28 +328,52 @@ class FeatureBatch:
         arrays = {f: getattr(self, f)[idx] for f in ("x", "y", "g", *FEATURE_SCALARS)}
         return FeatureBatch([self.pair_id[i] for i in idx], **arrays, identity=self.identity)
 
+    VECTORS = ("x", "y", "g")
+
     def to_arrow(self, storage: str = "float16") -> pa.Table:
-        """Arrow table; vectors as fixed-size lists of ``storage`` floats, identity in the schema metadata."""
-        store = {"float16": pa.float16(), "float32": pa.float32()}[storage]
-        np_store = {"float16": np.float16, "float32": np.float32}[storage]
+        """Arrow table; each vector is one fixed-size binary value holding its ``storage`` floats (little
+        endian; ``chips.dtype`` and ``chips.dim`` in the field metadata), identity in the schema metadata. A
+        fixed-size binary decodes from Parquet ~50x faster than a fixed-size list of float16 (no repetition
+        levels per element), which is what lets a rescore stream stored features at pool scale."""
+        np_store = {"float16": "<f2", "float32": "<f4"}[storage]
 
-        def vec(a: np.ndarray) -> pa.FixedSizeListArray:
-            flat = pa.array(np.ascontiguousarray(a, dtype=np_store).reshape(-1), type=store)
-            return pa.FixedSizeListArray.from_arrays(flat, a.shape[1])
+        def vec(name: str, a: np.ndarray) -> tuple[pa.Field, pa.Array]:
+            raw = np.ascontiguousarray(a, dtype=np_store)
+            width = raw.shape[1] * raw.itemsize
+            arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(raw), [None, pa.py_buffer(raw.tobytes())])
+            return pa.field(name, pa.binary(width), metadata={"chips.dtype": storage, "chips.dim": str(raw.shape[1])}), arr
 
-        cols = {"pair_id": pa.array(self.pair_id, pa.string()), "x": vec(self.x), "y": vec(self.y), "g": vec(self.g)}
-        cols.update({f: pa.array(getattr(self, f), pa.float32()) for f in FEATURE_SCALARS})
-        return pa.table(cols).replace_schema_metadata({"chips.identity": self.identity.to_json()})
+        fields, cols = [pa.field("pair_id", pa.string())], [pa.array(self.pair_id, pa.string())]
+        for name in self.VECTORS:
+            f, arr = vec(name, getattr(self, name))
+            fields.append(f)
+            cols.append(arr)
+        for name in FEATURE_SCALARS:
+            fields.append(pa.field(name, pa.float32()))
+            cols.append(pa.array(getattr(self, name), pa.float32()))
+        schema = pa.schema(fields, metadata={"chips.identity": self.identity.to_json()})
+        return pa.Table.from_arrays(cols, schema=schema)
 
     @classmethod
-    def from_arrow(cls, table: pa.Table) -> "FeatureBatch":
+    def from_arrow(cls, table: pa.Table, dtype=np.float32) -> "FeatureBatch":
+        """The inverse of :meth:`to_arrow`; also reads vectors stored as fixed-size lists (older parts). With
+        ``dtype=None`` the vectors stay in their stored precision (float16, a view of the Arrow buffer: no copy,
+        no conversion; the scores are the same bits, :func:`~chips_core.scoring.score.row_dots` widens exactly)."""
         meta = table.schema.metadata or {}
         if b"chips.identity" not in meta:
             raise ValueError("Arrow table carries no 'chips.identity' metadata; is it a CHIPS feature table?")
 
         def mat(name: str) -> np.ndarray:
             col = table.column(name).combine_chunks()
-            return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+            if pa.types.is_fixed_size_binary(col.type):
+                fmeta = table.schema.field(name).metadata or {}
+                stored = {b"float16": "<f2", b"float32": "<f4"}[fmeta.get(b"chips.dtype", b"float16")]
+                raw = np.frombuffer(col.buffers()[1], dtype=np.uint8)[col.offset * col.type.byte_width:
+                                                                      (col.offset + len(col)) * col.type.byte_width]
+                v = raw.view(stored).reshape(len(col), -1)
+            else:
+                v = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            return v if dtype is None else v.astype(dtype)
 
         return cls(
             pair_id=table.column("pair_id").to_pylist(),

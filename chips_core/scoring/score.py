@@ -80,17 +80,30 @@ def guarded_tier(features: FeatureBatch, w_r: np.ndarray, target: TargetStats, c
     return relevant.astype(np.float64) + (relevant & agrees)
 
 
-def rowdot(a: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``a @ v`` row by row, each row summed in the same order whatever the number of rows: a pair's score
-    does not depend on which other pairs share its batch, so scoring a pool part by part (the score stage)
-    gives the same bits as scoring it whole. (BLAS ``a @ v`` does not promise that.)"""
-    return np.einsum("ij,j->i", a, v)
+ROW_BLOCK = 256  # rows converted to float64 at once (a block stays in cache)
+
+
+def row_dots(a: np.ndarray, vectors, squares: bool = False) -> np.ndarray:
+    """``a @ v`` for each ``v`` in ``vectors`` (and each row's ``a_i·a_i`` with ``squares``), in float64: rows
+    are converted in blocks of :data:`ROW_BLOCK` and each row is summed in the same order whatever the number of
+    rows, so a pair's score does not depend on which pairs share its batch: scoring a pool part by part (the score
+    stage) gives the same bits as scoring it whole. (BLAS ``a @ v`` does not promise that.) Returns
+    ``(len(vectors) [+ 1], n)``."""
+    vs = [np.asarray(v, dtype=np.float64) for v in vectors]
+    out = np.empty((len(vs) + int(squares), len(a)), dtype=np.float64)
+    for s in range(0, len(a), ROW_BLOCK):
+        b = np.asarray(a[s:s + ROW_BLOCK], dtype=np.float64)
+        for j, v in enumerate(vs):
+            out[j, s:s + ROW_BLOCK] = np.einsum("ij,j->i", b, v)
+        if squares:
+            out[-1, s:s + ROW_BLOCK] = np.einsum("ij,ij->i", b, b)
+    return out
 
 
 def _cos(v: np.ndarray, mu: np.ndarray) -> np.ndarray:
     # Stored embeddings are unit vectors up to float16 rounding; renormalise so |cos| <= 1 exactly.
-    v = v.astype(np.float64)
-    return np.clip(rowdot(v, mu) / np.maximum(np.sqrt(np.einsum("ij,ij->i", v, v)), 1e-300), -1.0, 1.0)
+    dot, sq = row_dots(v, [mu], squares=True)
+    return np.clip(dot / np.maximum(np.sqrt(sq), 1e-300), -1.0, 1.0)
 
 
 @dataclass
@@ -120,16 +133,15 @@ def score_features(features: FeatureBatch, target: TargetStats, curv: CurvatureS
     features.identity.require_same(curv.identity, "curvature statistics")
     features.identity.require_same(target.identity, "target statistics", ("model_checksum", "sketch_seed", "k"))
     pre = pre or Preconditioners.solve(target, curv, curvature)
-    g = features.g.astype(np.float64)
-    align = rowdot(g, pre.v_chips)
+    align, dot, trak = row_dots(features.g, [pre.v_chips, target.u, pre.v_trak])
     w_l = learnability_weight(features.p_corr.astype(np.float64), features.margin.astype(np.float64))
     w_r = relevance_weight(features.x, features.y, target.mu_x, target.mu_y, config.beta)
     key = seeded_unit(features.pair_id, config.random_seed)
     return {
         "random": key,
         "clipscore": features.clipscore.astype(np.float64),
-        "dot": rowdot(g, target.u),
-        "trak": rowdot(g, pre.v_trak),
+        "dot": dot,
+        "trak": trak,
         "chips_align": align,
         "chips_align_learn": align * w_l,
         "chips": align * w_l * w_r,

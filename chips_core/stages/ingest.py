@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 import pyarrow as pa
 
+from ..platform.ingeststate import IngestState
 from ..platform.provenance import input_fingerprint, new_run_id, recorded_run
 from ..platform.readers import RawRecord, SourceSpec, open_shard, shard_name
 from ..platform.validate import Validated, check_batch, validate_records, write_offline_index
@@ -18,27 +19,21 @@ from ..platform.warehouse import SCHEMAS, Warehouse
 from ..util import progress as progress_bar
 
 
-def known_pairs(wh: Warehouse) -> tuple[dict[str, str], set[tuple[str, str, str]]]:
-    """Pair ids already kept (-> a source key), and what is already recorded: every (pair_id, source,
-    source_key) of ``pair_sources`` and every ("quarantine", source, source_key, reason) of ``quarantine``."""
-    ps = wh.read("pair_sources", columns=["pair_id", "source", "source_key"]).to_pylist()
-    seen = {}
-    for r in ps:
-        seen.setdefault(r["pair_id"], r["source_key"])
-    recorded: set = {(r["pair_id"], r["source"], r["source_key"]) for r in ps}
-    recorded |= {("quarantine", r["source"], r["source_key"], r["reason"])
-                 for r in wh.read("quarantine", columns=["source", "source_key", "reason"]).to_pylist()}
-    return seen, recorded
+def known_pairs(wh: Warehouse) -> IngestState:
+    """What the warehouse has recorded, on disk (``platform/ingeststate.py``): ``.seen``, pair ids already kept
+    (-> a source key), and ``.recorded``, every (pair_id, source, source_key) of ``pair_sources`` and every
+    ("quarantine", source, source_key, reason) of ``quarantine``. Close it when done (a context manager)."""
+    return IngestState(wh)
 
 
 def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard: str,
-                 seen: dict[str, str] | None = None, recorded: set | None = None, chunk: int = 2048,
-                 docs_dir: str | None = None) -> dict:
+                 seen=None, recorded=None, chunk: int = 2048, docs_dir: str | None = None) -> dict:
     """Validate a stream of records chunk by chunk and write this shard's parts of ``pairs``,
     ``pair_sources`` and ``quarantine``. Rows already recorded under the same source key are
     ``unchanged`` (re-ingesting the same data is a no-op): read = kept + quarantined + unchanged."""
     if seen is None or recorded is None:
-        seen, recorded = known_pairs(wh)
+        with known_pairs(wh) as state:
+            return ingest_shard(records, wh, run_id, shard, state.seen, state.recorded, chunk, docs_dir)
     parts = Validated([], [], [], 0)
     unchanged = 0
     it = iter(records)
@@ -90,8 +85,9 @@ def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | Non
     totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0}
     docs = _DataDocs(wh)
     with wh.lock("ingest"), recorded_run(wh, "ingest", {"sources": [dataclasses.asdict(s) for s in sources]},
-                                         run_id=run_id, parent_run_id=parent_run_id, inputs=inputs) as row, docs:
-        seen, recorded = known_pairs(wh)
+                                         run_id=run_id, parent_run_id=parent_run_id, inputs=inputs) as row, docs, \
+            known_pairs(wh) as state:
+        seen, recorded = state.seen, state.recorded
         for spec, path in progress_bar(shards, enabled=progress, desc="ingest"):
             name = shard_name(spec, path)
             if wh.has_part("pairs", {"run": run_id}, name):

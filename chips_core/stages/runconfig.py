@@ -67,6 +67,7 @@ class RunConfig:
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     methods: tuple[str, ...] = METHODS
     shard_size: int = 2048  # pairs per featurize/score shard
+    score_threads: int = 0  # threads scoring stored feature parts at once (0: one per CPU core)
     device: str = "cpu"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N"; resolved when loaded
     outputs: OutputConfig = OutputConfig()
     publish: PublishConfig = PublishConfig()  # lakehouse tables written by the pipeline
@@ -87,6 +88,8 @@ class RunConfig:
         suites = [s.name for s in self.eval_suites]
         check(len(set(suites)) == len(suites), "RunConfig", "eval_suites", suites, "names must be distinct")
         check(self.shard_size >= 1, "RunConfig", "shard_size", self.shard_size, "must be >= 1")
+        check(isinstance(self.score_threads, int) and self.score_threads >= 0, "RunConfig", "score_threads",
+              self.score_threads, "an int >= 0 (0: one per CPU core)")
         check(0.0 <= self.max_quarantine_share <= 1.0, "RunConfig", "max_quarantine_share", self.max_quarantine_share,
               "must lie in [0, 1]")
         object.__setattr__(self, "device", resolve_device(self.device))  # provenance records the device used

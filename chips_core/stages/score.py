@@ -8,7 +8,11 @@ into the run's ``scores`` part out of core (``platform/selection.py``)."""
 from __future__ import annotations
 
 import io
+import os
 import posixpath
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +32,7 @@ from .check import target_and_eval_features
 from .common import model_fields, require_bank_model, require_pairs
 from .runconfig import RunConfig
 
+T, R = TypeVar("T"), TypeVar("R")
 UNRANKED = pa.schema([f for f in SCHEMAS["scores"] if f.name != "rank"])
 
 
@@ -63,15 +68,24 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
         curv = load_curvature(wh, featurize_run_id)
         pre = Preconditioners.solve(tstats, curv, cfg.curvature)
         sample = StreamSample(cfg.check.pool_sample, cfg.check.seed, FeatureBatch.concat)
-        parts = feature_parts(wh, featurize_run_id)
-        for path in progress_bar(parts, enabled=progress, desc="score", unit="part"):
+
+        def score_part(path: str) -> StreamSample:
+            """Score one part (unless a rerun finds it scored); its candidates for the premise sample."""
             features = read_feature_part(wh, path)
             features.identity.require_same(curv.identity, "feature part " + posixpath.basename(path))
-            sample.offer(features.pair_id, features)
             out = posixpath.join(unranked_dir(wh, run_id), posixpath.basename(path))
             if not wh.fs.exists(out):
                 scores = score_features(features, tstats, curv, cfg.curvature, cfg.score, pre)
                 _write_unranked(wh, out, unranked_table(features.pair_id, scores, run_id))
+            local = StreamSample(sample.n, sample.seed, FeatureBatch.concat)
+            local.offer(features.pair_id, features)
+            return local
+
+        parts = feature_parts(wh, featurize_run_id)
+        done = bounded_map(score_part, parts, cfg.score_threads or os.cpu_count() or 1)
+        for local in progress_bar(done, enabled=progress, desc="score", unit="part", total=len(parts)):
+            if local.ids:
+                sample.offer(local.ids, local.payload)
         n = write_ranked_scores(wh, run_id)
         premise = premise_checks(eval_features, tstats.eval_loss, sample.payload, len(bank.pair_ids), cfg.check)
         row.update(bank_id=bank.bank_id, rows_in=n, rows_out=n, rows_quarantined=0,
@@ -80,7 +94,24 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
             "premise_passed": premise.passed, "premise": premise.verdict()}
 
 
+def bounded_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> Iterator[R]:
+    """``map(fn, items)`` in order on ``threads`` threads, at most ``2 * threads`` items in flight (memory of a
+    few parts, whatever their number). NumPy and Parquet release the GIL, so the parts' reading and arithmetic
+    use every core."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _write_unranked(wh: Warehouse, path: str, table: pa.Table) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="none")  # read once by the ranking pass, then removed
     wh.write_bytes(path, buf.getvalue())

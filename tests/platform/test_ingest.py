@@ -172,8 +172,9 @@ def test_ingest_stage_records_a_run_resumes_and_reconciles(tmp_path, wh):
     # simulate a crash after the first shard: its parts exist under the run id, the run row does not
     from chips_core.stages.ingest import ingest_shard, known_pairs
 
-    seen, recorded = known_pairs(wh)
-    first = ingest_shard(read_webdataset(shards[0], "wds"), wh, "ingest-A", shard_name(spec, shards[0]), seen, recorded)
+    with known_pairs(wh) as state:
+        first = ingest_shard(read_webdataset(shards[0], "wds"), wh, "ingest-A", shard_name(spec, shards[0]),
+                             state.seen, state.recorded)
     out = ingest_stage([spec], wh, run_id="ingest-A")
     assert out["read"] == 12 and out["kept"] == 10 and out["quarantined"] == 2 and first["kept"] == 4
     con = connect(wh)

@@ -3,6 +3,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -99,13 +100,18 @@ def test_incompatible_features_refused(scored, field, value):
 def test_arrow_roundtrip_float16(scored):
     _, features, curv, tgt, ccfg = scored
     table = features.to_arrow("float16")
-    assert str(table.schema.field("g").type) == "fixed_size_list<item: halffloat>[64]"
+    assert table.schema.field("g").type == pa.binary(128)  # 64 float16 values, little endian
+    assert table.schema.field("g").metadata == {b"chips.dtype": b"float16", b"chips.dim": b"64"}
     back = FeatureBatch.from_arrow(table)
     assert back.identity == features.identity and back.pair_id == features.pair_id
     np.testing.assert_allclose(back.g, features.g, rtol=2e-3, atol=1e-3 * np.abs(features.g).max())
     exact = score_features(features, tgt, curv, ccfg)["chips"]
     stored = score_features(back, tgt, curv, ccfg)["chips"]
     assert spearmanr(exact, stored).statistic > 0.999
+    # parts written before the binary layout (vectors as fixed-size lists of float16) still read the same
+    old = table.set_column(table.schema.get_field_index("g"), "g", pa.FixedSizeListArray.from_arrays(
+        pa.array(back.g.astype(np.float16).reshape(-1), pa.float16()), 64))
+    np.testing.assert_array_equal(FeatureBatch.from_arrow(old).g, back.g)
 
 
 def test_non_finite_and_zero_norm_embeddings_name_the_pair(scored):

@@ -1,0 +1,426 @@
+"""Pools larger than memory (issue 11): end to end through ``chips run`` at growing pool sizes, and a rescore over
+stored features at ViT-B dimensions, each in a fresh process, this tree beside another revision (``--base``,
+default the commit before the streaming work) in the same run.
+
+* end to end: generated pools of 16x16 PNG pairs (WebDataset shards of 10k, 5% bad rows), the demo-sized
+  model (random weights: speed and memory do not depend on them), ``chips run`` (Prefect, temporary API).
+  Per stage: seconds (from the ``runs`` table) and the peak RSS of the ``chips`` process while the stage ran
+  (VmRSS sampled every 0.2 s). Goals: peak RSS flat (largest within 10% of smallest), seconds per pair
+  linear (within 1.2x).
+* rescore: ``score_stage`` over ``--rescore`` generated feature rows with the identity of a real ViT-B-32
+  featurize run (k = 512, d = 512; its bank, curvature and eval set are real). Goals: >= 300k pairs/s,
+  peak RSS < 2 GiB. Reading and arithmetic are timed alone to say which one limits.
+
+Run: .venv/bin/python benchmarks/scale.py --out docs/benchmarks/scale.md
+     [--sizes 100000,1000000] [--rescore 2000000] [--base f6d642b] [--base-sizes 100000]
+     [--base-rescore 250000,500000] [--workdir /tmp/chips-scale]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PY = str(ROOT / ".venv" / "bin" / "python")
+CHIPS = str(ROOT / ".venv" / "bin" / "chips")
+STAGES = ("ingest", "featurize", "score", "materialize")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def base_tree(workdir: Path, rev: str) -> Path:
+    """A checkout of ``rev`` (git worktree) to run the other side of the before/after."""
+    tree = workdir / f"tree-{rev}"
+    if not tree.is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
+                       capture_output=True)
+    return tree
+
+
+def sampled_run(cmd: list[str], env: dict, timeout: float, cwd: Path | None = None) -> tuple[int, list[tuple[float, float]], float, str]:
+    """Run ``cmd``, sampling its VmRSS (MiB) every 0.2 s: ``(returncode, [(unix time, MiB)], seconds, output)``;
+    returncode -9 when it ran past ``timeout``."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+    samples: list[tuple[float, float]] = []
+    peak = [0.0]  # VmHWM: the process's true peak, between samples too
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        try:
+            status = open(f"/proc/{proc.pid}/status").read()
+            for line in status.splitlines():
+                if line.startswith("VmRSS:"):
+                    samples.append((time.time(), int(line.split()[1]) / 1024))
+                if line.startswith("VmHWM:"):
+                    peak[0] = max(peak[0], int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+        if time.time() - t0 > timeout:
+            proc.kill()
+            proc.wait()
+            reader.join(5)
+            return -9, samples + [(time.time(), peak[0])], time.time() - t0, "".join(out)
+        time.sleep(0.2)
+    reader.join(5)
+    return proc.returncode, samples + [(time.time(), peak[0])], time.time() - t0, "".join(out)
+
+
+def env_for(tree: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree), CHIPS_LOG_DIR=str(tree / ".logs"))
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+def make_e2e_data(workdir: Path, n: int) -> Path:
+    """Pool tars of ``n`` pairs, a target tar, and a random demo-sized checkpoint (cached per size)."""
+    from benchmarks.platform_throughput import make_shards
+
+    data = workdir / f"data-{n}"
+    if not (data / "done").exists():
+        (data / "pool").mkdir(parents=True, exist_ok=True)
+        (data / "target").mkdir(exist_ok=True)
+        make_shards(data / "pool", n, seed=1)
+        make_shards(data / "target", 500, seed=2)
+        (data / "done").write_text("ok")
+    ckpt = workdir / "demo-random.pt"
+    if not ckpt.exists():
+        import torch
+
+        from chips_core.scoring.endpoint import ModelSpec, load_model
+        from chips_core.train.synthetic import DEMO_MODEL_CONFIG
+        torch.manual_seed(0)
+        torch.save(load_model(ModelSpec(config=DEMO_MODEL_CONFIG)).model.state_dict(), ckpt)
+    return data
+
+
+def e2e_config(workdir: Path, data: Path, label: str) -> Path:
+    import yaml
+
+    from chips_core.train.synthetic import DEMO_MODEL_CONFIG
+    run = workdir / f"run-{label}"
+    if run.exists():
+        subprocess.run(["rm", "-rf", str(run)], check=True)
+    run.mkdir(parents=True)
+    cfg = {"warehouse": str(run / "warehouse"),
+           "pool": [{"name": "pool", "kind": "webdataset", "paths": sorted(str(p) for p in (data / "pool").glob("*.tar"))}],
+           "target": [{"name": "target", "kind": "webdataset", "paths": sorted(str(p) for p in (data / "target").glob("*.tar"))}],
+           "model": {"config": DEMO_MODEL_CONFIG, "checkpoint": str(workdir / "demo-random.pt")},
+           "sketch": {"k": 256}, "bank": {"size": 256}, "curvature": {"n_curv": 2000, "hard_negatives": 16},
+           "budgets": [0.1, 0.3, 0.5], "shard_size": 4096,
+           "outputs": {"dir": str(run / "out"), "formats": []}}
+    path = run / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def stage_table(warehouse: Path, samples) -> dict:
+    """Per stage: seconds and the peak sampled RSS inside its window (from the ``runs`` table)."""
+    import pyarrow.dataset as pads
+    runs = pads.dataset(str(warehouse / "runs"), format="parquet", partitioning="hive").to_table(
+        columns=["stage", "status", "started_at", "ended_at"]).to_pylist()
+    out = {}
+    for r in runs:
+        if r["stage"] not in STAGES:
+            continue
+        a, b = r["started_at"].timestamp(), r["ended_at"].timestamp()
+        inside = [m for t, m in samples if a <= t <= b]
+        out[r["stage"]] = {"seconds": b - a, "peak_rss_mib": max(inside) if inside else None, "status": r["status"]}
+    return out
+
+
+def e2e(workdir: Path, tree: Path, label: str, n: int, timeout: float) -> dict:
+    data = make_e2e_data(workdir, n)
+    cfg = e2e_config(workdir, data, f"{label}-{n}")
+    rc, samples, secs, out = sampled_run([CHIPS, "run", str(cfg)], env_for(tree), timeout, cwd=tree)
+    wh = cfg.parent / "warehouse"
+    res = {"tree": label, "n": n, "rc": rc, "seconds": secs, "peak_rss_mib": max((m for _, m in samples), default=0),
+           "stages": stage_table(wh, samples) if (wh / "runs").exists() else {},
+           "warehouse_bytes": dir_bytes(wh) if wh.exists() else 0, "tail": out[-600:] if rc else ""}
+    print(json.dumps({k: v for k, v in res.items() if k != "tail"}), flush=True)
+    if rc:
+        print(out[-2000:], flush=True)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ rescore
+
+RESCORE_PART = 16384
+
+
+def prepare_rescore(workdir: Path, n: int) -> Path:
+    """A warehouse with a real ViT-B-32 featurize run over a small pool ("seed": bank, curvature, identity),
+    and ``n`` generated feature rows under that identity (run "big-<n>")."""
+    import shutil
+
+    import torch
+
+    from benchmarks.platform_throughput import make_shards
+    from chips_core.platform.features import write_features
+    from chips_core.platform.warehouse import Warehouse
+    from chips_core.scoring.endpoint import ModelSpec, load_model
+    from chips_core.scoring.featurize import FeatureBatch
+
+    base = workdir / "rescore"
+    cfg_path = base / "rescore.json"
+    if not cfg_path.exists():
+        (base / "pool").mkdir(parents=True, exist_ok=True)
+        (base / "target").mkdir(exist_ok=True)
+        make_shards(base / "pool", 320, seed=3)
+        make_shards(base / "target", 256, seed=4)
+        torch.manual_seed(0)
+        ckpt = base / "vitb32-random.pt"
+        torch.save(load_model(ModelSpec(name="ViT-B-32")).model.state_dict(), ckpt)
+        cfg = {"warehouse": str(base / "warehouse"),
+               "pool": [{"name": "pool", "kind": "webdataset", "paths": [str(p) for p in sorted((base / "pool").glob("*.tar"))]}],
+               "target": [{"name": "target", "kind": "webdataset", "paths": [str(p) for p in sorted((base / "target").glob("*.tar"))]}],
+               "model": {"name": "ViT-B-32", "checkpoint": str(ckpt)}, "sketch": {"k": 512}, "bank": {"size": 256},
+               "curvature": {"n_curv": 256, "hard_negatives": 16}, "budgets": [0.1], "shard_size": RESCORE_PART}
+        from chips_core.stages import featurize_stage, ingest_stage, load_run_config
+        rc = load_run_config(cfg)
+        wh = Warehouse(rc.warehouse)
+        ingest_stage(list(rc.pool) + list(rc.target), wh)
+        featurize_stage(rc, wh, load_model(rc.model), run_id="seed")
+        cfg_path.write_text(json.dumps(cfg))
+    wh = Warehouse(str(base / "warehouse"))
+    run = f"big-{n}"
+    if not wh.fs.exists(wh.path("globals", f"run={run}", "done")):
+        from chips_core.platform.features import read_features
+        seed = read_features(wh, "seed")
+        shutil.copytree(wh.path("globals", "run=seed"), wh.path("globals", f"run={run}"), dirs_exist_ok=True)
+        rng = np.random.default_rng(n)
+        g_scale = float(np.std(seed.g))
+        for p, a in enumerate(range(0, n, RESCORE_PART)):
+            m = min(RESCORE_PART, n - a)
+
+            def unit(d):
+                v = rng.standard_normal((m, d), dtype=np.float32)
+                return v / np.linalg.norm(v, axis=1, keepdims=True)
+            fb = FeatureBatch(pair_id=[f"{rng.integers(2**62):016x}{a + i:012d}" for i in range(m)],
+                              x=unit(seed.x.shape[1]), y=unit(seed.y.shape[1]),
+                              g=(rng.standard_normal((m, seed.g.shape[1]), dtype=np.float32) * g_scale),
+                              p_corr=rng.random(m, dtype=np.float32), margin=rng.standard_normal(m, dtype=np.float32),
+                              clipscore=rng.standard_normal(m, dtype=np.float32) * 0.1,
+                              loss=rng.random(m, dtype=np.float32) * 5, identity=seed.identity)
+            write_features(wh, fb, run, f"shard-{p:05d}")
+        wh.write_bytes(wh.path("globals", f"run={run}", "done"), b"ok")
+    return cfg_path
+
+
+RESCORE_CHILD = r"""
+import json, sys, time
+import chips_core
+print("chips_core from", chips_core.__file__, flush=True)
+import torch
+torch.set_num_threads(2)
+from chips_core.stages import load_run_config, score_stage
+from chips_core.platform.warehouse import Warehouse
+from chips_core.scoring.endpoint import load_model
+
+
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) / 1024
+
+
+cfg = load_run_config(json.loads(open(sys.argv[1]).read()))
+wh, loaded, run = Warehouse(cfg.warehouse), load_model(cfg.model), sys.argv[2]
+mode = sys.argv[3]
+extra = {}
+if mode == "stream":  # the stage with the eval set's statistics computed before the clock starts
+    import chips_core.stages.score as S
+    from chips_core.stages.common import require_pairs
+    from chips_core.platform.features import load_bank
+    from chips_core.scoring.featurize import Featurizer
+    from chips_core.scoring.endpoint import EndpointModel
+    feat = Featurizer(EndpointModel(loaded.model), load_bank(wh, run), cfg.sketch, cfg.featurize)
+    cached = S.target_and_eval_features(cfg, wh, loaded, feat, require_pairs(wh, cfg.target, "target"))
+    S.target_and_eval_features = lambda *a: cached
+    extra["rss_before_mib"] = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM: the peak below is the streaming's
+t0 = time.perf_counter()
+if mode in ("stage", "stream"):
+    out = score_stage(cfg, wh, loaded, run)
+    n = out["pairs"]
+elif mode == "target":  # the fixed cost: the model over the eval set (target statistics)
+    from chips_core.stages.check import target_and_eval_features
+    from chips_core.stages.common import require_pairs
+    from chips_core.platform.features import load_bank
+    from chips_core.scoring.featurize import Featurizer
+    from chips_core.scoring.endpoint import EndpointModel
+    feat = Featurizer(EndpointModel(loaded.model), load_bank(wh, run), cfg.sketch, cfg.featurize)
+    target_and_eval_features(cfg, wh, loaded, feat, require_pairs(wh, cfg.target, "target"))
+    n = 0
+elif mode in ("read", "arith"):  # one thread: reading the parts alone; the arithmetic alone on parts in memory
+    from chips_core.platform.features import feature_parts, read_feature_part, load_bank, load_curvature
+    from chips_core.scoring.score import Preconditioners, score_features
+    from chips_core.stages.check import target_and_eval_features
+    from chips_core.stages.common import require_pairs
+    from chips_core.scoring.featurize import Featurizer
+    from chips_core.scoring.endpoint import EndpointModel
+    parts = feature_parts(wh, run)
+    if mode == "read":
+        n = sum(len(read_feature_part(wh, p)) for p in parts)
+    else:
+        feat = Featurizer(EndpointModel(loaded.model), load_bank(wh, run), cfg.sketch, cfg.featurize)
+        ts, _ = target_and_eval_features(cfg, wh, loaded, feat, require_pairs(wh, cfg.target, "target"))
+        curv = load_curvature(wh, run)
+        pre = Preconditioners.solve(ts, curv, cfg.curvature)
+        batches = [read_feature_part(wh, p) for p in parts[:8]]
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(3):
+            for b in batches:
+                score_features(b, ts, curv, cfg.curvature, cfg.score, pre)
+                n += len(b)
+dt = time.perf_counter() - t0
+# VmHWM: this process's own peak (ru_maxrss would carry the forking parent's peak across exec)
+print(json.dumps({"mode": mode, "n": n, "seconds": dt, "peak_rss_mib": status("VmHWM"), **extra}))
+"""
+
+
+def rescore(workdir: Path, tree: Path, label: str, n: int, mode: str, timeout: float) -> dict:
+    cfg = prepare_rescore(workdir, n)
+    rc, samples, secs, out = sampled_run([PY, "-c", RESCORE_CHILD, str(cfg), f"big-{n}", mode], env_for(tree), timeout,
+                                         cwd=tree)
+    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), None)
+    res = {"tree": label, "n": n, "mode": mode, "rc": rc,
+           "peak_rss_mib": max((m for _, m in samples), default=0), **(json.loads(line) if line and not rc else {})}
+    if rc:
+        res["tail"] = out[-600:]
+    print(json.dumps(res), flush=True)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def fmt(x, d=1):
+    return "—" if x is None else f"{x:,.{d}f}"
+
+
+def report(args, results: dict, wall: float) -> str:
+    import torch
+    e2e_rows, rs = results["e2e"], results["rescore"]
+    lines = ["# Pools larger than memory: end to end and rescore at scale", "",
+             f"Generated by `python benchmarks/scale.py {' '.join(sys.argv[1:])}` on {os.cpu_count()} CPUs "
+             f"({platform.processor() or platform.machine()}), torch {torch.__version__}, Python "
+             f"{platform.python_version()}; wall time {wall / 60:.1f} min. Each row is a fresh process; `this` is "
+             f"this tree, `base` is `{args.base}` (before the streaming work), run side by side in this one run.", ""]
+    lines += ["## End to end through `chips run`", "",
+              "Generated pools of 16x16 PNG pairs (WebDataset shards of 10k, 5% bad rows), the demo-sized model "
+              "(random weights), k = 256, K = 256, 2000 curvature pairs, budgets 0.1/0.3/0.5, shard size 4096, "
+              "subsets table only (no manifests). Seconds per stage from the `runs` table; peak RSS of the `chips` "
+              "process while the stage ran (sampled every 0.2 s).", "",
+              "| tree | pairs | stage | seconds | µs per pair | peak RSS MiB |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in e2e_rows:
+        if r["rc"] and not r["stages"]:
+            lines.append(f"| {r['tree']} | {r['n']:,} | (failed or stopped: rc {r['rc']} after {r['seconds']:.0f} s) | — | — | — |")
+            continue
+        for st in STAGES:
+            s = r["stages"].get(st)
+            if s:
+                lines.append(f"| {r['tree']} | {r['n']:,} | {st} | {fmt(s['seconds'])} | {fmt(1e6 * s['seconds'] / r['n'])} "
+                             f"| {fmt(s['peak_rss_mib'], 0)} |")
+        total = sum(s["seconds"] for s in r["stages"].values())
+        lines.append(f"| {r['tree']} | {r['n']:,} | **all four** ({'finished' if r['rc'] == 0 else 'stopped at ' + str(int(r['seconds'])) + ' s'}) "
+                     f"| {fmt(total)} | {fmt(1e6 * total / r['n'])} | {fmt(r['peak_rss_mib'], 0)} |")
+    lines.append("")
+    this = sorted([r for r in e2e_rows if r["tree"] == "this" and r["rc"] == 0], key=lambda r: r["n"])
+    if len(this) >= 2:
+        a, b = this[0], this[-1]
+        ta = sum(s["seconds"] for s in a["stages"].values()) / a["n"]
+        tb = sum(s["seconds"] for s in b["stages"].values()) / b["n"]
+        rss = b["peak_rss_mib"] / a["peak_rss_mib"]
+        lines += [f"- peak RSS at {b['n']:,} / at {a['n']:,}: **{rss:.2f}** (goal ≤ 1.10: {'met' if rss <= 1.10 else 'not met'})",
+                  f"- seconds per pair at {b['n']:,} / at {a['n']:,}: **{tb / ta:.2f}** (goal ≤ 1.20: "
+                  f"{'met' if tb / ta <= 1.2 else 'not met'})",
+                  f"- warehouse size at {b['n']:,} pairs (`images: copy`, the only mode so far): {b['warehouse_bytes'] / 2**20:,.0f} MiB", ""]
+    lines += ["## Rescore over stored features (ViT-B-32 dimensions: k = 512, d = 512)", "",
+              "`score_stage` over generated feature rows carrying the identity of a real ViT-B-32 featurize run (its "
+              "bank, curvature and 256-pair eval set are real; random weights). `stage` is the whole stage: the model "
+              "over the eval set (`target`, a fixed cost), scoring every part, and ranking; `read` reads the parts "
+              "alone; `arith` scores parts already in memory.", "",
+              "| tree | rows | mode | seconds | pairs/s | peak RSS MiB | note |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rs:
+        pps = r["n"] / r["seconds"] if r.get("seconds") and r["n"] else None
+        note = "" if r["rc"] == 0 else f"rc {r['rc']}: " + (r.get("tail", "").strip().splitlines() or [""])[-1][:80]
+        lines.append(f"| {r['tree']} | {r['n']:,} | {r['mode']} | {fmt(r.get('seconds'))} | {fmt(pps, 0)} | "
+                     f"{fmt(r['peak_rss_mib'], 0)} | {note} |")
+    st = next((r for r in rs if r["tree"] == "this" and r["mode"] == "stage" and r["rc"] == 0), None)
+    tg = next((r for r in rs if r["tree"] == "this" and r["mode"] == "target" and r["rc"] == 0), None)
+    rd = next((r for r in rs if r["tree"] == "this" and r["mode"] == "read" and r["rc"] == 0), None)
+    ar = next((r for r in rs if r["tree"] == "this" and r["mode"] == "arith" and r["rc"] == 0), None)
+    if st:
+        stream = st["seconds"] - (tg["seconds"] if tg else 0.0)
+        pps = st["n"] / stream
+        lines += ["", f"- whole stage: {st['n'] / st['seconds']:,.0f} pairs/s; without the fixed eval-set cost "
+                  f"({fmt(tg['seconds'] if tg else None)} s): **{pps:,.0f} pairs/s** (goal ≥ 300,000: "
+                  f"{'met' if pps >= 3e5 else 'not met'}); peak RSS **{st['peak_rss_mib']:,.0f} MiB** (goal < 2048: "
+                  f"{'met' if st['peak_rss_mib'] < 2048 else 'not met'})"]
+        if rd and ar:
+            r_pps, a_pps = rd["n"] / rd["seconds"], ar["n"] / ar["seconds"]
+            lines.append(f"- reading alone {r_pps:,.0f} pairs/s, arithmetic alone {a_pps:,.0f} pairs/s: "
+                         f"**{'reading' if r_pps < a_pps else 'arithmetic'}** is the limit")
+        for big in (24e6, 128e6):
+            lines.append(f"- extrapolated (linear) rescore of {big / 1e6:.0f}M pairs: {big / pps / 60:,.1f} min")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/chips-scale")
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--rescore", type=int, default=2_000_000)
+    ap.add_argument("--base", default="f6d642b")
+    ap.add_argument("--base-sizes", default="100000")
+    ap.add_argument("--base-rescore", default="250000,500000")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--base-timeout", type=float, default=1200)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    base = base_tree(workdir, args.base) if args.base else None
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    results = {"e2e": [], "rescore": []}
+    for n in ints(args.sizes):
+        results["e2e"].append(e2e(workdir, ROOT, "this", n, args.timeout))
+    if base:
+        for n in ints(args.base_sizes):
+            results["e2e"].append(e2e(workdir, base, "base", n, args.base_timeout))
+    if args.rescore:
+        for mode in ("stage", "stream", "target", "read", "arith"):
+            results["rescore"].append(rescore(workdir, ROOT, "this", args.rescore, mode, args.timeout))
+    if base:
+        for n in ints(args.base_rescore):
+            for tree, label, limit in ((ROOT, "this", args.timeout), (base, "base", args.base_timeout)):
+                results["rescore"].append(rescore(workdir, tree, label, n, "stream", limit))
+    text = report(args, results, time.time() - t0)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
