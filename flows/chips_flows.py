@@ -7,6 +7,7 @@ import dataclasses
 from functools import partial
 
 from prefect import flow, get_run_logger, task, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.cache_policies import NONE
 
 from chips_core.platform.warehouse import Warehouse
@@ -53,7 +54,13 @@ def ingest_flow(config: str | dict, sources: list[str] | None = None, parent_run
     return out
 
 
-@flow(name="chips-featurize")
+# Prefect's default thread pool is unbounded: it would run every shard at once, so memory would grow with the
+# pool. Two shards at a time overlap one shard's reading and decoding with another's forward pass (torch uses
+# every core inside a shard). A Dask runner (`featurize_flow.with_options(task_runner=...)`) replaces this.
+FEATURIZE_SHARDS_AT_ONCE = 2
+
+
+@flow(name="chips-featurize", task_runner=ThreadPoolTaskRunner(max_workers=FEATURIZE_SHARDS_AT_ONCE))
 def featurize_flow(config: str | dict, run_id: str | None = None, parent_run_id: str | None = None,
                    progress: bool = False) -> dict:
     out = featurize_stage(*_setup(config), run_id=run_id, parent_run_id=parent_run_id, progress=progress,
