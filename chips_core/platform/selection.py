@@ -122,7 +122,6 @@ def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budg
             keeps = {b: n_keep(b, n) for b in bs}
             con.execute("create or replace temp table top as " + ranked(con, method, max(keeps.values())).sql_query())
             label = method or "full"
-            name = label if method else "full"
             sids = []
             batches = []
             for b, k in keeps.items():
@@ -132,7 +131,7 @@ def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budg
                     f"select {_lit(sid)} as subset_id, {_lit(run_id)} as run_id, {_lit(score_run_id)} as score_run_id, "
                     f"cast({float(b)!r} as double) as budget, {_lit(label)} as method, pair_id, rank from top "
                     f"where rank <= {k} order by rank"))
-            rows += _write_part(wh, "subsets", {"run": run_id}, name, batches)
+            rows += _write_part(wh, "subsets", {"run": run_id}, label, batches)
             ids += sids
         return {"scored": n, "rows": rows, "subsets": ids}
     finally:
@@ -180,41 +179,36 @@ def _subsets(con: duckdb.DuckDBPyConnection, wh: Warehouse, run_id: str) -> None
 EXT_SQL = "case image_format when 'JPEG' then 'jpg' else lower(coalesce(image_format, 'bin')) end"
 
 
-def export_images(wh: Warehouse, run_id: str, folder: str, memory_limit: str = "1GB") -> int:
-    """Every image selected by materialize run ``run_id``, once, as ``<folder>/<pair_id>.<ext>`` (a file already
-    there is kept), streamed from the ``pairs`` table. Returns the number of images."""
-    os.makedirs(folder, exist_ok=True)
+def manifest_engine(wh: Warehouse, run_id: str, memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
+    """One connection for a materialize run's exports: ``all_pairs`` and ``run_subsets`` set up once."""
     con = engine(wh, memory_limit)
+    _pairs(con, wh)
+    _subsets(con, wh, run_id)
+    return con
+
+
+def export_images(con: duckdb.DuckDBPyConnection, folder: str) -> int:
+    """Every image selected by the run (:func:`manifest_engine`), once, as ``<folder>/<pair_id>.<ext>`` (a file
+    already there is kept), streamed from the ``pairs`` table. Returns the number of images."""
+    os.makedirs(folder, exist_ok=True)
     n = 0
-    try:
-        _pairs(con, wh)
-        _subsets(con, wh, run_id)
-        rel = con.sql(f"select pair_id, {EXT_SQL} as ext, image from all_pairs "
-                      "where pair_id in (select pair_id from run_subsets)")
-        for batch in _batches(rel):
-            for pid, ext, image in zip(*(batch.column(c).to_pylist() for c in ("pair_id", "ext", "image"))):
-                path = os.path.join(folder, f"{pid}.{ext}")
-                if not os.path.exists(path):
-                    with open(path, "wb") as f:
-                        f.write(image)
-                n += 1
-    finally:
-        con.close()
+    rel = con.sql(f"select pair_id, {EXT_SQL} as ext, image from all_pairs "
+                  "where pair_id in (select pair_id from run_subsets)")
+    for batch in _batches(rel):
+        for pid, ext, image in zip(*(batch.column(c).to_pylist() for c in ("pair_id", "ext", "image"))):
+            path = os.path.join(folder, f"{pid}.{ext}")
+            if not os.path.exists(path):
+                with open(path, "wb") as f:
+                    f.write(image)
+            n += 1
     return n
 
 
-def manifest_rows(wh: Warehouse, run_id: str, subset_id: str, folder: str,
-                  memory_limit: str = "1GB") -> Iterator[pa.RecordBatch]:
+def manifest_rows(con: duckdb.DuckDBPyConnection, subset_id: str, folder: str) -> Iterator[pa.RecordBatch]:
     """``(pair_id, rank, filepath, title)`` of one subset in rank order, streamed (``filepath`` is the exported
     image under ``folder``)."""
-    con = engine(wh, memory_limit)
-    try:
-        _pairs(con, wh)
-        _subsets(con, wh, run_id)
-        prefix = os.path.join(os.path.abspath(folder), "")
-        rel = con.sql(f"select s.pair_id, s.rank, {_lit(prefix)} || s.pair_id || '.' || {EXT_SQL} as filepath, "
-                      "p.caption as title from run_subsets s join all_pairs p using (pair_id) "
-                      f"where s.subset_id = {_lit(subset_id)} order by s.rank")
-        yield from _batches(rel)
-    finally:
-        con.close()
+    prefix = os.path.join(os.path.abspath(folder), "")
+    rel = con.sql(f"select s.pair_id, s.rank, {_lit(prefix)} || s.pair_id || '.' || {EXT_SQL} as filepath, "
+                  "p.caption as title from run_subsets s join all_pairs p using (pair_id) "
+                  f"where s.subset_id = {_lit(subset_id)} order by s.rank")
+    yield from _batches(rel)

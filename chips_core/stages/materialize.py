@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..platform.provenance import new_run_id, recorded_run
-from ..platform.selection import export_images, manifest_rows, write_subsets
+from ..platform.selection import export_images, manifest_engine, manifest_rows, write_subsets
 from ..platform.warehouse import SCHEMAS, Warehouse
 from ..scoring.score import select_top
 from .runconfig import RunConfig
@@ -54,23 +54,27 @@ def write_manifests(wh: Warehouse, run_id: str, subset_ids, out: Path, formats) 
     """Export each selected image once (``images/<pair_id>.<ext>``) and write per-subset manifests, streamed."""
     if not formats:  # the subsets table only (e.g. a trainer that reads pairs from the warehouse)
         return []
-    export_images(wh, run_id, str(out / "images"))
+    con = manifest_engine(wh, run_id)
     files = []
-    for sid in sorted(subset_ids):
-        stem = sid.split(":", 1)[1].replace("@", "_at_")
-        writers = []
-        if "parquet" in formats:
-            writers.append(_ParquetManifest(out / f"{stem}.parquet"))
-        if "csv" in formats:
-            writers.append(_CsvManifest(out / f"{stem}.csv"))
-        try:
-            for batch in manifest_rows(wh, run_id, sid, str(out / "images")):
+    try:
+        export_images(con, str(out / "images"))
+        for sid in sorted(subset_ids):
+            stem = sid.split(":", 1)[1].replace("@", "_at_")
+            writers = []
+            if "parquet" in formats:
+                writers.append(_ParquetManifest(out / f"{stem}.parquet"))
+            if "csv" in formats:
+                writers.append(_CsvManifest(out / f"{stem}.csv"))
+            try:
+                for batch in manifest_rows(con, sid, str(out / "images")):
+                    for w in writers:
+                        w.write(batch)
+            finally:
                 for w in writers:
-                    w.write(batch)
-        finally:
-            for w in writers:
-                w.close()
-        files += [str(w.path) for w in writers]
+                    w.close()
+            files += [str(w.path) for w in writers]
+    finally:
+        con.close()
     return files
 
 
