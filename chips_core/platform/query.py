@@ -14,8 +14,10 @@ every caller of :func:`connect` — ``chips sql``, a Prefect deployment paramete
 """
 from __future__ import annotations
 
+import atexit
 import os
 import posixpath
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,9 +39,23 @@ def sql_dir() -> Path:
     return Path(os.environ.get("CHIPS_SQL_DIR", Path(__file__).resolve().parents[2] / "sql"))
 
 
+_SPILL: dict[int, str] = {}  # pid -> this process's spill directory
+
+
+def _remove_spill(pid: int) -> None:
+    if os.getpid() == pid:  # a forked child inherits the handler but not the directory
+        shutil.rmtree(_SPILL.pop(pid, ""), ignore_errors=True)
+
+
 def spill_dir() -> str:
-    """DuckDB's temp (spill) directory for this process: the only writable place a connection has."""
-    return os.path.join(tempfile.gettempdir(), f"chips-duckdb-{os.getpid()}")
+    """DuckDB's temp (spill) directory for this process: the only writable place a connection has.
+    One per process, shared by every connection, removed when the process exits (DuckDB removes its
+    spill files on close but leaves the directory)."""
+    pid = os.getpid()
+    if pid not in _SPILL:
+        _SPILL[pid] = tempfile.mkdtemp(prefix="chips-duckdb-")
+        atexit.register(_remove_spill, pid)
+    return _SPILL[pid]
 
 
 def confine(con: duckdb.DuckDBPyConnection, allowed: list[str]) -> None:

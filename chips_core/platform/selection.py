@@ -18,6 +18,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .query import spill_dir
 from .warehouse import SCHEMAS, Warehouse
 
 ROWS_PER_BATCH = 65536
@@ -29,8 +30,7 @@ def engine(wh: Warehouse, memory_limit: str = "1GB", threads: int | None = None)
     con = duckdb.connect(":memory:")
     if not wh.is_local:
         con.register_filesystem(wh.fs)
-    spill = tempfile.mkdtemp(prefix="chips-duckdb-")
-    con.execute("set temp_directory = ?", [spill])
+    con.execute("set temp_directory = ?", [spill_dir()])
     con.execute("set memory_limit = ?", [memory_limit])
     con.execute("set preserve_insertion_order = false")
     if threads:

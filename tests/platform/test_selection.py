@@ -2,6 +2,8 @@
 (select_top): the same subsets in the same rank order, ties, -0.0 and float-error budgets included."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -67,3 +69,31 @@ def test_nan_scores_are_refused_as_in_memory(tmp_path):
     write_ranked_scores(wh, "score-1")
     with pytest.raises(ValueError, match=r"1 scores are NaN.*'dot'"):
         write_subsets(wh, "score-1", ["chips", "dot"], [0.5], "mat-1")
+
+
+def test_duckdb_spill_directory_is_one_per_process_and_removed_at_exit(tmp_path):
+    """Every stage connection and every user SQL connection of a process share one spill directory, and it
+    is gone when the process exits (a directory per connection was once left behind in the temp folder)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, sys
+        from chips_core.platform.query import spill_dir
+        from chips_core.platform.selection import engine
+        from chips_core.platform.warehouse import Warehouse
+        wh = Warehouse({str(tmp_path / 'wh')!r})
+        dirs = set()
+        for _ in range(3):
+            con = engine(wh)
+            dirs.add(con.execute("select current_setting('temp_directory')").fetchone()[0])
+            con.close()
+        assert dirs == {{spill_dir()}}, dirs
+        assert os.path.isdir(spill_dir())
+        print(spill_dir())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    spill = out.stdout.strip().splitlines()[-1]
+    assert "chips-duckdb-" in spill
+    assert not os.path.exists(spill)
