@@ -159,8 +159,11 @@ def hypotheses(rows, targets, budgets) -> list[tuple[str, bool | None, str, dict
         _, st = sweep_table(rows, t, "alpha")
         mids = {a: st[a][0] for a in st if 0.6 - 1e-9 <= a <= 0.8 + 1e-9}
         if 0.0 in st and mids:
+            diffs = {a: paired_variants(rows, t, f"alpha={a:g}", "alpha=0") for a in mids}
             yield (all(v > st[0.0][0] for v in mids.values()),
-                   f"@20%: α=0 {100 * st[0.0][0]:.1f}; " + ", ".join(f"α={a:g} {100 * v:.1f}" for a, v in mids.items()))
+                   f"@20%: α=0 {100 * st[0.0][0]:.1f}; " + ", ".join(
+                       f"α={a:g} {100 * v:.1f}" + (f" (paired {fmt_paired(diffs[a])})" if diffs[a]["n"] > 1 else "")
+                       for a, v in mids.items()))
 
     def c6(t):  # among influence methods, CHIPS loses the least general-domain performance
         base = mean(t, "none", 0.0, gen)
@@ -215,7 +218,7 @@ def plots(rows, targets, budgets, out_dir: Path) -> list[str]:
             if st:
                 ax.errorbar(list(st), [100 * s[0] for s in st.values()], yerr=[100 * s[1] for s in st.values()],
                             marker="o", capsize=3, label=f"{t} test")
-            _, ev = sweep_table(rows, t, prefix, lambda r: r["metrics"][f"{r['target']}_evalset"][PRIMARY])
+            _, ev = sweep_table(rows, t, prefix, lambda r: headline(r["metrics"][f"{r['target']}_evalset"]))
             if ev:
                 ax.plot(list(ev), [100 * s[0] for s in ev.values()], ls="--", marker="x", label=f"{t} eval set")
         if prefix == "k":
@@ -305,13 +308,27 @@ def noise_auc_table(per_target: dict[str, list[dict]], methods) -> str:
 
 
 def paired(rows: list[dict], target: str, method: str, baseline: str, budget: float, metric=target_metric) -> dict:
-    """``method`` minus ``baseline`` per seed (same seed, same budget; any variant), their mean and the 95%
-    t-interval half-width (None with fewer than 2 seeds)."""
+    """``method`` minus ``baseline`` per seed (same seed, same budget; main and diagnostic rows, not the
+    sweeps' variants), their mean and the 95% t-interval half-width (None with fewer than 2 seeds)."""
     by = defaultdict(dict)
     for r in rows:
-        if r["target"] == target and r["budget"] == budget and r["method"] in (method, baseline):
+        if r["target"] == target and r["budget"] == budget and r["method"] in (method, baseline) \
+                and r["variant"] in ("main", "diagnostic"):
             by[r["seed"]][r["method"]] = metric(r)
-    d = np.array([v[method] - v[baseline] for v in by.values() if method in v and baseline in v])
+    return _paired_stats([v[method] - v[baseline] for v in by.values() if method in v and baseline in v])
+
+
+def paired_variants(rows: list[dict], target: str, variant: str, baseline: str, metric=target_metric) -> dict:
+    """A sweep variant (e.g. ``alpha=0.6``) minus another (``alpha=0``), paired by seed, as :func:`paired`."""
+    by = defaultdict(dict)
+    for r in rows:
+        if r["target"] == target and r["variant"] in (variant, baseline):
+            by[r["seed"]][r["variant"]] = metric(r)
+    return _paired_stats([v[variant] - v[baseline] for v in by.values() if variant in v and baseline in v])
+
+
+def _paired_stats(diffs) -> dict:
+    d = np.asarray(diffs, dtype=float)
     if len(d) == 0:
         return {"n": 0, "mean": float("nan"), "half": None, "sd": None}
     if len(d) < 2:

@@ -135,13 +135,61 @@ def build_custom_model(config: dict) -> nn.Module:
         raise UnsupportedModelError(f"could not build an open_clip model from config {config!r}: {e}") from e
 
 
-def _tokenizer_for(model: nn.Module, name: str | None):
+class CachedTokenizer:
+    """An open_clip tokenizer that remembers the token rows of the last ``maxsize`` distinct texts.
+
+    open_clip's tokenizers clean every text (ftfy, regex) on every call, ~0.4 ms a caption here; CPT draws
+    the same replay captions again and again and every evaluation tokenizes the same suites. Rows are
+    those of the wrapped tokenizer (test); other attributes are the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer, maxsize: int = 1 << 16):
+        self.tokenizer, self.maxsize = tokenizer, maxsize
+        self._rows: dict[str, torch.Tensor] = {}  # insertion order = least recently used first
+        self._lock = threading.Lock()
+
+    def __call__(self, texts, context_length: int | None = None) -> torch.Tensor:
+        if context_length is not None:  # not the default shape: not cached
+            return self.tokenizer(texts, context_length=context_length)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        with self._lock:
+            missing = [t for t in dict.fromkeys(texts) if t not in self._rows]
+            if missing:
+                for text, row in zip(missing, self.tokenizer(missing)):
+                    self._rows[text] = row.clone()
+            out = torch.stack([self._rows[t] for t in texts]) if texts else self.tokenizer(texts)
+            for t in dict.fromkeys(texts):  # most recently used last
+                self._rows[t] = self._rows.pop(t)
+            while len(self._rows) > self.maxsize:
+                del self._rows[next(iter(self._rows))]
+        return out
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or "tokenizer" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["tokenizer"], name)
+
+    def __getstate__(self):
+        return {"tokenizer": self.tokenizer, "maxsize": self.maxsize}
+
+    def __setstate__(self, state):
+        self.__init__(state["tokenizer"], state["maxsize"])
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(name: str | None, ctx: int | None) -> CachedTokenizer:
+    """One tokenizer per (name, context length) and process, so its cache outlives a ``load_model`` call."""
     import open_clip
 
-    ctx = getattr(model, "context_length", None) or getattr(getattr(model, "text", None), "context_length", 77)
+    if name is not None and name.startswith("local-dir:"):
+        return CachedTokenizer(open_clip.get_tokenizer(name))
     if name is not None:
-        return open_clip.get_tokenizer(name, context_length=ctx)
-    return open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+        return CachedTokenizer(open_clip.get_tokenizer(name, context_length=ctx))
+    return CachedTokenizer(open_clip.tokenizer.SimpleTokenizer(context_length=ctx))
+
+
+def _tokenizer_for(model: nn.Module, name: str | None) -> CachedTokenizer:
+    ctx = getattr(model, "context_length", None) or getattr(getattr(model, "text", None), "context_length", 77)
+    return _cached_tokenizer(name, ctx)
 
 
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedModel:
@@ -154,7 +202,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMod
         if not Path(spec.hf_dir).is_dir():
             raise CheckpointNotFoundError(f"Hugging Face model folder not found: {spec.hf_dir!r}")
         model = open_clip.create_model(f"local-dir:{spec.hf_dir}", device=device)
-        label, tok = f"local-dir:{spec.hf_dir}", open_clip.get_tokenizer(f"local-dir:{spec.hf_dir}")
+        label, tok = f"local-dir:{spec.hf_dir}", _cached_tokenizer(f"local-dir:{spec.hf_dir}", None)
     elif spec.config is not None:
         model, label = build_custom_model(spec.config), "custom"
         tok = _tokenizer_for(model, None)

@@ -127,3 +127,15 @@ def test_retention_leaves_out_the_targets_own_domain():
     assert [s for s, _ in rep.general_suites(row)] == ["general_a", "general_b"]
     other = {**row, "target": "sheets", "metrics": {**row["metrics"], "sheets_test": row["metrics"]["animal_sheets_test"]}}
     assert rep.general_score(other) == pytest.approx((0.5 + 0.5 + 0.9) / 3)
+
+
+def test_paired_differences_ignore_sweep_rows_and_pair_sweep_variants_by_seed():
+    rows = _rows(chips_gain=0.05)
+    # the α sweep's rows are also method chips at 20%: they must not stand in for the main chips row
+    got = rep.paired(rows, "fashion", "chips", "random", 0.2)
+    assert got["n"] == 2 and got["mean"] == pytest.approx(0.05)
+    d = rep.paired_variants(rows, "fashion", "alpha=0.6", "alpha=0")
+    assert d["n"] == 2 and d["mean"] == pytest.approx(0.05) and d["sd"] == pytest.approx(0.0)
+    assert rep.paired_variants(rows, "fashion", "alpha=0.7", "alpha=0")["n"] == 0
+    (_, ok, evidence, _), = [h for h in rep.hypotheses(rows, ["fashion"], BUDGETS) if h[0].startswith("(5)")]
+    assert ok and "α=0.6 45.0 (paired +5.0" in evidence

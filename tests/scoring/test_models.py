@@ -152,3 +152,35 @@ def test_model_config_from_an_open_clip_json_file(tmp_path):
         load_run_config({"warehouse": str(tmp_path / "wh"), "pool": [], "target": [], "model": {"config": str(bad)}})
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_run_config({"warehouse": str(tmp_path / "wh"), "pool": [], "target": [], "model": {"config": 3}})
+
+
+def test_cached_tokenizer_gives_the_wrapped_tokenizers_rows_and_stays_bounded():
+    import pickle
+
+    import open_clip
+
+    from chips_core.scoring.endpoint import CachedTokenizer
+
+    plain = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    cached = CachedTokenizer(open_clip.tokenizer.SimpleTokenizer(context_length=16), maxsize=4)
+    texts = ["a red dress", "Ünïcode café", "a red dress", "", "two  spaces", "a photo of a cat.", "x" * 200]
+    for batch in (texts, texts[::-1], texts[2:5], ["a red dress"]):
+        assert torch.equal(cached(batch), plain(batch))  # hits, misses and duplicates within a batch
+    assert torch.equal(cached("one text"), plain("one text"))
+    assert cached([]).shape == plain([]).shape
+    assert torch.equal(cached(texts, context_length=8), plain(texts, context_length=8))
+    assert len(cached._rows) == 4 and "one text" in cached._rows  # least recently used dropped first
+    assert cached.context_length == 16  # the wrapped tokenizer's attributes
+    again = pickle.loads(pickle.dumps(cached))
+    assert torch.equal(again(texts), plain(texts)) and again.maxsize == 4
+
+
+def test_load_model_shares_one_cached_tokenizer_per_architecture(tmp_path):
+    import open_clip
+
+    spec = ModelSpec(config=TINY_VIT)
+    a, b = load_model(spec), load_model(spec)
+    assert a.tokenizer is b.tokenizer  # its cache outlives one load_model call (CPT runs, evaluations)
+    texts = ["a photo of a dog.", "a sketch"]
+    assert torch.equal(a.tokenizer(texts),
+                       open_clip.tokenizer.SimpleTokenizer(context_length=TINY_VIT["text_cfg"]["context_length"])(texts))
