@@ -20,7 +20,7 @@ from chips_core.stages.runconfig import RunConfig
 
 def _config(config: str | dict) -> tuple[RunConfig, Warehouse]:
     cfg = load_run_config(config)
-    return cfg, Warehouse(cfg.warehouse, cfg.storage_options)
+    return cfg, cfg.open_warehouse()
 
 
 def _setup(config: str | dict) -> tuple[RunConfig, Warehouse, LoadedModel]:

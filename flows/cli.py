@@ -361,7 +361,7 @@ def _print_table(table: pa.Table, limit: int) -> None:
 
 
 def _summary(out: dict, cfg, demo: bool = False) -> None:
-    con = connect(Warehouse(cfg.warehouse, cfg.storage_options))
+    con = connect(cfg.open_warehouse())
     i, f, s, m = out["ingest"], out["featurize"], out["score"], out["materialize"]
     typer.echo(f"\nPipeline run {out['run_id']}")
     typer.echo(f"  ingest      read {i['read']}, kept {i['kept']}, quarantined {i['quarantined']}, unchanged {i['unchanged']}"

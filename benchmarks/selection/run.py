@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -742,6 +743,16 @@ def main() -> None:
             "command", f"python benchmarks/selection/run.py{' --quick' if args.quick else ''} --workdir {args.workdir}"))
         return
     bench.state["command"] = "python benchmarks/selection/run.py " + " ".join(a for a in sys.argv[1:])
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill still records this invocation's time
+    try:
+        run_all(bench, args, ap)
+    finally:
+        bench.state.setdefault("invocations", []).append(round(time.perf_counter() - t0, 1))
+        bench.save_state()
+    write_report(bench, out, sum(bench.state["invocations"]), "python benchmarks/selection/run.py " + " ".join(sys.argv[1:]))
+
+
+def run_all(bench: Bench, args, ap) -> None:
     bench.general_model()
     names = args.targets.split(",") if args.targets else bench.p["targets"] if args.v2 else ["fashion", "medical"]
     unknown = [n for n in names if n not in bench.targets]
@@ -756,9 +767,6 @@ def main() -> None:
     if not args.v2 and not args.no_sweeps and "fashion" in names:
         bench.sweeps("fashion")
         bench.diagnostics("fashion")
-    bench.state.setdefault("invocations", []).append(round(time.perf_counter() - t0, 1))
-    bench.save_state()
-    write_report(bench, out, sum(bench.state["invocations"]), "python benchmarks/selection/run.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .images import REFERENCE_COLUMNS
 from .warehouse import Warehouse
 
 
@@ -109,20 +110,27 @@ class PoolScan:
 
     def read(self, shard: PoolShard, columns: Sequence[str] = ("pair_id", "caption", "image")) -> pa.Table:
         """The pool pairs of one shard, in storage order."""
-        cols = list(dict.fromkeys(["pair_id", "source", *columns]))
+        cols = list(dict.fromkeys(["pair_id", "source", *columns, *(REFERENCE_COLUMNS if "image" in columns else ())]))
         t = self.wh.read_row_groups(shard.path, list(shard.row_groups), cols)
         if shard.stop is not None:
             t = t.slice(shard.start, shard.stop - shard.start)
-        return t.filter(pa.array(self.member_mask(t))).select(list(dict.fromkeys(["pair_id", *columns])))
+        t = t.filter(pa.array(self.member_mask(t)))
+        if "image" in columns:  # images ingested by reference: read from their sources, hash-checked
+            t = self.wh.images.fill(t)
+        return t.select(list(dict.fromkeys(["pair_id", *columns])))
 
     def read_located(self, where: pa.Table, columns: Sequence[str] = ("pair_id", "caption", "image")) -> pa.Table:
         """The rows of ``where`` (``pair_id, path, row_group``, as ``plan`` gave them), in its order, reading
         only their row groups."""
         want = where.column("pair_id").to_pylist()
+        keep = list(dict.fromkeys(["pair_id", *columns]))
+        cols = list(dict.fromkeys([*keep, *(REFERENCE_COLUMNS if "image" in columns else ())]))
         got: dict[str, dict] = {}
         for (path, rg) in sorted(set(zip(where.column("path").to_pylist(), where.column("row_group").to_pylist()))):
-            t = self.wh.read_row_groups(path, [rg], list(dict.fromkeys(["pair_id", *columns])))
+            t = self.wh.read_row_groups(path, [rg], cols)
             t = t.filter(pc.is_in(t.column("pair_id"), pa.array(want, pa.string())))
-            got.update({r["pair_id"]: r for r in t.to_pylist()})
+            if "image" in columns:
+                t = self.wh.images.fill(t)
+            got.update({r["pair_id"]: r for r in t.select(keep).to_pylist()})
         return pa.Table.from_pylist([got[p] for p in want])
 

@@ -47,19 +47,29 @@ def fingerprint(path_or_bytes) -> str:
     return h.hexdigest()
 
 
-def input_fingerprint(path: str) -> str:
+def input_fingerprint(path: str, storage_options: dict | None = None) -> str:
     """sha256 of a local file; size and modification time (or ETag) of a folder or remote object."""
     if "://" not in path and os.path.isfile(path):
         return "sha256:" + fingerprint(path)
-    fs, p = fsspec.core.url_to_fs(path)
+    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
     info = fs.info(p)
     return f"{info.get('type')}:{info.get('size')}:{info.get('ETag') or info.get('mtime') or ''}"
 
 
 def config_json(config) -> str:
-    """A config (a dataclass, possibly nested, or a mapping) as canonical JSON."""
+    """A config (a dataclass, possibly nested, or a mapping) as canonical JSON; ``storage_options`` (credentials,
+    endpoints) are left out at any depth, so they never reach the runs table or the config hash."""
     data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
-    return json.dumps(data, sort_keys=True, default=str)
+    return json.dumps(_without_secrets(data), sort_keys=True, default=str)
+
+
+def _without_secrets(value):
+    if isinstance(value, dict):
+        return {k: ("<set>" if v else None) if k == "storage_options" else _without_secrets(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_secrets(v) for v in value]
+    return value
 
 
 def config_hash(config) -> str:

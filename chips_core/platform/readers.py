@@ -19,7 +19,7 @@ import json
 import os
 import posixpath
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,6 +27,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from ..errors import ChipsError, check
+from .images import IMAGE_MODES, parquet_row_uri
 from ..util import relative_to, within_roots
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -168,7 +169,7 @@ def read_parquet(path: str, source: str, caption_col: str = "caption", image_col
                 if isinstance(im, dict):
                     im = im.get("bytes")
                 err = None if im else ("missing_image", f"row {row - 1}: empty image bytes")
-                yield RawRecord(source, ref, im, f"{path}#row={row - 1}", cap, err)
+                yield RawRecord(source, ref, im, parquet_row_uri(path, row - 1, img), cap, err)
 
 
 def read_image_folder(root: str, source: str) -> Iterator[RawRecord]:
@@ -211,18 +212,26 @@ class SourceSpec:
     title_col: str = "title"
     sep: str | None = None  # csv: None = by extension (.tsv -> tab)
     allowed_roots: tuple[str, ...] | None = None  # image paths must resolve inside these
+    # copy (default): the warehouse keeps the image bytes, so it stands alone when the source moves or goes;
+    # reference: it keeps where they live, their sha256 and size (platform/images.py), and reads them from there
+    images: str = "copy"
+    # fsspec options for remote paths (credentials, endpoint); never recorded in the runs table
+    storage_options: dict | None = field(default=None, hash=False, compare=False, repr=False)
 
     def __post_init__(self):
         check(self.kind in READERS, f"SourceSpec({self.name})", "kind", self.kind, f"not one of {READERS}")
+        check(self.images in IMAGE_MODES, f"SourceSpec({self.name})", "images", self.images,
+              f"not one of {IMAGE_MODES}")
 
 
 def open_shard(spec: SourceSpec, path: str) -> Iterator[RawRecord]:
     """The records of one shard (one file or folder of ``spec.paths``)."""
     roots = list(spec.allowed_roots) if spec.allowed_roots else None
     if spec.kind == "webdataset":
-        return read_webdataset(path, spec.name)
+        return read_webdataset(path, spec.name, spec.storage_options)
     if spec.kind == "parquet":
-        return read_parquet(path, spec.name, spec.caption_col, spec.image_col, spec.path_col, roots)
+        return read_parquet(path, spec.name, spec.caption_col, spec.image_col, spec.path_col, roots,
+                            storage_options=spec.storage_options)
     if spec.kind == "csv":
         return read_csv(path, spec.name, spec.filepath_col, spec.title_col, spec.sep, roots)
     return read_image_folder(path, spec.name)

@@ -18,6 +18,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .images import ImageSources
 from .query import spill_dir
 from .warehouse import SCHEMAS, Warehouse
 
@@ -187,20 +188,25 @@ def manifest_engine(wh: Warehouse, run_id: str, memory_limit: str = "1GB") -> du
     return con
 
 
-def export_images(con: duckdb.DuckDBPyConnection, folder: str) -> int:
+def export_images(con: duckdb.DuckDBPyConnection, folder: str, images: ImageSources | None = None) -> int:
     """Every image selected by the run (:func:`manifest_engine`), once, as ``<folder>/<pair_id>.<ext>`` (a file
-    already there is kept), streamed from the ``pairs`` table. Returns the number of images."""
+    already there is kept), streamed from the ``pairs`` table (or, for a source ingested by reference, read from
+    the source through ``images`` and hash-checked). Returns the number of images."""
     os.makedirs(folder, exist_ok=True)
+    images = images or ImageSources()
     n = 0
-    rel = con.sql(f"select pair_id, {EXT_SQL} as ext, image from all_pairs "
+    rel = con.sql(f"select pair_id, {EXT_SQL} as ext, image, source, image_uri, image_sha256 from all_pairs "
                   "where pair_id in (select pair_id from run_subsets)")
     for batch in _batches(rel):
-        for pid, ext, image in zip(*(batch.column(c).to_pylist() for c in ("pair_id", "ext", "image"))):
-            path = os.path.join(folder, f"{pid}.{ext}")
-            if not os.path.exists(path):
-                with open(path, "wb") as f:
-                    f.write(image)
-            n += 1
+        t = pa.Table.from_batches([batch])
+        paths = [os.path.join(folder, f"{p}.{e}") for p, e in zip(t.column("pair_id").to_pylist(),
+                                                                  t.column("ext").to_pylist())]
+        todo = [not os.path.exists(p) for p in paths]
+        n += t.num_rows
+        t = images.fill(t.filter(pa.array(todo, pa.bool_())))
+        for path, image in zip([p for p, d in zip(paths, todo) if d], t.column("image").to_pylist()):
+            with open(path, "wb") as f:
+                f.write(image)
     return n
 
 

@@ -210,7 +210,7 @@ def validate_records(records: Iterable[RawRecord], run_id: str, seen: dict[str, 
         if reason is None:
             out.pairs.append({"pair_id": f.pair_id, "source": rec.source, "source_key": rec.source_key,
                               "caption": f.caption, "image_uri": rec.image_uri, "image_sha256": f.image_sha256,
-                              "width": f.width, "height": f.height, "image_format": f.image_format,
+                              "image_size": len(rec.image), "width": f.width, "height": f.height, "image_format": f.image_format,
                               "image": rec.image, "ingest_run_id": run_id})
         else:
             out.quarantine.append({"source": rec.source, "source_key": rec.source_key, "reason": reason,

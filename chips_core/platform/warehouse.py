@@ -12,7 +12,7 @@ import fcntl
 import io
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import fsspec
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..errors import ChipsError
 from ..util import atomic_put, atomic_write
+from .images import REFERENCE_COLUMNS, ImageSources
 
 
 class WarehouseError(ChipsError):
@@ -36,7 +37,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     "pairs": pa.schema([
         pa.field("pair_id", _STR, nullable=False), ("source", _STR), ("source_key", _STR), ("caption", _STR),
         ("image_uri", _STR), ("image_sha256", _STR), ("width", pa.int32()), ("height", pa.int32()),
-        ("image_format", _STR), ("image", pa.binary()), ("ingest_run_id", _STR)]),
+        ("image_format", _STR), ("image", pa.binary()), ("ingest_run_id", _STR),
+        # bytes of the encoded image (null in parts written before it existed); ``image`` is null when the
+        # source was ingested by reference (platform/images.py)
+        ("image_size", pa.int64())]),
     # one row per (pair, source, source key): duplicates across sources collapse in pairs, not here
     "pair_sources": pa.schema([
         pa.field("pair_id", _STR, nullable=False), ("source", _STR), ("source_key", _STR), ("ingest_run_id", _STR)]),
@@ -81,8 +85,11 @@ class Warehouse:
     url: str
     storage_options: dict | None = None
     create: bool = True  # False: open an existing warehouse only (read commands never create one)
+    # fsspec options per source name, to read images ingested by reference (platform/images.py)
+    source_options: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        self.images = ImageSources(self.source_options)
         # rows whose image bytes this process read from ``pairs`` (how tests hold featurize to one pass)
         self.image_rows_read: collections.Counter = collections.Counter()
         try:
@@ -189,8 +196,10 @@ class Warehouse:
             schema = SCHEMAS[table]
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
+        # pairs parts written before a column was added read it as null (the table's schema, not the first part's)
+        schema = SCHEMAS["pairs"].append(pa.field("run", pa.string())) if table == "pairs" else None
         ds = pads.dataset(d, filesystem=self.fs, format="parquet", partitioning="hive",
-                          exclude_invalid_files=False)
+                          exclude_invalid_files=False, schema=schema)
         if table == "pairs" and (columns is None or "image" in columns):
             self.image_rows_read["pairs"] += ds.count_rows()  # a filtered scan still reads every row group
         return ds.to_table(columns=columns, filter=filter)
@@ -203,11 +212,18 @@ class Warehouse:
             self.image_rows_read[posixpath.basename(posixpath.dirname(posixpath.dirname(path)))] += t.num_rows
         return t
 
-    def read_pairs(self, ids: Sequence[str], columns: Sequence[str] = ("pair_id", "caption", "image")) -> list[dict]:
-        """Rows of ``pairs`` for ``ids``, in the order of ``ids``; an id not in the table is a named error."""
+    def read_pairs(self, ids: Sequence[str], columns: Sequence[str] = ("pair_id", "caption", "image"),
+                   images: ImageSources | None = None) -> list[dict]:
+        """Rows of ``pairs`` for ``ids``, in the order of ``ids``; an id not in the table is a named error.
+        Images ingested by reference are read from their sources (through ``images``, default the warehouse's)."""
         cols = list(dict.fromkeys(["pair_id", *columns]))
+        if "image" in cols:
+            cols = list(dict.fromkeys([*cols, *REFERENCE_COLUMNS]))
         t = self.read("pairs", columns=cols, filter=pc.field("pair_id").isin(list(ids)))
-        rows = {r["pair_id"]: r for r in t.to_pylist()}
+        if "image" in cols:
+            t = (images or self.images).fill(t)
+        keep = list(dict.fromkeys(["pair_id", *columns]))
+        rows = {r["pair_id"]: {k: r[k] for k in keep} for r in t.to_pylist()}
         missing = [i for i in ids if i not in rows]
         if missing:
             raise KeyError(f"{len(missing)} pair ids not in the warehouse's pairs table, e.g. {missing[:3]}")

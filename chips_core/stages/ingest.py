@@ -27,13 +27,15 @@ def known_pairs(wh: Warehouse) -> IngestState:
 
 
 def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard: str,
-                 seen=None, recorded=None, chunk: int = 2048, docs_dir: str | None = None) -> dict:
+                 seen=None, recorded=None, chunk: int = 2048, docs_dir: str | None = None,
+                 images: str = "copy") -> dict:
     """Validate a stream of records chunk by chunk and write this shard's parts of ``pairs``,
     ``pair_sources`` and ``quarantine``. Rows already recorded under the same source key are
-    ``unchanged`` (re-ingesting the same data is a no-op): read = kept + quarantined + unchanged."""
+    ``unchanged`` (re-ingesting the same data is a no-op): read = kept + quarantined + unchanged.
+    ``images="reference"`` keeps each image's location, hash and size but not its bytes."""
     if seen is None or recorded is None:
         with known_pairs(wh) as state:
-            return ingest_shard(records, wh, run_id, shard, state.seen, state.recorded, chunk, docs_dir)
+            return ingest_shard(records, wh, run_id, shard, state.seen, state.recorded, chunk, docs_dir, images)
     parts = Validated([], [], [], 0)
     unchanged = 0
     it = iter(records)
@@ -41,6 +43,8 @@ def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard
         v = validate_records(batch, run_id, seen)
         parts.read += v.read
         for row in v.pairs:
+            if images == "reference":  # validated (decoded, hashed) above; the bytes stay in the source
+                row["image"] = None
             parts.pairs.append(row)
         for q in v.quarantine:  # quarantined before under the same key and reason: unchanged, not a new row
             key = ("quarantine", q["source"], q["source_key"], q["reason"])
@@ -81,7 +85,7 @@ def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | Non
     shards before wrote."""
     run_id = run_id or new_run_id("ingest")
     shards = [(spec, p) for spec in sources for p in spec.paths]
-    inputs = {f"{spec.name}:{p}": input_fingerprint(p) for spec, p in shards}
+    inputs = {f"{spec.name}:{p}": input_fingerprint(p, spec.storage_options) for spec, p in shards}
     totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0}
     docs = _DataDocs(wh)
     with wh.lock("ingest"), recorded_run(wh, "ingest", {"sources": [dataclasses.asdict(s) for s in sources]},
@@ -93,7 +97,8 @@ def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | Non
             if wh.has_part("pairs", {"run": run_id}, name):
                 counts = _written_counts(wh, run_id, name)
             else:
-                counts = ingest_shard(open_shard(spec, path), wh, run_id, name, seen, recorded, docs_dir=docs.local)
+                counts = ingest_shard(open_shard(spec, path), wh, run_id, name, seen, recorded, docs_dir=docs.local,
+                                      images=spec.images)
             for k in totals:
                 totals[k] += counts[k]
         row.update(rows_in=totals["read"], rows_out=totals["kept"], rows_quarantined=totals["quarantined"],

@@ -57,7 +57,7 @@ def write_manifests(wh: Warehouse, run_id: str, subset_ids, out: Path, formats) 
     con = manifest_engine(wh, run_id)
     files = []
     try:
-        export_images(con, str(out / "images"))
+        export_images(con, str(out / "images"), wh.images)
         for sid in sorted(subset_ids):
             stem = sid.split(":", 1)[1].replace("@", "_at_")
             writers = []

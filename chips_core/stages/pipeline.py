@@ -41,7 +41,7 @@ def run_pipeline(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bo
                  wh: Warehouse | None = None, stages: Stages | None = None) -> dict:
     """Ingest (pool and target), featurize, score, materialize, and publish when configured; one
     ``pipeline`` run is the parent of each stage's run."""
-    wh = wh or Warehouse(cfg.warehouse, cfg.storage_options)
+    wh = wh or cfg.open_warehouse()
     loaded = loaded or load_model(cfg.model, cfg.device)
     stages = stages or local_stages(cfg, wh, loaded, progress)
     parent = new_run_id("pipeline")
@@ -60,7 +60,7 @@ def run_rescore(cfg: RunConfig, featurize_run_id: str, loaded: LoadedModel | Non
                 wh: Warehouse | None = None, stages: Stages | None = None) -> dict:
     """Score an already featurized pool for the config's (new) target set, then materialize: the model
     runs over the target evaluation set only; the pool's stored features, bank and curvature are reused."""
-    wh = wh or Warehouse(cfg.warehouse, cfg.storage_options)
+    wh = wh or cfg.open_warehouse()
     loaded = loaded or load_model(cfg.model, cfg.device)
     stages = stages or local_stages(cfg, wh, loaded)
     parent = new_run_id("rescore")

@@ -77,7 +77,7 @@ def check_eval_suites(cfg: RunConfig, config: str | Path) -> None:
 
 def writable_warehouse(cfg: RunConfig) -> Warehouse:
     """The config's warehouse, created if absent, after a probe file was written to it and removed."""
-    wh = Warehouse(cfg.warehouse, cfg.storage_options)
+    wh = cfg.open_warehouse()
     probe = wh.path(f".chips-write-probe-{os.getpid()}")
     try:
         with wh.fs.open(probe, "wb") as f:
@@ -90,7 +90,7 @@ def writable_warehouse(cfg: RunConfig) -> Warehouse:
 
 def existing_warehouse(cfg: RunConfig) -> Warehouse:
     """The config's warehouse, which must exist (a command that reads runs or subsets from it)."""
-    return Warehouse(cfg.warehouse, cfg.storage_options, create=False)
+    return cfg.open_warehouse(create=False)
 
 
 def require_subset(wh: Warehouse, subset_id: str) -> None:

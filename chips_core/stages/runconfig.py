@@ -24,6 +24,7 @@ import yaml
 
 from ..errors import ChipsError, ConfigError, check
 from ..platform.readers import SourceSpec
+from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import ModelSpec
 from ..scoring.featurize import BankConfig, FeaturizeConfig
 from ..scoring.premise import PremiseConfig
@@ -93,6 +94,12 @@ class RunConfig:
         check(0.0 <= self.max_quarantine_share <= 1.0, "RunConfig", "max_quarantine_share", self.max_quarantine_share,
               "must lie in [0, 1]")
         object.__setattr__(self, "device", resolve_device(self.device))  # provenance records the device used
+
+    def open_warehouse(self, create: bool = True) -> Warehouse:
+        """The config's warehouse, able to read images its sources hold by reference (with their storage options)."""
+        return Warehouse(self.warehouse, self.storage_options, create=create,
+                         source_options={s.name: s.storage_options for s in (*self.pool, *self.target)
+                                         if s.storage_options})
 
 
 def resolve_device(device: str) -> str:

@@ -86,3 +86,31 @@ def test_warehouse_on_an_s3_api_ingest_sql_and_unreachable_url(tmp_path, s3):
            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
     with pytest.raises(WarehouseError, match="s3://nowhere/wh"):
         Warehouse("s3://nowhere/wh", storage_options=bad)
+
+
+def test_images_by_reference_from_a_tar_shard_on_an_s3_api(tmp_path, s3):
+    """A WebDataset shard on S3 (moto's server, through s3fs) ingested by reference: the local warehouse keeps the
+    tar member's URL, and reading the pairs fetches the member from S3 with the source's storage options."""
+    import fsspec
+
+    from chips_core.platform.images import SourceImageError
+    from chips_core.platform.readers import SourceSpec
+    from chips_core.stages import ingest_stage
+
+    from .test_ingest import make_tar, png
+
+    make_tar(tmp_path / "shard.tar", [m for i in range(4) for m in ((f"k{i}.png", png(i)), (f"k{i}.txt", f"c {i}".encode()))])
+    fs = fsspec.filesystem("s3", **s3)
+    fs.put(str(tmp_path / "shard.tar"), "chips-test/shards/shard.tar")
+    spec = SourceSpec("web", "webdataset", ("s3://chips-test/shards/shard.tar",), images="reference", storage_options=s3)
+    wh = Warehouse(str(tmp_path / "wh"), source_options={"web": s3})
+    assert ingest_stage([spec], wh)["kept"] == 4
+    rows = wh.read("pairs", columns=["pair_id", "image_uri", "image"]).to_pylist()
+    assert all(r["image"] is None and r["image_uri"].endswith("::s3://chips-test/shards/shard.tar") for r in rows)
+    got = wh.read_pairs([r["pair_id"] for r in rows], ["image"])
+    assert sorted(g["image"] for g in got) == sorted(png(i) for i in range(4))
+    assert "testing" not in wh.read("runs", columns=["config_json"]).column(0)[0].as_py()  # the credentials
+    fs.rm("chips-test/shards/shard.tar")
+    fsspec.AbstractFileSystem.clear_instance_cache()  # a new process: no cached tar index
+    with pytest.raises(SourceImageError, match=r"pair .*: image 'tar://k\d.png::s3://chips-test/shards/shard.tar'"):
+        Warehouse(str(tmp_path / "wh"), source_options={"web": s3}).read_pairs([rows[0]["pair_id"]], ["image"])
