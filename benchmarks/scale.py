@@ -111,7 +111,7 @@ def make_e2e_data(workdir: Path, n: int) -> Path:
     return data
 
 
-def e2e_config(workdir: Path, data: Path, label: str) -> Path:
+def e2e_config(workdir: Path, data: Path, label: str, images: str = "copy") -> Path:
     import yaml
 
     from chips_core.train.synthetic import DEMO_MODEL_CONFIG
@@ -119,9 +119,12 @@ def e2e_config(workdir: Path, data: Path, label: str) -> Path:
     if run.exists():
         subprocess.run(["rm", "-rf", str(run)], check=True)
     run.mkdir(parents=True)
+    by = {} if images == "copy" else {"images": images}  # a base tree predates the option
     cfg = {"warehouse": str(run / "warehouse"),
-           "pool": [{"name": "pool", "kind": "webdataset", "paths": sorted(str(p) for p in (data / "pool").glob("*.tar"))}],
-           "target": [{"name": "target", "kind": "webdataset", "paths": sorted(str(p) for p in (data / "target").glob("*.tar"))}],
+           "pool": [{"name": "pool", "kind": "webdataset", "paths": sorted(str(p) for p in (data / "pool").glob("*.tar")),
+                     **by}],
+           "target": [{"name": "target", "kind": "webdataset", "paths": sorted(str(p) for p in (data / "target").glob("*.tar")),
+                       **by}],
            "model": {"config": DEMO_MODEL_CONFIG, "checkpoint": str(workdir / "demo-random.pt")},
            "sketch": {"k": 256}, "bank": {"size": 256}, "curvature": {"n_curv": 2000, "hard_negatives": 16},
            "budgets": [0.1, 0.3, 0.5], "shard_size": 4096,
@@ -146,14 +149,17 @@ def stage_table(warehouse: Path, samples) -> dict:
     return out
 
 
-def e2e(workdir: Path, tree: Path, label: str, n: int, timeout: float) -> dict:
+def e2e(workdir: Path, tree: Path, label: str, n: int, timeout: float, images: str = "copy") -> dict:
     data = make_e2e_data(workdir, n)
-    cfg = e2e_config(workdir, data, f"{label}-{n}")
+    cfg = e2e_config(workdir, data, f"{label}-{n}" + ("" if images == "copy" else f"-{images}"), images)
     rc, samples, secs, out = sampled_run([CHIPS, "run", str(cfg)], env_for(tree), timeout, cwd=tree)
     wh = cfg.parent / "warehouse"
-    res = {"tree": label, "n": n, "rc": rc, "seconds": secs, "peak_rss_mib": max((m for _, m in samples), default=0),
+    res = {"tree": label, "n": n, "images": images, "rc": rc, "seconds": secs,
+           "peak_rss_mib": max((m for _, m in samples), default=0),
            "stages": stage_table(wh, samples) if (wh / "runs").exists() else {},
-           "warehouse_bytes": dir_bytes(wh) if wh.exists() else 0, "tail": out[-600:] if rc else ""}
+           "warehouse_bytes": dir_bytes(wh) if wh.exists() else 0,
+           "pairs_bytes": dir_bytes(wh / "pairs") if (wh / "pairs").exists() else 0,
+           "source_bytes": dir_bytes(data / "pool") + dir_bytes(data / "target"), "tail": out[-600:] if rc else ""}
     print(json.dumps({k: v for k, v in res.items() if k != "tail"}), flush=True)
     if rc:
         print(out[-2000:], flush=True)
@@ -368,21 +374,25 @@ def report(args, results: dict, wall: float) -> str:
               "(random weights), k = 256, K = 256, 2000 curvature pairs, budgets 0.1/0.3/0.5, shard size 4096, "
               "subsets table only (no manifests). Seconds per stage from the `runs` table; peak RSS of the `chips` "
               "process while the stage ran (sampled every 0.2 s).", "",
-              "| tree | pairs | stage | seconds | µs per pair | peak RSS MiB |", "| --- | --- | --- | --- | --- | --- |"]
+              "| tree | images | pairs | stage | seconds | µs per pair | peak RSS MiB |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in e2e_rows:
+        im = r.get("images", "copy")
         if r["rc"] and not r["stages"]:
-            lines.append(f"| {r['tree']} | {r['n']:,} | (failed or stopped: rc {r['rc']} after {r['seconds']:.0f} s) | — | — | — |")
+            lines.append(f"| {r['tree']} | {im} | {r['n']:,} | (failed or stopped: rc {r['rc']} after {r['seconds']:.0f} s) "
+                         "| — | — | — |")
             continue
         for st in STAGES:
             s = r["stages"].get(st)
             if s:
-                lines.append(f"| {r['tree']} | {r['n']:,} | {st} | {fmt(s['seconds'])} | {fmt(1e6 * s['seconds'] / r['n'])} "
-                             f"| {fmt(s['peak_rss_mib'], 0)} |")
+                lines.append(f"| {r['tree']} | {im} | {r['n']:,} | {st} | {fmt(s['seconds'])} | "
+                             f"{fmt(1e6 * s['seconds'] / r['n'])} | {fmt(s['peak_rss_mib'], 0)} |")
         total = sum(s["seconds"] for s in r["stages"].values())
-        lines.append(f"| {r['tree']} | {r['n']:,} | **all four** ({'finished' if r['rc'] == 0 else 'stopped at ' + str(int(r['seconds'])) + ' s'}) "
+        lines.append(f"| {r['tree']} | {im} | {r['n']:,} | **all four** ({'finished' if r['rc'] == 0 else 'stopped at ' + str(int(r['seconds'])) + ' s'}) "
                      f"| {fmt(total)} | {fmt(1e6 * total / r['n'])} | {fmt(r['peak_rss_mib'], 0)} |")
     lines.append("")
-    this = sorted([r for r in e2e_rows if r["tree"] == "this" and r["rc"] == 0], key=lambda r: r["n"])
+    this = sorted([r for r in e2e_rows if r["tree"] == "this" and r["rc"] == 0 and r.get("images", "copy") == "copy"],
+                  key=lambda r: r["n"])
     if len(this) >= 2:
         a, b = this[0], this[-1]
         ta = sum(s["seconds"] for s in a["stages"].values()) / a["n"]
@@ -391,7 +401,18 @@ def report(args, results: dict, wall: float) -> str:
         lines += [f"- peak RSS at {b['n']:,} / at {a['n']:,}: **{rss:.2f}** (goal ≤ 1.10: {'met' if rss <= 1.10 else 'not met'})",
                   f"- seconds per pair at {b['n']:,} / at {a['n']:,}: **{tb / ta:.2f}** (goal ≤ 1.20: "
                   f"{'met' if tb / ta <= 1.2 else 'not met'})",
-                  f"- warehouse size at {b['n']:,} pairs (`images: copy`, the only mode so far): {b['warehouse_bytes'] / 2**20:,.0f} MiB", ""]
+                  f"- warehouse size at {b['n']:,} pairs (`images: copy`): {b['warehouse_bytes'] / 2**20:,.0f} MiB"]
+    for r in sorted((r for r in e2e_rows if r["tree"] == "this" and r["rc"] == 0 and r.get("images") == "reference"),
+                    key=lambda r: r["n"]):
+        c = next((x for x in this if x["n"] == r["n"]), None)
+        mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+        lines.append(f"- warehouse size at {r['n']:,} pairs: `copy` {mib(c['warehouse_bytes']) if c else '—'} "
+                     f"(`pairs` {mib(c['pairs_bytes']) if c and c.get('pairs_bytes') else '—'}), `reference` "
+                     f"{mib(r['warehouse_bytes'])} (`pairs` {mib(r['pairs_bytes'])}); the source tars "
+                     f"{mib(r['source_bytes'])}. With `reference` the stages read every image from its tar, hash-checked "
+                     f"(seconds per pair vs `copy`: {sum(s['seconds'] for s in r['stages'].values()) / sum(s['seconds'] for s in c['stages'].values()):.2f}x)."
+                     if c else "")
+    lines.append("")
     if results.get("reingest"):
         lines += ["### Re-ingesting an unchanged pool", "",
                   "`ingest_stage` over the same sources again, into the warehouse the run above left (a fresh process; "
@@ -457,6 +478,7 @@ def main() -> None:
     ap.add_argument("--rescore", type=int, default=2_000_000)
     ap.add_argument("--base", default="f6d642b")
     ap.add_argument("--base-sizes", default="100000")
+    ap.add_argument("--reference-sizes", default="100000", help="also run end to end with images: reference")
     ap.add_argument("--base-rescore", default="250000,500000")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--base-timeout", type=float, default=1200)
@@ -493,6 +515,8 @@ def main() -> None:
     results = {"e2e": [], "rescore": []}
     for n in ints(args.sizes):
         results["e2e"].append(e2e(workdir, ROOT, "this", n, args.timeout))
+    for n in ints(args.reference_sizes):
+        results["e2e"].append(e2e(workdir, ROOT, "this", n, args.timeout, images="reference"))
     if base:
         for n in ints(args.base_sizes):
             results["e2e"].append(e2e(workdir, base, "base", n, args.base_timeout))

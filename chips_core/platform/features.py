@@ -26,7 +26,7 @@ def _globals(wh: Warehouse, run_id: str, name: str) -> str:
 def save_bank(wh: Warehouse, bank: ReferenceBank, run_id: str) -> None:
     t = pa.table({"pair_id": bank.pair_ids, "h_v": list(bank.h_v.float().numpy()), "h_t": list(bank.h_t.float().numpy())})
     meta = {"model_checksum": bank.model_checksum, "seed": str(bank.seed), "bank_id": bank.bank_id,
-            "masking": json.dumps(bank.masking)}
+            "masking": json.dumps(bank.masking), "precision": bank.precision}
     buf = io.BytesIO()
     pq.write_table(t.replace_schema_metadata(meta), buf)
     wh.write_bytes(_globals(wh, run_id, "bank.parquet"), buf.getvalue())
@@ -39,7 +39,7 @@ def load_bank(wh: Warehouse, run_id: str) -> ReferenceBank:
     bank = ReferenceBank(t.column("pair_id").to_pylist(), torch.tensor(np.stack(t.column("h_v").to_numpy(zero_copy_only=False))),
                          torch.tensor(np.stack(t.column("h_t").to_numpy(zero_copy_only=False))),
                          meta["model_checksum"], int(meta["seed"]), bool(masking.get("same_caption", False)),
-                         masking.get("image_cosine"))
+                         masking.get("image_cosine"), meta.get("precision", "fp32"))
     if bank.bank_id != meta["bank_id"]:
         raise ValueError(f"stored bank of run {run_id!r} does not hash to its recorded id {meta['bank_id']!r}")
     return bank

@@ -23,9 +23,12 @@ from .query import spill_dir
 from .warehouse import SCHEMAS, Warehouse
 
 ROWS_PER_BATCH = 65536
+# DuckDB's working memory for the stages' ranking and selection (RunConfig.duckdb_memory_limit); beyond it DuckDB
+# spills to disk. 1GB made a 1M-pair run's peak RSS 1.36x a 100k-pair run's (docs/benchmarks/scale.md).
+MEMORY_LIMIT = "256MB"
 
 
-def engine(wh: Warehouse, memory_limit: str = "1GB", threads: int | None = None) -> duckdb.DuckDBPyConnection:
+def engine(wh: Warehouse, memory_limit: str = MEMORY_LIMIT, threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection for the stages' own (trusted, internal) queries over the warehouse: bounded
     memory, spilling to a temp directory. User SQL goes through ``platform.query.connect`` instead."""
     con = duckdb.connect(":memory:")
@@ -62,7 +65,7 @@ def unranked_dir(wh: Warehouse, score_run_id: str) -> str:
     return wh.path("globals", f"run={score_run_id}", "unranked")
 
 
-def write_ranked_scores(wh: Warehouse, score_run_id: str, memory_limit: str = "1GB") -> int:
+def write_ranked_scores(wh: Warehouse, score_run_id: str, memory_limit: str = MEMORY_LIMIT) -> int:
     """The run's one ``scores`` part from its unranked parts, ``rank`` numbered by utility (ties by
     ``pair_id``) and rows in rank order, streamed; then the unranked parts are removed. Returns the rows."""
     con = engine(wh, memory_limit)
@@ -110,7 +113,7 @@ def ranked(con: duckdb.DuckDBPyConnection, method: str | None, limit: int) -> du
 
 
 def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budgets: Sequence[float], run_id: str,
-                  full: bool = False, memory_limit: str = "1GB") -> dict:
+                  full: bool = False, memory_limit: str = MEMORY_LIMIT) -> dict:
     """The ``subsets`` parts of one materialize run (one part per method, budgets as rank prefixes; and
     ``full@1``), streamed from DuckDB. Returns ``{"scored": N, "rows": rows written, "subsets": [ids]}``."""
     con = engine(wh, memory_limit)
@@ -180,7 +183,7 @@ def _subsets(con: duckdb.DuckDBPyConnection, wh: Warehouse, run_id: str) -> None
 EXT_SQL = "case image_format when 'JPEG' then 'jpg' else lower(coalesce(image_format, 'bin')) end"
 
 
-def manifest_engine(wh: Warehouse, run_id: str, memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
+def manifest_engine(wh: Warehouse, run_id: str, memory_limit: str = MEMORY_LIMIT) -> duckdb.DuckDBPyConnection:
     """One connection for a materialize run's exports: ``all_pairs`` and ``run_subsets`` set up once."""
     con = engine(wh, memory_limit)
     _pairs(con, wh)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import (CheckpointNotFoundError, ConfigError, EndpointNotFoundError, IncompatibleFeaturesError,
-                      UnsupportedModelError)
+                      UnsupportedModelError, check)
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -324,8 +324,10 @@ class EndpointModel:
     safe, but another thread calling the model's own ``encode_image`` directly at that moment
     would see the projection missing."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, precision: str = "fp32"):
+        check(precision in PRECISIONS, "EndpointModel", "precision", precision, f"not one of {PRECISIONS}")
         self.model = model.eval()
+        self.precision = precision  # the trunks run under autocast to this; end-point maths stays float32
         with _model_lock(model):  # another thread may have the projections out right now
             self.vision_site, self.text_site = resolve_sites(model)
 
@@ -346,7 +348,7 @@ class EndpointModel:
         """Pre-projection features ``h_v (B, d_v[+1])``, ``h_t (B, d_t[+1])`` (either may be None), float32
         (float64 for a float64 model)."""
         hv = ht = None
-        with _model_lock(self.model):  # the swap is visible to every thread using this model
+        with _model_lock(self.model), self.autocast():  # the swap is visible to every thread using this model
             if images is not None:
                 with self.vision_site.removed():
                     hv = self.model.encode_image(images.to(self.device))
@@ -356,6 +358,24 @@ class EndpointModel:
         hv = None if hv is None else _append_one(_at_least_float32(hv), self.vision_site.has_bias)
         ht = None if ht is None else _append_one(_at_least_float32(ht), self.text_site.has_bias)
         return hv, ht
+
+
+    def autocast(self):
+        """The trunks' precision: nothing for fp32, else ``torch.autocast`` on the model's device type."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``auto`` is bf16 on CUDA and fp32 elsewhere (docs/benchmarks/featurize_precision.md)."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
 
 
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()

@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..errors import NonFiniteEmbeddingError, check
-from .endpoint import EndpointModel
+from ..errors import IncompatibleFeaturesError, NonFiniteEmbeddingError, check
+from .endpoint import PRECISIONS, EndpointModel
 from .identity import FeatureIdentity, seeded_sample
 from .sketch import RankOneSketch, SketchConfig
 
@@ -53,10 +53,15 @@ class FeaturizeConfig:
     micro_batch: int = 64  # every pair is computed in a padded chunk of exactly this many rows,
     #                        so its outputs are bit-identical whatever the caller's batch size
     eval_chunk: int = 4096  # rows of the eval-set logit matrix held at once (§2)
+    # the trunks' precision (autocast): auto = bf16 on CUDA, fp32 on CPU; h, embeddings, bank logits, the
+    # gradient and the sketch are float32 whatever it is. Recorded in the feature identity: never mixed.
+    precision: str = "auto"
 
     def __post_init__(self):
         check(self.micro_batch >= 1, "FeaturizeConfig", "micro_batch", self.micro_batch, "must be >= 1")
         check(self.eval_chunk >= 1, "FeaturizeConfig", "eval_chunk", self.eval_chunk, "must be >= 1")
+        check(self.precision in ("auto", *PRECISIONS), "FeaturizeConfig", "precision", self.precision,
+              f"not one of {('auto', *PRECISIONS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +103,7 @@ class ReferenceBank:
     seed: int
     mask_same_caption: bool = False  # see BankConfig: which members are not negatives of a pair
     mask_image_cosine: float | None = None
+    precision: str = "fp32"  # the trunks' precision when the bank was forwarded
 
     @property
     def masking(self) -> dict:
@@ -112,6 +118,8 @@ class ReferenceBank:
         h.update("\x1f".join(self.pair_ids).encode())
         if self.masking:  # the paper's bank keeps the id it always had
             h.update(f"|mask={sorted(self.masking.items())}".encode())
+        if self.precision != "fp32":  # so does a float32 bank
+            h.update(f"|precision={self.precision}".encode())
         return h.hexdigest()[:16]
 
     def __len__(self) -> int:
@@ -129,7 +137,8 @@ class ReferenceBank:
         if len(pair_ids) < 2:
             raise ValueError(f"a reference bank needs at least 2 pairs, got {len(pair_ids)}")
         hv, ht = forward_pre(endpoint, images, texts, micro_batch)
-        return cls(list(pair_ids), hv.cpu(), ht.cpu(), model_checksum, seed, mask_same_caption, mask_image_cosine)
+        return cls(list(pair_ids), hv.cpu(), ht.cpu(), model_checksum, seed, mask_same_caption, mask_image_cosine,
+                   endpoint.precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +195,10 @@ class ScoringContext:
         self.sketch = RankOneSketch(D, d_v, self.W_t.shape[1], sketch.k, sketch.seed)
         self.mats = self.sketch.mats(dtype, self.device)
         self.k = sketch.k
-        self.identity = FeatureIdentity(bank.model_checksum, bank.bank_id, sketch.seed, sketch.k)
+        if bank.precision != endpoint.precision:
+            raise IncompatibleFeaturesError(f"the reference bank was forwarded in {bank.precision} but this model "
+                                            f"runs in {endpoint.precision}; refusing to mix them")
+        self.identity = FeatureIdentity(bank.model_checksum, bank.bank_id, sketch.seed, sketch.k, endpoint.precision)
         self.bank = self.embed(bank.h_v, bank.h_t, bank.pair_ids)
         self.bank_rules = bank
         self.bank_caption_rows: dict[bytes, list[int]] = {}

@@ -12,12 +12,13 @@ from ..errors import IncompatibleFeaturesError
 
 @dataclass(frozen=True)
 class FeatureIdentity:
-    """Features, banks and curvature are valid only for one (model, bank, sketch seed, k)."""
+    """Features, banks and curvature are valid only for one (model, bank, sketch seed, k, trunk precision)."""
 
     model_checksum: str
     bank_id: str
     sketch_seed: int
     k: int
+    precision: str = "fp32"  # the trunks' autocast precision (identities stored before it existed: fp32)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -28,7 +29,7 @@ class FeatureIdentity:
 
     def require_same(self, other: "FeatureIdentity", what: str, fields: tuple[str, ...] | None = None) -> None:
         """Raise :class:`IncompatibleFeaturesError` naming every field where ``other`` differs."""
-        names = fields or ("model_checksum", "bank_id", "sketch_seed", "k")
+        names = fields or ("model_checksum", "bank_id", "sketch_seed", "k", "precision")
         diffs = [f"{n}: {getattr(other, n)!r} != {getattr(self, n)!r}"
                  for n in names if getattr(self, n) != getattr(other, n)]
         if diffs:

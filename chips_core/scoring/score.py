@@ -131,7 +131,7 @@ def score_features(features: FeatureBatch, target: TargetStats, curv: CurvatureS
                    pre: Preconditioners | None = None) -> dict[str, np.ndarray]:
     """Every factor and every score of the §7 table for each pair (float64 arrays)."""
     features.identity.require_same(curv.identity, "curvature statistics")
-    features.identity.require_same(target.identity, "target statistics", ("model_checksum", "sketch_seed", "k"))
+    features.identity.require_same(target.identity, "target statistics", ("model_checksum", "sketch_seed", "k", "precision"))
     pre = pre or Preconditioners.solve(target, curv, curvature)
     align, dot, trak = row_dots(features.g, [pre.v_chips, target.u, pre.v_trak])
     w_l = learnability_weight(features.p_corr.astype(np.float64), features.margin.astype(np.float64))

@@ -13,13 +13,13 @@ from scipy.stats import spearmanr
 
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
-from ..scoring.endpoint import EndpointModel, LoadedModel
+from ..scoring.endpoint import LoadedModel
 from ..scoring.featurize import FeatureBatch, Featurizer, forward_pre
 from ..scoring.identity import seeded_sample
 from ..scoring.premise import premise_checks
 from ..scoring.reference import full_parameter_alignment
 from ..scoring.target import TargetStats, target_stats_pre
-from .common import load_pairs, model_fields, require_pairs
+from .common import endpoint_for, load_pairs, model_fields, require_pairs
 from .featurize import build_bank
 from .runconfig import RunConfig
 
@@ -63,7 +63,7 @@ def check_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str 
     pool_ids, eval_ids = require_pairs(wh, cfg.pool, "pool"), require_pairs(wh, cfg.target, "target")
     with recorded_run(wh, "check", cfg, run_id=run_id, parent_run_id=parent_run_id, **model_fields(cfg, loaded)) as row:
         bank = build_bank(cfg, wh, loaded, pool_ids)
-        feat = Featurizer(EndpointModel(loaded.model), bank, cfg.sketch, cfg.featurize)
+        feat = Featurizer(endpoint_for(cfg, loaded), bank, cfg.sketch, cfg.featurize)
         sample = pool_sample_ids(cfg, pool_ids)
         pool_features = feat.featurize(*load_pairs(wh, sample, loaded), sample)
         tstats, eval_features = target_and_eval_features(cfg, wh, loaded, feat, eval_ids)

@@ -11,7 +11,7 @@ import torch
 from ..errors import IncompatibleFeaturesError
 from ..platform.readers import SourceSpec
 from ..platform.warehouse import Warehouse
-from ..scoring.endpoint import LoadedModel, image_preprocess
+from ..scoring.endpoint import EndpointModel, LoadedModel, image_preprocess, resolve_precision
 from ..scoring.featurize import ReferenceBank
 from ..util import open_rgb
 from .runconfig import RunConfig
@@ -136,3 +136,8 @@ def require_bank_model(loaded: LoadedModel, bank: ReferenceBank, run_id: str) ->
         raise IncompatibleFeaturesError(
             f"featurize run {run_id!r} was made with model {bank.model_checksum[:12]}, not the loaded "
             f"{loaded.label} {loaded.checksum[:12]}: featurize the pool again with this model")
+
+
+def endpoint_for(cfg: RunConfig, loaded: LoadedModel) -> EndpointModel:
+    """The model's end-point view in the config's trunk precision (``featurize.precision``; auto: bf16 on CUDA)."""
+    return EndpointModel(loaded.model, resolve_precision(cfg.featurize.precision, loaded.device))

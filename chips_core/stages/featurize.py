@@ -17,12 +17,12 @@ from ..platform.features import (load_bank, load_curvature, load_pre, save_bank,
 from ..platform.poolscan import PoolScan, PoolShard
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
-from ..scoring.endpoint import EndpointModel, LoadedModel
+from ..scoring.endpoint import LoadedModel
 from ..scoring.featurize import Featurizer, ReferenceBank, ScoringContext, forward_pre
 from ..scoring.identity import StreamSample
 from ..scoring.target import curvature_stats_pre
 from ..util import progress as progress_bar
-from .common import MapShards, load_pairs, local_map, model_fields, model_inputs, require_bank_model, require_pairs
+from .common import MapShards, endpoint_for, load_pairs, local_map, model_fields, model_inputs, require_bank_model, require_pairs
 from .runconfig import RunConfig
 
 log = logging.getLogger("chips")
@@ -36,7 +36,7 @@ def build_bank(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, pool_ids: lis
 
 
 def _bank(cfg: RunConfig, loaded: LoadedModel, images, texts, bank_ids: list[str]) -> ReferenceBank:
-    return ReferenceBank.from_pairs(EndpointModel(loaded.model), images, texts, bank_ids,
+    return ReferenceBank.from_pairs(endpoint_for(cfg, loaded), images, texts, bank_ids,
                                     model_checksum=loaded.checksum, seed=cfg.bank.seed,
                                     micro_batch=cfg.featurize.micro_batch, mask_same_caption=cfg.bank.mask_same_caption,
                                     mask_image_cosine=cfg.bank.mask_image_cosine)
@@ -87,7 +87,7 @@ def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
         return False
     bank = load_bank(wh, run_id)
     require_bank_model(loaded, bank, run_id)
-    feat = Featurizer(EndpointModel(loaded.model), bank, cfg.sketch, cfg.featurize)
+    feat = Featurizer(endpoint_for(cfg, loaded), bank, cfg.sketch, cfg.featurize)
     rows = plan.scan.read(shard)
     ids = rows.column("pair_id").to_pylist()
     h_v, h_t = forward_pre(feat.endpoint, *model_inputs(rows, loaded), cfg.featurize.micro_batch)
@@ -105,7 +105,7 @@ def featurize_curvature(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_
     try:
         load_curvature(wh, run_id)
     except FileNotFoundError:
-        ctx = ScoringContext(EndpointModel(loaded.model), load_bank(wh, run_id), cfg.sketch)
+        ctx = ScoringContext(endpoint_for(cfg, loaded), load_bank(wh, run_id), cfg.sketch)
         h_v, h_t = load_pre(wh, run_id, plan.curvature_ids)
         save_curvature(wh, curvature_stats_pre(ctx, h_v, h_t, plan.curvature_ids, cfg.curvature,
                                                cfg.featurize.micro_batch), run_id)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..platform.provenance import new_run_id, recorded_run
-from ..platform.selection import export_images, manifest_engine, manifest_rows, write_subsets
+from ..platform.selection import MEMORY_LIMIT, export_images, manifest_engine, manifest_rows, write_subsets
 from ..platform.warehouse import SCHEMAS, Warehouse
 from ..scoring.score import select_top
 from .runconfig import RunConfig
@@ -44,17 +44,20 @@ def materialize_stage(cfg: RunConfig, wh: Warehouse, score_run_id: str, run_id: 
     run_id = run_id or new_run_id("materialize")
     with recorded_run(wh, "materialize", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       inputs={"score_run_id": score_run_id}) as row:
-        written = write_subsets(wh, score_run_id, cfg.methods, cfg.budgets, run_id, full=cfg.outputs.full)
-        files = write_manifests(wh, run_id, written["subsets"], Path(cfg.outputs.dir) / run_id, cfg.outputs.formats)
+        written = write_subsets(wh, score_run_id, cfg.methods, cfg.budgets, run_id, full=cfg.outputs.full,
+                                memory_limit=cfg.duckdb_memory_limit)
+        files = write_manifests(wh, run_id, written["subsets"], Path(cfg.outputs.dir) / run_id, cfg.outputs.formats,
+                                cfg.duckdb_memory_limit)
         row.update(rows_in=written["scored"], rows_out=written["rows"], rows_quarantined=0)
     return {"run_id": run_id, "subsets": sorted(written["subsets"]), "files": files}
 
 
-def write_manifests(wh: Warehouse, run_id: str, subset_ids, out: Path, formats) -> list[str]:
+def write_manifests(wh: Warehouse, run_id: str, subset_ids, out: Path, formats,
+                    memory_limit: str = MEMORY_LIMIT) -> list[str]:
     """Export each selected image once (``images/<pair_id>.<ext>``) and write per-subset manifests, streamed."""
     if not formats:  # the subsets table only (e.g. a trainer that reads pairs from the warehouse)
         return []
-    con = manifest_engine(wh, run_id)
+    con = manifest_engine(wh, run_id, memory_limit)
     files = []
     try:
         export_images(con, str(out / "images"), wh.images)

@@ -15,6 +15,7 @@ Example (``configs/example.yaml`` layout)::
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import yaml
 
 from ..errors import ChipsError, ConfigError, check
 from ..platform.readers import SourceSpec
+from ..platform.selection import MEMORY_LIMIT
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import ModelSpec
 from ..scoring.featurize import BankConfig, FeaturizeConfig
@@ -78,6 +80,8 @@ class RunConfig:
     # (all of them always does): mass quarantine is a configuration problem (e.g. allowed_roots), not noise
     max_quarantine_share: float = 0.5
     storage_options: dict | None = field(default=None, hash=False)
+    # DuckDB's working memory when score ranks and materialize selects (spills to disk beyond it)
+    duckdb_memory_limit: str = MEMORY_LIMIT
 
     def __post_init__(self):
         bad = [b for b in self.budgets if not 0 < b <= 1]
@@ -93,6 +97,8 @@ class RunConfig:
               self.score_threads, "an int >= 0 (0: one per CPU core)")
         check(0.0 <= self.max_quarantine_share <= 1.0, "RunConfig", "max_quarantine_share", self.max_quarantine_share,
               "must lie in [0, 1]")
+        check(re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", str(self.duckdb_memory_limit)) is not None, "RunConfig",
+              "duckdb_memory_limit", self.duckdb_memory_limit, "a size such as 256MB or 2GiB")
         object.__setattr__(self, "device", resolve_device(self.device))  # provenance records the device used
 
     def open_warehouse(self, create: bool = True) -> Warehouse:

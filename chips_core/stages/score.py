@@ -22,14 +22,14 @@ from ..platform.features import feature_parts, load_bank, load_curvature, read_f
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.selection import unranked_dir, write_ranked_scores
 from ..platform.warehouse import SCHEMAS, Warehouse
-from ..scoring.endpoint import EndpointModel, LoadedModel
+from ..scoring.endpoint import LoadedModel
 from ..scoring.featurize import FeatureBatch, Featurizer
 from ..scoring.identity import StreamSample
 from ..scoring.premise import premise_checks
 from ..scoring.score import Preconditioners, score_features, select_top
 from ..util import progress as progress_bar
 from .check import target_and_eval_features
-from .common import model_fields, require_bank_model, require_pairs
+from .common import endpoint_for, model_fields, require_bank_model, require_pairs
 from .runconfig import RunConfig
 
 T, R = TypeVar("T"), TypeVar("R")
@@ -63,7 +63,7 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
                       **model_fields(cfg, loaded)) as row:
         bank = load_bank(wh, featurize_run_id)
         require_bank_model(loaded, bank, featurize_run_id)
-        feat = Featurizer(EndpointModel(loaded.model), bank, cfg.sketch, cfg.featurize)
+        feat = Featurizer(endpoint_for(cfg, loaded), bank, cfg.sketch, cfg.featurize)
         tstats, eval_features = target_and_eval_features(cfg, wh, loaded, feat, eval_ids)
         curv = load_curvature(wh, featurize_run_id)
         pre = Preconditioners.solve(tstats, curv, cfg.curvature)
@@ -86,7 +86,7 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
         for local in progress_bar(done, enabled=progress, desc="score", unit="part", total=len(parts)):
             if local.ids:
                 sample.offer(local.ids, local.payload)
-        n = write_ranked_scores(wh, run_id)
+        n = write_ranked_scores(wh, run_id, cfg.duckdb_memory_limit)
         premise = premise_checks(eval_features, tstats.eval_loss, sample.payload, len(bank.pair_ids), cfg.check)
         row.update(bank_id=bank.bank_id, rows_in=n, rows_out=n, rows_quarantined=0,
                    diagnostics_json=premise.to_json())

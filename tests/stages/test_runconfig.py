@@ -36,3 +36,9 @@ def test_unknown_devices_are_refused(device):
 def test_the_example_config_parses():
     cfg = load_run_config(Path(__file__).resolve().parents[2] / "configs" / "example.yaml")
     assert cfg.device in ("cpu", "cuda") and cfg.score.plus_match_quantile == 0.25
+
+
+def test_duckdb_memory_limit_is_a_size():
+    assert load_run_config({**BASE, "duckdb_memory_limit": "2GiB"}).duckdb_memory_limit == "2GiB"
+    with pytest.raises(ConfigError, match=r"duckdb_memory_limit='lots' is invalid: a size such as 256MB"):
+        load_run_config({**BASE, "duckdb_memory_limit": "lots"})
