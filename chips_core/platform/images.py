@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from ..errors import ChipsError
 
 IMAGE_MODES = ("copy", "reference")
+_TAR_LOCK = threading.Lock()
 # the columns a reader of ``pairs`` needs beside ``image`` to fill referenced images
 REFERENCE_COLUMNS = ("pair_id", "source", "image_uri", "image_sha256")
 
@@ -116,6 +117,11 @@ class ImageSources:
         parsed = _parse_parquet_row(uri)
         if parsed is not None:
             return self._parquet_value(source, *parsed)
+        if uri.startswith("tar://"):
+            # fsspec caches one TarFileSystem per shard, and its members are read through the one file object it
+            # holds (seek, then read): readers on other threads (featurize's shards) must take turns
+            with _TAR_LOCK, fsspec.open(uri, "rb", **self._open_kwargs(source, uri)) as f:
+                return f.read()
         with fsspec.open(uri, "rb", **self._open_kwargs(source, uri)) as f:
             return f.read()
 

@@ -202,3 +202,18 @@ def test_storage_options_never_reach_the_runs_table(tmp_path):
     assert "hunter2" not in text and "AKIA-SECRET" not in text and "warehouse-secret" not in text
     assert json.loads(text)["pool"][0]["storage_options"] == "<set>"
     assert dataclasses.replace(spec, storage_options=None) == spec  # options are not part of a source's identity
+
+
+def test_tar_members_read_from_many_threads_at_once_are_intact(runs):
+    """Featurize reads shards on two threads; fsspec shares one tar file object between them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, _, out = runs
+    (_, copy_wh, _), (_, ref_wh, _) = out["copy"], out["reference"]
+    rows = [r for r in ref_wh.read("pairs", columns=["pair_id", "image_uri"]).to_pylist()
+            if r["image_uri"].startswith("tar://")]
+    ids = [r["pair_id"] for r in rows]
+    want = [r["image"] for r in copy_wh.read_pairs(ids, ["image"])]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: [r["image"] for r in ref_wh.read_pairs(ids, ["image"])], range(16)))
+    assert len(ids) == 40 and all(g == want for g in got)
