@@ -97,7 +97,7 @@ def sweep_table(rows, target: str, prefix: str, value=target_metric) -> tuple[st
             acc[float(r["variant"].split("=")[1])].append(value(r))
     stats = {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in sorted(acc.items())}
     head = f"| {prefix} | " + " | ".join(f"{k:g}" for k in stats) + " |\n|---|" + "---:|" * len(stats) + "\n"
-    return head + "| top-1 | " + " | ".join(_fmt(s) for s in stats.values()) + " |\n", stats
+    return head + "| target metric (%) | " + " | ".join(_fmt(s) for s in stats.values()) + " |\n", stats
 
 
 def _verdict(ok: bool | None) -> str:
