@@ -24,8 +24,8 @@ from .warehouse import SCHEMAS, Warehouse
 
 ROWS_PER_BATCH = 65536
 # DuckDB's working memory for the stages' ranking and selection (RunConfig.duckdb_memory_limit); beyond it DuckDB
-# spills to disk. 1GB made a 1M-pair run's peak RSS 1.36x a 100k-pair run's (docs/benchmarks/scale.md).
-MEMORY_LIMIT = "256MB"
+# spills to disk. 256MB failed (DuckDB OutOfMemory) in materialize at 1M pairs; 1GB did not.
+MEMORY_LIMIT = "1GB"
 
 
 def engine(wh: Warehouse, memory_limit: str = MEMORY_LIMIT, threads: int | None = None) -> duckdb.DuckDBPyConnection:
