@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -52,6 +53,7 @@ class ImageSources:
     def __init__(self, options: Mapping[str, dict | None] | None = None, cached_row_groups: int = 2):
         self.options = {k: dict(v) for k, v in (options or {}).items() if v}
         self._groups: OrderedDict = OrderedDict()  # (source, path, row group, column) -> list of values
+        self._starts: dict = {}  # (source, path) -> first row of each row group, and the row count last
         self._cached = cached_row_groups
         self._lock = threading.Lock()
         self.reads = 0  # images read back from their sources by this object (tests count them)
@@ -61,11 +63,6 @@ class ImageSources:
 
     def __setstate__(self, state):
         self.__init__(state["options"], state["cached_row_groups"])
-
-    @classmethod
-    def of(cls, sources: Iterable) -> "ImageSources":
-        """From :class:`~chips_core.platform.readers.SourceSpec` s (their ``name`` and ``storage_options``)."""
-        return cls({s.name: getattr(s, "storage_options", None) for s in sources})
 
     def fill(self, table: pa.Table) -> pa.Table:
         """``table`` with every null ``image`` read from its reference and checked against ``image_sha256``.
@@ -127,23 +124,22 @@ class ImageSources:
 
     def _parquet_value(self, source: str | None, path: str, row: int, column: str) -> bytes:
         with self._lock:
-            with fsspec.open(path, "rb", **self._open_kwargs(source, path)) as fh:
-                meta = pq.ParquetFile(fh).metadata
-                start = 0
-                for rg in range(meta.num_row_groups):
-                    n = meta.row_group(rg).num_rows
-                    if row < start + n:
-                        break
-                    start += n
-                else:
-                    raise IndexError(f"row {row} is past the end of {path} ({start} rows)")
-                key = (source, path, rg, column)
-                if key not in self._groups:
-                    values = pq.ParquetFile(fh).read_row_group(rg, columns=[column]).column(0).to_pylist()
-                    self._groups[key] = values
+            starts = self._starts.get((source, path))
+            rg = None if starts is None else int(np.searchsorted(starts, row, side="right")) - 1
+            key = (source, path, rg, column)
+            if key not in self._groups:  # open the file only for a row group not in the cache
+                with fsspec.open(path, "rb", **self._open_kwargs(source, path)) as fh:
+                    pf = pq.ParquetFile(fh)
+                    sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+                    starts = self._starts[(source, path)] = np.concatenate([[0], np.cumsum(sizes)])
+                    if not 0 <= row < starts[-1]:
+                        raise IndexError(f"row {row} is past the end of {path} ({starts[-1]} rows)")
+                    rg = int(np.searchsorted(starts, row, side="right")) - 1
+                    key = (source, path, rg, column)
+                    self._groups[key] = pf.read_row_group(rg, columns=[column]).column(0).to_pylist()
                     while len(self._groups) > self._cached:
                         self._groups.popitem(last=False)
-                value = self._groups[key][row - start]
+            value = self._groups[key][row - int(starts[rg])]
         if isinstance(value, dict):  # a {bytes, path} struct column
             value = value.get("bytes")
         if value is None:
