@@ -8,13 +8,15 @@ out of core: it spills to its temp directory beyond ``memory_limit``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import posixpath
 import tempfile
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -24,8 +26,10 @@ from .warehouse import SCHEMAS, Warehouse
 
 ROWS_PER_BATCH = 65536
 # DuckDB's working memory for the stages' ranking and selection (RunConfig.duckdb_memory_limit); beyond it DuckDB
-# spills to disk. 256MB failed (DuckDB OutOfMemory) in materialize at 1M pairs; 1GB did not.
-MEMORY_LIMIT = "1GB"
+# spills to disk (its external sort: ranks are numbered in Python, see _numbered). Measured at 1M pairs
+# (benchmarks/scale.py): 256MB adds about 300 MB of process RSS to the score stage, 1GB about 700 MB; 64MB fails
+# (DuckDB cannot pin its sort blocks).
+MEMORY_LIMIT = "256MB"
 
 
 def engine(wh: Warehouse, memory_limit: str = MEMORY_LIMIT, threads: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -71,13 +75,15 @@ def write_ranked_scores(wh: Warehouse, score_run_id: str, memory_limit: str = ME
     con = engine(wh, memory_limit)
     try:
         src = _lit(wh.url_of(posixpath.join(unranked_dir(wh, score_run_id), "*.parquet")))
-        cols = ", ".join(f'"{c}"' for c in SCHEMAS["scores"].names if c != "rank")
+        # run_id is one value: added to each batch, not carried through the sort
+        cols = ", ".join(f'"{c}"' for c in SCHEMAS["scores"].names if c not in ("rank", "run_id"))
         n = con.execute(f"select count(*) filter (where isnan(utility)) from read_parquet({src})").fetchall()[0][0]
         if n:
             raise ValueError(f"{n} utilities are NaN; refusing to rank them")
-        rel = con.sql(f"select {cols}, row_number() over (order by (utility + 0.0) desc, pair_id) as rank "
-                      f"from read_parquet({src}) order by rank")
-        rows = _write_part(wh, "scores", {"run": score_run_id}, "scores", [rel])
+        rel = con.sql(f"select {cols} from read_parquet({src}) order by {_order('utility')}")
+        run = pa.scalar(score_run_id, pa.string())
+        rows = _write_part(wh, "scores", {"run": score_run_id}, "scores", [
+            (b.add_column(1, "run_id", pa.repeat(run, b.num_rows)) for b in _numbered(rel))])
     finally:
         con.close()
     wh.fs.rm(unranked_dir(wh, score_run_id), recursive=True)
@@ -104,18 +110,41 @@ def count_scored(con: duckdb.DuckDBPyConnection, methods: Sequence[str]) -> int:
     return int(row[0])
 
 
-def ranked(con: duckdb.DuckDBPyConnection, method: str | None, limit: int) -> duckdb.DuckDBPyRelation:
+def _order(column: str | None) -> str:
+    """The ranking order: ``column`` descending, ties by ascending ``pair_id`` (``None``: pair-id order, the
+    ``full`` subset). ``+ 0.0`` turns ``-0.0`` into ``0.0`` so that the two tie, as in NumPy."""
+    return "pair_id" if column is None else f"({_ident(column)} + 0.0) desc, pair_id"
+
+
+def _numbered(rel: duckdb.DuckDBPyRelation, limit: int | None = None) -> Iterator[pa.RecordBatch]:
+    """The rows of an ordered relation with ``rank`` (1 first) appended, the first ``limit`` only, streamed.
+
+    Ranks are numbered here rather than by a ``row_number()`` window: an ordered scan is DuckDB's external
+    sort, which spills beyond ``memory_limit``, where a window over the whole table (one partition) held it
+    in memory (256MB failed at 1M pairs)."""
+    start = 1
+    for batch in _batches(rel):  # read to the end even past ``limit``: DuckDB wants a result fetched fully
+        if limit is not None:
+            batch = batch.slice(0, max(0, limit - start + 1))
+        if batch.num_rows:
+            rank = pa.array(np.arange(start, start + batch.num_rows, dtype=np.int64))
+            yield pa.RecordBatch.from_arrays([*batch.columns, rank], names=[*batch.schema.names, "rank"])
+            start += batch.num_rows
+
+
+def ranked(con: duckdb.DuckDBPyConnection, method: str | None, limit: int) -> Iterator[pa.RecordBatch]:
     """``(pair_id, rank)`` of the ``limit`` best pairs by ``method`` (``None``: every pair in pair-id order, the
-    ``full`` subset), rank 1 first. ``+ 0.0`` turns ``-0.0`` into ``0.0`` so that the two tie, as in NumPy."""
-    order = "pair_id" if method is None else f"({_ident(method)} + 0.0) desc, pair_id"
-    return con.sql(f"select pair_id, pick as rank from (select pair_id, row_number() over (order by {order}) as pick "
-                   f"from run_scores qualify pick <= {int(limit)})")  # (run_scores has a rank column of its own)
+    ``full`` subset), rank 1 first, streamed."""
+    return _numbered(con.sql(f"select pair_id from run_scores order by {_order(method)}"), limit)
 
 
 def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budgets: Sequence[float], run_id: str,
                   full: bool = False, memory_limit: str = MEMORY_LIMIT) -> dict:
     """The ``subsets`` parts of one materialize run (one part per method, budgets as rank prefixes; and
-    ``full@1``), streamed from DuckDB. Returns ``{"scored": N, "rows": rows written, "subsets": [ids]}``."""
+    ``full@1``), streamed from DuckDB. Returns ``{"scored": N, "rows": rows written, "subsets": [ids]}``.
+
+    Each method is sorted once: its best ``ceil(max budget * N)`` pairs go to a local temporary Parquet file in
+    rank order, and each budget's rows are a prefix of that file."""
     con = engine(wh, memory_limit)
     try:
         _scores(con, wh, score_run_id)
@@ -124,27 +153,55 @@ def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budg
         plan = ([(None, [1.0])] if full else []) + [(m, sorted(budgets)) for m in methods]
         for method, bs in plan:
             keeps = {b: n_keep(b, n) for b in bs}
-            con.execute("create or replace temp table top as " + ranked(con, method, max(keeps.values())).sql_query())
             label = method or "full"
-            sids = []
-            batches = []
-            for b, k in keeps.items():
-                sid = f"{score_run_id}:{label}@{b:g}"
-                sids.append(sid)
-                batches.append(con.sql(
-                    f"select {_lit(sid)} as subset_id, {_lit(run_id)} as run_id, {_lit(score_run_id)} as score_run_id, "
-                    f"cast({float(b)!r} as double) as budget, {_lit(label)} as method, pair_id, rank from top "
-                    f"where rank <= {k} order by rank"))
-            rows += _write_part(wh, "subsets", {"run": run_id}, label, batches)
+            with _spooled(ranked(con, method, max(keeps.values())), TOP_SCHEMA) as top:
+                sids = [f"{score_run_id}:{label}@{b:g}" for b in keeps]
+                rows += _write_part(wh, "subsets", {"run": run_id}, label, [
+                    _subset_rows(top, k, sid, run_id, score_run_id, b, label)
+                    for sid, (b, k) in zip(sids, keeps.items())])
             ids += sids
         return {"scored": n, "rows": rows, "subsets": ids}
     finally:
         con.close()
 
 
+TOP_SCHEMA = pa.schema([("pair_id", pa.string()), ("rank", pa.int64())])
+
+
+@contextlib.contextmanager
+def _spooled(batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Iterator[str]:
+    """``batches`` written to a local temporary Parquet file (its path yielded), removed afterwards."""
+    fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="chips-top-", dir=spill_dir())
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, schema) as w:
+            for batch in batches:
+                w.write_batch(batch.cast(schema))
+        yield tmp
+    finally:
+        os.remove(tmp)
+
+
+def _subset_rows(top: str, k: int, subset_id: str, run_id: str, score_run_id: str, budget: float,
+                 method: str) -> Iterator[pa.RecordBatch]:
+    """One subset's rows: the first ``k`` rows of the spooled ranking ``top``, streamed."""
+    done = 0
+    for batch in pq.ParquetFile(top).iter_batches(batch_size=ROWS_PER_BATCH):
+        if done >= k:
+            break
+        batch = batch.slice(0, k - done)
+        done += batch.num_rows
+        m = batch.num_rows
+        yield pa.RecordBatch.from_arrays(
+            [pa.array([subset_id] * m, pa.string()), pa.array([run_id] * m, pa.string()),
+             pa.array([score_run_id] * m, pa.string()), pa.array([float(budget)] * m, pa.float64()),
+             pa.array([method] * m, pa.string()), batch.column("pair_id"), batch.column("rank")],
+            names=SCHEMAS["subsets"].names)
+
+
 def _write_part(wh: Warehouse, table: str, partition: dict[str, str], name: str,
-                relations: Sequence[duckdb.DuckDBPyRelation]) -> int:
-    """Stream DuckDB relations into one part of ``table`` (its Arrow schema enforced), written to a local temp
+                streams: Sequence[Iterable[pa.RecordBatch]]) -> int:
+    """Stream record batches into one part of ``table`` (its Arrow schema enforced), written to a local temp
     file and moved into place atomically."""
     schema = SCHEMAS[table]
     fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix="chips-part-")
@@ -152,8 +209,8 @@ def _write_part(wh: Warehouse, table: str, partition: dict[str, str], name: str,
     rows = 0
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
-            for rel in relations:
-                for batch in _batches(rel):
+            for stream in streams:
+                for batch in stream:
                     w.write_table(pa.Table.from_batches([batch]).cast(schema))
                     rows += batch.num_rows
         wh.put_file(tmp, wh.part_path(table, partition, name))

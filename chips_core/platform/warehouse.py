@@ -204,10 +204,18 @@ class Warehouse:
             self.image_rows_read["pairs"] += ds.count_rows()  # a filtered scan still reads every row group
         return ds.to_table(columns=columns, filter=filter)
 
-    def read_row_groups(self, path: str, row_groups: Sequence[int], columns: Sequence[str]) -> pa.Table:
-        """Whole row groups of one part (a featurize shard's rows), only ``columns``."""
+    def read_row_groups(self, path: str, row_groups: Sequence[int], columns: Sequence[str],
+                        missing_as_null: pa.Schema | None = None) -> pa.Table:
+        """Whole row groups of one part (a featurize shard's rows), only ``columns``. With ``missing_as_null`` (the
+        table's schema), a column the part predates reads as nulls of its type."""
         with self.fs.open(path, "rb") as f:
-            t = pq.ParquetFile(f).read_row_groups(list(row_groups), columns=list(columns))
+            pf = pq.ParquetFile(f)
+            have = set(pf.schema_arrow.names) if missing_as_null is not None else set(columns)
+            t = pf.read_row_groups(list(row_groups), columns=[c for c in columns if c in have])
+        for c in columns:
+            if c not in have:
+                t = t.append_column(missing_as_null.field(c), pa.nulls(t.num_rows, missing_as_null.field(c).type))
+        t = t.select(list(columns))
         if "image" in columns:
             self.image_rows_read[posixpath.basename(posixpath.dirname(posixpath.dirname(path)))] += t.num_rows
         return t
@@ -215,19 +223,42 @@ class Warehouse:
     def read_pairs(self, ids: Sequence[str], columns: Sequence[str] = ("pair_id", "caption", "image"),
                    images: ImageSources | None = None) -> list[dict]:
         """Rows of ``pairs`` for ``ids``, in the order of ``ids``; an id not in the table is a named error.
-        Images ingested by reference are read from their sources (through ``images``, default the warehouse's)."""
+        Images ingested by reference are read from their sources (through ``images``, default the warehouse's).
+
+        Located, then read: the ``pair_id`` column of every row group finds the ids, and only the row groups
+        holding them are read with ``columns`` (a filtered scan of the table would decode every image in it:
+        the memory and time of the whole pool for a target set of a thousand pairs)."""
         cols = list(dict.fromkeys(["pair_id", *columns]))
         if "image" in cols:
             cols = list(dict.fromkeys([*cols, *REFERENCE_COLUMNS]))
-        t = self.read("pairs", columns=cols, filter=pc.field("pair_id").isin(list(ids)))
-        if "image" in cols:
-            t = (images or self.images).fill(t)
         keep = list(dict.fromkeys(["pair_id", *columns]))
-        rows = {r["pair_id"]: {k: r[k] for k in keep} for r in t.to_pylist()}
+        want = pa.array(list(dict.fromkeys(ids)), pa.string())
+        rows: dict[str, dict] = {}
+        for path, groups in self._locate("pairs", want):
+            t = self.read_row_groups(path, groups, cols, missing_as_null=SCHEMAS["pairs"])
+            t = t.filter(pc.is_in(t.column("pair_id"), want))
+            if "image" in cols:
+                t = (images or self.images).fill(t)
+            rows.update((r["pair_id"], r) for r in t.select(keep).to_pylist())
         missing = [i for i in ids if i not in rows]
         if missing:
             raise KeyError(f"{len(missing)} pair ids not in the warehouse's pairs table, e.g. {missing[:3]}")
         return [rows[i] for i in ids]
+
+    def _locate(self, table: str, ids: pa.Array) -> list[tuple[str, list[int]]]:
+        """``(part, row groups)`` of ``table`` whose ``pair_id`` column holds any of ``ids`` (reads that column
+        only, one row group at a time)."""
+        out = []
+        d = self.table_dir(table)
+        parts = sorted(self.fs.glob(posixpath.join(d, "**", "*.parquet"))) if self.fs.exists(d) else []
+        for path in parts:
+            with self.fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                groups = [rg for rg in range(pf.num_row_groups)
+                          if pc.any(pc.is_in(pf.read_row_group(rg, columns=["pair_id"]).column("pair_id"), ids)).as_py()]
+            if groups:
+                out.append((path, groups))
+        return out
 
 
 def conform(data: pa.Table, schema: pa.Schema, table: str) -> pa.Table:

@@ -13,6 +13,7 @@ from typing import Callable
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import LoadedModel, load_model
+from ..util import release_memory
 from .common import MapShards, local_map, model_fields, require_pairs, require_quarantine_share
 from .featurize import featurize_stage
 from .ingest import ingest_stage
@@ -52,6 +53,7 @@ def run_pipeline(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bo
         require_pairs(wh, cfg.target, "target")
         require_pairs(wh, cfg.pool, "pool")
         out["featurize"] = stages["featurize"](parent_run_id=parent)
+        release_memory()  # the next stages' peaks do not stack on featurize's freed heap
         out |= _score_and_materialize(cfg, stages, out["featurize"]["run_id"], parent)
     return out
 
