@@ -53,11 +53,13 @@ class PoolScan:
         try:
             con.execute("create temp table pool_sources as select unnest(?::varchar[]) as source", [self.sources])
             glob = lambda t: self.wh.url_of(posixpath.join(self.wh.table_dir(t), "**", "*.parquet"))  # noqa: E731
+            # every pair has one ``pairs`` row, so "not kept under a pool source" is "kept under another one": the
+            # join's build side is the pairs outside the pool (the target sets, usually), not the whole pool
             return [r[0] for r in con.execute(
                 "select distinct ps.pair_id from read_parquet(?, hive_partitioning = false) ps "
-                "where ps.source in (select source from pool_sources) and ps.pair_id not in ("
+                "where ps.source in (select source from pool_sources) and ps.pair_id in ("
                 "  select p.pair_id from read_parquet(?, hive_partitioning = false, union_by_name = true) p "
-                "  where p.source in (select source from pool_sources))",
+                "  where p.source is null or p.source not in (select source from pool_sources))",
                 [glob("pair_sources"), glob("pairs")]).fetchall()]
         finally:
             con.close()

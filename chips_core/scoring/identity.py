@@ -70,7 +70,7 @@ class StreamSample:
         if not ids or self.n <= 0:
             return
         keys = seeded_unit(ids, self.seed)
-        local = _key_order(ids, keys)[:self.n]
+        local = _smallest(ids, keys, self.n, self.keys[-1] if len(self.ids) >= self.n else None)
         ids, keys = self.ids + [ids[i] for i in local], np.concatenate([self.keys, keys[local]])
         keep = _key_order(ids, keys)[:self.n]
         if len(set(ids[i] for i in keep)) != len(keep):
@@ -79,6 +79,17 @@ class StreamSample:
         if self.concat is not None:
             rows = payload.take(local)
             self.payload = (rows if self.payload is None else self.concat([self.payload, rows])).take(keep)
+
+
+def _smallest(ids: list[str], keys: np.ndarray, n: int, bound: float | None = None) -> np.ndarray:
+    """``_key_order(ids, keys)[:n]`` without sorting every id: only keys up to the ``n``-th smallest (and up to
+    ``bound``, the worst key already held) can be among the first ``n``, so only those are ordered."""
+    cand = np.arange(len(keys))
+    if len(keys) > n:
+        cand = np.flatnonzero(keys <= np.partition(keys, n - 1)[n - 1])
+    if bound is not None:
+        cand = cand[keys[cand] <= bound]
+    return cand[_key_order([ids[i] for i in cand], keys[cand])[:n]]
 
 
 def _key_order(ids: list[str], keys: np.ndarray) -> np.ndarray:

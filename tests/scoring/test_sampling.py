@@ -1,0 +1,35 @@
+"""The seeded, order-free samples (bank, curvature sample, premise pool sample): a sample drawn batch by batch
+(StreamSample) equals the one drawn over everything at once (seeded_sample), whatever the batch sizes; and the
+partial ordering that picks a batch's candidates equals the full sort, ties included."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chips_core.scoring.identity import StreamSample, _key_order, _smallest, seeded_sample
+
+
+@pytest.mark.parametrize("n", [1, 7, 50, 400])
+def test_stream_sample_equals_the_sample_over_everything(n):
+    rng = np.random.default_rng(n)
+    ids = [f"pair-{rng.integers(1e12):012d}-{i}" for i in range(1000)]
+    want = seeded_sample(ids, n, seed=3)
+    for cuts in ([1000], [1, 999, 1000], sorted(rng.choice(np.arange(1, 1000), 20, replace=False).tolist()) + [1000]):
+        s, a = StreamSample(n, 3, concat=lambda ps: np.concatenate(ps)), 0
+        for b in cuts:
+            s.offer(ids[a:b], np.arange(a, b))
+            a = b
+        assert s.ids == want
+        assert [ids[i] for i in s.payload] == want  # the payload rows follow their ids
+
+
+def test_smallest_equals_the_full_sort_with_ties_and_a_bound():
+    rng = np.random.default_rng(0)
+    ids = [f"p{i:04d}" for i in rng.permutation(500)]
+    keys = rng.integers(0, 20, 500).astype(np.float64) / 20  # many ties: broken by pair id
+    full = _key_order(ids, keys)
+    for n in (1, 5, 33, 499, 500, 600):
+        assert _smallest(ids, keys, n).tolist() == full[:n].tolist()
+    bound = 0.3  # a held sample's worst key: only keys up to it can enter
+    got = _smallest(ids, keys, 40, bound)
+    assert got.tolist() == [i for i in full if keys[i] <= bound][:40]
