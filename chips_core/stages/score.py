@@ -113,5 +113,6 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> Itera
 
 def _write_unranked(wh: Warehouse, path: str, table: pa.Table) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="none")  # read once by the ranking pass, then removed
+    # read once by the ranking pass, then removed: neither compressed nor dictionary-encoded (fast to write)
+    pq.write_table(table, buf, compression="none", use_dictionary=False)
     wh.write_bytes(path, buf.getvalue())
