@@ -376,8 +376,12 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     typer.echo(f"  score       {s['pairs']} pairs against {s['eval_pairs']} target pairs (eval loss {s['eval_loss']:.3f})")
     typer.echo(f"              {s['premise']}")
     typer.echo(f"  materialize {len(m['subsets'])} subsets")
-    top = run_query(con, "select p.caption, s.utility, s.chips_align, s.w_learn, s.w_relevance from stg_scores s "
-                         "join stg_pairs p using (pair_id) where s.run_id = $r order by s.rank limit 5", {"r": s["run_id"]})
+    # the five best first, then their captions: joining every score to every pair first held the whole pool in
+    # DuckDB (+260 MiB at 1M pairs, more than any stage)
+    top = run_query(con, "with s as (select pair_id, rank, utility, chips_align, w_learn, w_relevance from stg_scores "
+                         "where run_id = $r order by rank limit 5) select p.caption, s.utility, s.chips_align, "
+                         "s.w_learn, s.w_relevance from s join stg_pairs p using (pair_id) order by s.rank",
+                    {"r": s["run_id"]})
     typer.echo("\nTop pairs by CHIPS utility (alignment x learnability x relevance):")
     for r in top.to_pylist():
         typer.echo(f"  {r['utility']:+9.3g}  A={r['chips_align']:+.3g} wL={r['w_learn']:.2f} wR={r['w_relevance']:.2f}  {r['caption']!r}")
