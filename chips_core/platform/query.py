@@ -15,6 +15,7 @@ every caller of :func:`connect` — ``chips sql``, a Prefect deployment paramete
 from __future__ import annotations
 
 import atexit
+import glob
 import os
 import posixpath
 import shutil
@@ -53,9 +54,23 @@ def spill_dir() -> str:
     spill files on close but leaves the directory)."""
     pid = os.getpid()
     if pid not in _SPILL:
-        _SPILL[pid] = tempfile.mkdtemp(prefix="chips-duckdb-")
+        _remove_stale_spills()
+        _SPILL[pid] = tempfile.mkdtemp(prefix=f"chips-duckdb-{pid}-")
         atexit.register(_remove_spill, pid)
     return _SPILL[pid]
+
+
+def _remove_stale_spills() -> None:
+    """Spill directories of processes that died without running their exit handlers (killed, ``os._exit``):
+    their spill files can be gigabytes. A directory whose process is alive (or is not ours to probe) is kept."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "chips-duckdb-*-*")):
+        try:
+            owner = int(os.path.basename(path).split("-")[2])
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
 
 
 def confine(con: duckdb.DuckDBPyConnection, allowed: list[str]) -> None:

@@ -97,3 +97,23 @@ def test_duckdb_spill_directory_is_one_per_process_and_removed_at_exit(tmp_path)
     spill = out.stdout.strip().splitlines()[-1]
     assert "chips-duckdb-" in spill
     assert not os.path.exists(spill)
+
+
+def test_spill_directory_of_a_killed_process_is_removed_by_the_next_one(tmp_path):
+    """A process that dies without its exit handlers (``os._exit``, SIGKILL) leaves its spill directory, with
+    whatever DuckDB had spilled; the next process that needs a spill directory removes it, not a live one's."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    killed = subprocess.run([sys.executable, "-c", "import os; from chips_core.platform.query import spill_dir; "
+                             "d = spill_dir(); open(os.path.join(d, 'spilled.tmp'), 'wb').write(b'x' * 1000); "
+                             "print(d, flush=True); os._exit(0)"], env=env, capture_output=True, text=True, check=True)
+    stale = killed.stdout.strip().splitlines()[-1]
+    assert os.path.isdir(stale)
+    live = tmp_path / f"chips-duckdb-{os.getpid()}-keep"  # a live process's directory (this test's pid)
+    live.mkdir()
+    subprocess.run([sys.executable, "-c", "from chips_core.platform.query import spill_dir; spill_dir()"], env=env,
+                   check=True)
+    assert not os.path.exists(stale)
+    assert live.is_dir()
