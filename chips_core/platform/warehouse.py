@@ -13,7 +13,7 @@ import io
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -203,6 +203,15 @@ class Warehouse:
         if table == "pairs" and (columns is None or "image" in columns):
             self.image_rows_read["pairs"] += ds.count_rows()  # a filtered scan still reads every row group
         return ds.to_table(columns=columns, filter=filter)
+
+    def scan(self, table: str, columns: list[str], batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+        """A table's rows in batches (all partitions), only ``columns``; memory of one batch. Not for images."""
+        d = self.table_dir(table)
+        if not self.fs.exists(d):
+            return
+        ds = pads.dataset(d, filesystem=self.fs, format="parquet", partitioning="hive", exclude_invalid_files=False,
+                          schema=SCHEMAS[table].append(pa.field("run", pa.string())) if table == "pairs" else None)
+        yield from ds.to_batches(columns=columns, batch_size=batch_size)
 
     def read_row_groups(self, path: str, row_groups: Sequence[int], columns: Sequence[str],
                         missing_as_null: pa.Schema | None = None) -> pa.Table:

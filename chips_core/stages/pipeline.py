@@ -51,7 +51,7 @@ def run_pipeline(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bo
         # before featurize, not after it
         out["quarantine"] = require_quarantine_share(wh, list(cfg.pool) + list(cfg.target), cfg.max_quarantine_share)
         require_pairs(wh, cfg.target, "target")
-        require_pairs(wh, cfg.pool, "pool")
+        require_pairs(wh, cfg.pool, "pool", ids=False)
         out["featurize"] = stages["featurize"](parent_run_id=parent)
         release_memory()  # the next stages' peaks do not stack on featurize's freed heap
         out |= _score_and_materialize(cfg, stages, out["featurize"]["run_id"], parent)
