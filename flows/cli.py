@@ -377,7 +377,7 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     typer.echo(f"              {s['premise']}")
     typer.echo(f"  materialize {len(m['subsets'])} subsets")
     # the five best first, then their captions: joining every score to every pair first held the whole pool in
-    # DuckDB (+260 MiB at 1M pairs, more than any stage)
+    # DuckDB (+99 MiB at 1M pairs, measured alone)
     top = run_query(con, "with s as (select pair_id, rank, utility, chips_align, w_learn, w_relevance from stg_scores "
                          "where run_id = $r order by rank limit 5) select p.caption, s.utility, s.chips_align, "
                          "s.w_learn, s.w_relevance from s join stg_pairs p using (pair_id) order by s.rank",

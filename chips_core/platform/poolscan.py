@@ -41,7 +41,7 @@ class PoolScan:
         self.extra = frozenset(self._cross_source_ids())
 
     def parts(self) -> list[str]:
-        return sorted(self.wh.fs.glob(posixpath.join(self.wh.table_dir("pairs"), "**", "*.parquet")))
+        return self.wh.parts("pairs")
 
     def _cross_source_ids(self) -> list[str]:
         """Pool pairs whose ``pairs`` row was kept under a source outside the pool."""

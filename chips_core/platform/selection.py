@@ -26,9 +26,9 @@ from .warehouse import SCHEMAS, Warehouse
 
 ROWS_PER_BATCH = 65536
 # DuckDB's working memory for the stages' ranking and selection (RunConfig.duckdb_memory_limit); beyond it DuckDB
-# spills to disk (its external sort: ranks are numbered in Python, see _numbered). Measured at 1M pairs
-# (benchmarks/scale.py): 256MB adds about 300 MB of process RSS to the score stage, 1GB about 700 MB; 64MB fails
-# (DuckDB cannot pin its sort blocks).
+# spills to disk (its external sort: ranks are numbered in Python, see _numbered). Measured ad hoc on the 1M-pair
+# warehouse of benchmarks/scale.py: the score stage's ranking adds about 290 MB of process RSS at 256MB and 200 MB at
+# 128MB; 64MB fails (DuckDB cannot pin its sort blocks).
 MEMORY_LIMIT = "256MB"
 
 
@@ -191,12 +191,11 @@ def _subset_rows(top: str, k: int, subset_id: str, run_id: str, score_run_id: st
             break
         batch = batch.slice(0, k - done)
         done += batch.num_rows
-        m = batch.num_rows
-        yield pa.RecordBatch.from_arrays(
-            [pa.array([subset_id] * m, pa.string()), pa.array([run_id] * m, pa.string()),
-             pa.array([score_run_id] * m, pa.string()), pa.array([float(budget)] * m, pa.float64()),
-             pa.array([method] * m, pa.string()), batch.column("pair_id"), batch.column("rank")],
-            names=SCHEMAS["subsets"].names)
+        same = [pa.repeat(pa.scalar(v, t), batch.num_rows) for v, t in
+                ((subset_id, pa.string()), (run_id, pa.string()), (score_run_id, pa.string()),
+                 (float(budget), pa.float64()), (method, pa.string()))]
+        yield pa.RecordBatch.from_arrays([*same, batch.column("pair_id"), batch.column("rank")],
+                                         names=SCHEMAS["subsets"].names)
 
 
 def _write_part(wh: Warehouse, table: str, partition: dict[str, str], name: str,

@@ -196,22 +196,26 @@ class Warehouse:
             schema = SCHEMAS[table]
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
-        # pairs parts written before a column was added read it as null (the table's schema, not the first part's)
-        schema = SCHEMAS["pairs"].append(pa.field("run", pa.string())) if table == "pairs" else None
-        ds = pads.dataset(d, filesystem=self.fs, format="parquet", partitioning="hive",
-                          exclude_invalid_files=False, schema=schema)
+        ds = self._dataset(table)
         if table == "pairs" and (columns is None or "image" in columns):
             self.image_rows_read["pairs"] += ds.count_rows()  # a filtered scan still reads every row group
         return ds.to_table(columns=columns, filter=filter)
 
+    def _dataset(self, table: str) -> pads.Dataset:
+        # pairs parts written before a column was added read it as null (the table's schema, not the first part's)
+        schema = SCHEMAS["pairs"].append(pa.field("run", pa.string())) if table == "pairs" else None
+        return pads.dataset(self.table_dir(table), filesystem=self.fs, format="parquet", partitioning="hive",
+                            exclude_invalid_files=False, schema=schema)
+
     def scan(self, table: str, columns: list[str], batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         """A table's rows in batches (all partitions), only ``columns``; memory of one batch. Not for images."""
+        if self.fs.exists(self.table_dir(table)):
+            yield from self._dataset(table).to_batches(columns=columns, batch_size=batch_size)
+
+    def parts(self, table: str) -> list[str]:
+        """Every Parquet part of ``table`` (all partitions), sorted; none when the table does not exist."""
         d = self.table_dir(table)
-        if not self.fs.exists(d):
-            return
-        ds = pads.dataset(d, filesystem=self.fs, format="parquet", partitioning="hive", exclude_invalid_files=False,
-                          schema=SCHEMAS[table].append(pa.field("run", pa.string())) if table == "pairs" else None)
-        yield from ds.to_batches(columns=columns, batch_size=batch_size)
+        return sorted(self.fs.glob(posixpath.join(d, "**", "*.parquet"))) if self.fs.exists(d) else []
 
     def read_row_groups(self, path: str, row_groups: Sequence[int], columns: Sequence[str],
                         missing_as_null: pa.Schema | None = None) -> pa.Table:
@@ -258,9 +262,7 @@ class Warehouse:
         """``(part, row groups)`` of ``table`` whose ``pair_id`` column holds any of ``ids`` (reads that column
         only, one row group at a time)."""
         out = []
-        d = self.table_dir(table)
-        parts = sorted(self.fs.glob(posixpath.join(d, "**", "*.parquet"))) if self.fs.exists(d) else []
-        for path in parts:
+        for path in self.parts(table):
             with self.fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 groups = [rg for rg in range(pf.num_row_groups)

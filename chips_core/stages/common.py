@@ -85,7 +85,8 @@ def require_pairs(wh: Warehouse, sources: Sequence[SourceSpec], what: str, minim
     """The sources' pair ids, or one ValueError naming the sources and, when ingest quarantined their rows,
     the top reasons with counts and what to do — before any model time is spent on a run that cannot score.
     With ``ids=False`` only the check: ``pair_sources`` is read batch by batch until ``minimum`` distinct ids are
-    seen, and None is returned (a pool's ids as a Python list: +250 MiB at 1M pairs)."""
+    seen, and None is returned (listing a 1M-pair pool's ids was the peak of a whole `chips run`, outside every
+    stage)."""
     found = source_pair_ids(wh, sources) if ids else None
     held = len(found) if ids else _count_pairs_upto(wh, sources, minimum)
     if held >= minimum:
