@@ -65,11 +65,14 @@ class StreamSample:
         self.keys = np.empty(0, dtype=np.float64)
         self.payload = None
 
-    def offer(self, pair_ids, payload=None) -> None:
+    def offer(self, pair_ids, payload=None, keys: np.ndarray | None = None) -> None:
+        """``keys``: ``seeded_unit(pair_ids, seed)`` when the caller has it already (it is not recomputed)."""
         ids = list(pair_ids)
         if not ids or self.n <= 0:
             return
-        keys = seeded_unit(ids, self.seed)
+        keys = seeded_unit(ids, self.seed) if keys is None else np.asarray(keys, dtype=np.float64)
+        if len(keys) != len(ids):
+            raise ValueError(f"{len(keys)} keys offered for {len(ids)} pair ids")
         local = _smallest(ids, keys, self.n, self.keys[-1] if len(self.ids) >= self.n else None)
         ids, keys = self.ids + [ids[i] for i in local], np.concatenate([self.keys, keys[local]])
         keep = _key_order(ids, keys)[:self.n]

@@ -74,11 +74,14 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
             features = read_feature_part(wh, path)
             features.identity.require_same(curv.identity, "feature part " + posixpath.basename(path))
             out = posixpath.join(unranked_dir(wh, run_id), posixpath.basename(path))
+            keys = None
             if not wh.fs.exists(out):
                 scores = score_features(features, tstats, curv, cfg.curvature, cfg.score, pre)
                 _write_unranked(wh, out, unranked_table(features.pair_id, scores, run_id))
+                # the `random` method's keys are the sample's when the two seeds agree (the default): hashed once
+                keys = scores["random"] if cfg.score.random_seed == sample.seed else None
             local = StreamSample(sample.n, sample.seed, FeatureBatch.concat)
-            local.offer(features.pair_id, features)
+            local.offer(features.pair_id, features, keys)
             return local
 
         parts = feature_parts(wh, featurize_run_id)

@@ -81,6 +81,41 @@ def test_checkpoint_roundtrip_weights_only(tmp_path, tiny_vit):
     assert loaded.tokenizer(["a scan"]).shape == (1, 16)
 
 
+@pytest.mark.parametrize("wrap", ["plain", "float16_module_prefix"])
+def test_in_place_checkpoint_load_equals_open_clip(tmp_path, tiny_vit, pairs, wrap):
+    """One copy of the weights at a time, and the same model as open_clip's own load: weights cast to the model's
+    dtype (a float16 checkpoint), its conversions (a DataParallel ``module.`` prefix), non-persistent buffers
+    (the text causal mask) and requires_grad kept."""
+    import open_clip
+
+    sd = tiny_vit.state_dict()
+    if wrap != "plain":
+        sd = {"state_dict": {"module." + k: v.half() if v.is_floating_point() else v for k, v in sd.items()}}
+    path = tmp_path / "tiny.pt"
+    torch.save(sd, path)
+    ours = load_model(ModelSpec(config=TINY_VIT, checkpoint=str(path))).model
+    theirs = build_custom_model(TINY_VIT)
+    open_clip.load_checkpoint(theirs, str(path), weights_only=True)
+    theirs.eval()
+    assert state_dict_checksum(ours) == state_dict_checksum(theirs)
+    assert {n: (p.dtype, p.requires_grad) for n, p in ours.named_parameters()} == \
+        {n: (p.dtype, p.requires_grad) for n, p in theirs.named_parameters()}
+    assert not any(t.is_meta for t in [*ours.parameters(), *ours.buffers()])
+    torch.testing.assert_close(ours.attn_mask, theirs.attn_mask, rtol=0, atol=0)
+    images, texts, _ = pairs
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_text(texts[:4]), theirs.encode_text(texts[:4]), rtol=0, atol=0)
+        torch.testing.assert_close(ours.encode_image(images[:4]), theirs.encode_image(images[:4]), rtol=0, atol=0)
+
+
+def test_checkpoint_missing_a_weight_is_refused(tmp_path, tiny_vit):
+    sd = dict(tiny_vit.state_dict())
+    sd.pop("visual.proj")
+    torch.save(sd, tmp_path / "short.pt")
+    with pytest.raises(RuntimeError, match="visual.proj"):
+        load_model(ModelSpec(config=TINY_VIT, checkpoint=str(tmp_path / "short.pt")))
+
+
 def test_named_architecture_random_init_and_unknown_name():
     loaded = load_model(ModelSpec(name="RN50"))
     assert EndpointModel(loaded.model).vision_site.path == "visual.attnpool.c_proj"

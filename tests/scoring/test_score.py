@@ -11,6 +11,7 @@ from scipy.stats import spearmanr
 from chips_core.errors import ConfigError, IncompatibleFeaturesError, NonFiniteEmbeddingError
 from chips_core.scoring.endpoint import EndpointModel
 from chips_core.scoring.featurize import FeatureBatch, FeaturizeConfig, Featurizer
+from chips_core.scoring.identity import StreamSample, seeded_sample, seeded_unit
 from chips_core.scoring.score import (METHODS, ScoreConfig, learnability_weight, relevance_weight, score_features,
                                       select_top, sigmoid)
 from chips_core.scoring.sketch import SketchConfig
@@ -157,6 +158,20 @@ def test_features_in_the_warehouse_roundtrip_and_refuse_mixed_identities(scored,
     write_features(wh, other, "feat-1", "shard-9")
     with pytest.raises(IncompatibleFeaturesError, match="k"):
         read_features(wh, "feat-1")
+
+
+def test_random_keys_are_the_premise_sample_keys(scored):
+    """The score stage hands the `random` method's keys to the premise sample when the seeds agree: the sample
+    drawn with them is the sample drawn by hashing again."""
+    _, features, curv, tgt, ccfg = scored
+    keys = score_features(features, tgt, curv, ccfg, ScoreConfig(random_seed=3))["random"]
+    np.testing.assert_array_equal(keys, seeded_unit(features.pair_id, 3))
+    given, hashed = StreamSample(17, 3), StreamSample(17, 3)
+    given.offer(features.pair_id, keys=keys)
+    hashed.offer(features.pair_id)
+    assert given.ids == hashed.ids == seeded_sample(features.pair_id, 17, 3)
+    with pytest.raises(ValueError, match="keys offered"):
+        given.offer(features.pair_id, keys=keys[:-1])
 
 
 # --- chips_plus: the guarded selector (not the paper's; the paper's `chips` is untouched) -----------------
