@@ -388,15 +388,15 @@ class EndpointModel:
     @torch.no_grad()
     def encode_pre(self, images: torch.Tensor | None, texts: torch.Tensor | None):
         """Pre-projection features ``h_v (B, d_v[+1])``, ``h_t (B, d_t[+1])`` (either may be None), float32
-        (float64 for a float64 model)."""
+        (float64 for a float64 model). Inputs in pinned memory are copied to the device without blocking."""
         hv = ht = None
         with _model_lock(self.model), self.autocast():  # the swap is visible to every thread using this model
             if images is not None:
                 with self.vision_site.removed():
-                    hv = self.model.encode_image(images.to(self.device))
+                    hv = self.model.encode_image(images.to(self.device, non_blocking=True))
             if texts is not None:
                 with self.text_site.removed():
-                    ht = self.model.encode_text(texts.to(self.device))
+                    ht = self.model.encode_text(texts.to(self.device, non_blocking=True))
         hv = None if hv is None else _append_one(_at_least_float32(hv), self.vision_site.has_bias)
         ht = None if ht is None else _append_one(_at_least_float32(ht), self.text_site.has_bias)
         return hv, ht

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -56,10 +56,15 @@ class FeaturizeConfig:
     # the trunks' precision (autocast): auto = bf16 on CUDA, fp32 on CPU; h, embeddings, bank logits, the
     # gradient and the sketch are float32 whatever it is. Recorded in the feature identity: never mixed.
     precision: str = "auto"
+    # processes decoding and preprocessing images while the model runs (a DataLoader's workers; 0: in the
+    # stage's own process); None: from the CPU count (stages.common.featurize_workers). Never changes a bit.
+    num_workers: int | None = None
 
     def __post_init__(self):
         check(self.micro_batch >= 1, "FeaturizeConfig", "micro_batch", self.micro_batch, "must be >= 1")
         check(self.eval_chunk >= 1, "FeaturizeConfig", "eval_chunk", self.eval_chunk, "must be >= 1")
+        check(self.num_workers is None or (type(self.num_workers) is int and self.num_workers >= 0),
+              "FeaturizeConfig", "num_workers", self.num_workers, "must be an integer >= 0, or null for the default")
         check(self.precision in ("auto", *PRECISIONS), "FeaturizeConfig", "precision", self.precision,
               f"not one of {('auto', *PRECISIONS)}")
 
@@ -81,9 +86,22 @@ def pad_rows(t: torch.Tensor, size: int) -> torch.Tensor:
 
 def forward_pre(endpoint: EndpointModel, images, texts, micro_batch: int):
     """Trunk forward in padded micro-batches: ``h_v (B, d_v), h_t (B, d_t)`` float32 on CPU-or-device."""
+    chunks = ((images[rows], texts[rows]) for rows, _ in padded_chunks(images.shape[0], micro_batch))
+    return forward_pre_batches(endpoint, chunks, micro_batch)
+
+
+def forward_pre_batches(endpoint: EndpointModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                        micro_batch: int):
+    """:func:`forward_pre` over ``(images, texts)`` batches as they arrive (an input pipeline's): each is one
+    micro-batch, the rows ``[i * micro_batch, (i + 1) * micro_batch)`` of the whole, padded to ``micro_batch``
+    rows as :func:`forward_pre` pads its chunks, so the outputs are the same bits."""
     hv, ht = [], []
-    for rows, n in padded_chunks(images.shape[0], micro_batch):
-        a, b = endpoint.encode_pre(pad_rows(images[rows], micro_batch), pad_rows(texts[rows], micro_batch))
+    for images, texts in batches:
+        n = images.shape[0]
+        if not 0 < n <= micro_batch or texts.shape[0] != n:
+            raise ValueError(f"a batch of {n} images and {texts.shape[0]} texts: want the same number, "
+                             f"1 to micro_batch={micro_batch}")
+        a, b = endpoint.encode_pre(pad_rows(images, micro_batch), pad_rows(texts, micro_batch))
         hv.append(a[:n])
         ht.append(b[:n])
     return torch.cat(hv), torch.cat(ht)

@@ -14,12 +14,12 @@ from scipy.stats import spearmanr
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import LoadedModel
-from ..scoring.featurize import FeatureBatch, Featurizer, forward_pre
+from ..scoring.featurize import FeatureBatch, Featurizer, forward_pre_batches
 from ..scoring.identity import seeded_sample
 from ..scoring.premise import premise_checks
 from ..scoring.reference import full_parameter_alignment
 from ..scoring.target import TargetStats, target_stats_pre
-from .common import endpoint_for, load_pairs, model_fields, require_pairs
+from .common import endpoint_for, featurize_workers, input_batches, load_pairs, model_fields, require_pairs
 from .featurize import build_bank
 from .runconfig import RunConfig
 
@@ -46,7 +46,9 @@ def endpoint_spearman(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, bank_i
 def target_and_eval_features(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, feat: Featurizer,
                              eval_ids: list[str]) -> tuple[TargetStats, FeatureBatch]:
     """One forward pass over the eval set: its target statistics (§4–§6) and its features against the bank."""
-    h_v, h_t = forward_pre(feat.endpoint, *load_pairs(wh, eval_ids, loaded), cfg.featurize.micro_batch)
+    mb = cfg.featurize.micro_batch
+    batches = input_batches(wh.read_pairs(eval_ids), loaded, mb, featurize_workers(cfg, loaded))
+    h_v, h_t = forward_pre_batches(feat.endpoint, batches, mb)
     return target_stats_pre(feat.ctx, h_v, h_t, eval_ids, cfg.featurize), feat.featurize_pre(h_v, h_t, eval_ids)
 
 

@@ -2,6 +2,7 @@
 a set of sources' pairs as model inputs."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import pyarrow as pa
@@ -137,12 +138,56 @@ def load_pairs(wh: Warehouse, ids: Sequence[str], loaded: LoadedModel) -> tuple[
 
 def model_inputs(rows: pa.Table | list[dict], loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (preprocessed) and tokenized captions of rows with ``image`` and ``caption``, in their order."""
-    if isinstance(rows, pa.Table):
-        images, captions = rows.column("image").to_pylist(), rows.column("caption").to_pylist()
-    else:
-        images, captions = [r["image"] for r in rows], [r["caption"] for r in rows]
-    prep = image_preprocess(loaded.model)
-    return torch.stack([prep(open_rgb(b)) for b in images]), loaded.tokenizer(captions)
+    data = PairInputs(rows, loaded)
+    return data.collate([data[i] for i in range(len(data))])
+
+
+class PairInputs(torch.utils.data.Dataset):
+    """Rows with ``image`` (encoded bytes or a path) and ``caption`` as a map-style dataset: item ``i`` is row
+    ``i``'s preprocessed image (the model's eval transform) and its caption; :meth:`collate` stacks the images
+    and tokenizes the captions of a batch."""
+
+    def __init__(self, rows: pa.Table | list[dict], loaded: LoadedModel):
+        if isinstance(rows, pa.Table):
+            self.images, self.captions = rows.column("image").to_pylist(), rows.column("caption").to_pylist()
+        else:
+            self.images, self.captions = [r["image"] for r in rows], [r["caption"] for r in rows]
+        self.preprocess, self.tokenizer = image_preprocess(loaded.model), loaded.tokenizer
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        return self.preprocess(open_rgb(self.images[i])), self.captions[i]
+
+    def collate(self, items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([im for im, _ in items]), self.tokenizer([c for _, c in items])
+
+
+def input_batches(rows: pa.Table | list[dict], loaded: LoadedModel, micro_batch: int,
+                  num_workers: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """The rows' model inputs as ``(images, texts)`` batches of ``micro_batch`` rows in order (the last may be
+    shorter): what :func:`~chips_core.scoring.featurize.forward_pre_batches` takes. With ``num_workers`` > 0 a
+    ``torch.utils.data.DataLoader`` decodes and preprocesses in that many worker processes while the model
+    runs, two batches ahead each, into pinned memory when the model is on a GPU; the batches are the same bits
+    whatever the number of workers (each image is preprocessed alone). Memory: the batches in flight, not
+    the rows' decoded images."""
+    data = PairInputs(rows, loaded)
+    num_workers = min(num_workers, -(-len(data) // micro_batch))  # no worker without a batch to decode
+    return torch.utils.data.DataLoader(data, batch_size=micro_batch, shuffle=False, num_workers=num_workers,
+                                       collate_fn=data.collate, pin_memory=str(loaded.device).startswith("cuda"))
+
+
+def featurize_workers(cfg: RunConfig, loaded: LoadedModel) -> int:
+    """``featurize.num_workers``, or its default from the CPU count: on a GPU every core but the one feeding the
+    device decodes (at most 16); on CPU the model's forward uses the cores, so none (decoding in the stage's own
+    process) up to 4 cores, then a quarter of them."""
+    if cfg.featurize.num_workers is not None:
+        return cfg.featurize.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if str(loaded.device).startswith("cuda"):
+        return max(1, min(cores - 1, 16))
+    return 0 if cores <= 4 else cores // 4
 
 
 def require_bank_model(loaded: LoadedModel, bank: ReferenceBank, run_id: str) -> None:

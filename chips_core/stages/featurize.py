@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import partial
 
 import pyarrow as pa
+import torch
 
 from ..platform.features import (load_bank, load_curvature, load_pre, save_bank, save_curvature, save_pre,
                                  write_features)
@@ -18,11 +20,12 @@ from ..platform.poolscan import PoolScan, PoolShard
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import LoadedModel
-from ..scoring.featurize import Featurizer, ReferenceBank, ScoringContext, forward_pre
+from ..scoring.featurize import Featurizer, ReferenceBank, ScoringContext, forward_pre_batches
 from ..scoring.identity import StreamSample
 from ..scoring.target import curvature_stats_pre
 from ..util import progress as progress_bar
-from .common import MapShards, endpoint_for, load_pairs, local_map, model_fields, model_inputs, require_bank_model, require_pairs
+from .common import (MapShards, endpoint_for, featurize_workers, input_batches, load_pairs, local_map, model_fields,
+                     model_inputs, require_bank_model, require_pairs)
 from .runconfig import RunConfig
 
 log = logging.getLogger("chips")
@@ -90,7 +93,9 @@ def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
     feat = Featurizer(endpoint_for(cfg, loaded), bank, cfg.sketch, cfg.featurize)
     rows = plan.scan.read(shard)
     ids = rows.column("pair_id").to_pylist()
-    h_v, h_t = forward_pre(feat.endpoint, *model_inputs(rows, loaded), cfg.featurize.micro_batch)
+    mb = cfg.featurize.micro_batch
+    h_v, h_t = forward_pre_batches(feat.endpoint, input_batches(rows, loaded, mb, featurize_workers(cfg, loaded)), mb)
+    del rows
     wanted = set(plan.curvature_ids)
     keep = [i for i, p in enumerate(ids) if p in wanted]
     save_pre(wh, run_id, name, [ids[i] for i in keep], h_v[keep], h_t[keep])
@@ -111,6 +116,16 @@ def featurize_curvature(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_
                                                cfg.featurize.micro_batch), run_id)
 
 
+def _warn_oversubscribed(workers: int, loaded: LoadedModel) -> None:
+    """On CPU, decode workers and the model's torch threads share the cores: more of both than cores slows the
+    forward several times over (measured: docs/benchmarks/featurize_shards.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers and not str(loaded.device).startswith("cuda") and workers + torch.get_num_threads() > cores:
+        log.warning("featurize.num_workers=%d beside %d torch threads on %d cores: the decoders and the model "
+                    "compete for them; give the model fewer threads (torch.set_num_threads, OMP_NUM_THREADS) or "
+                    "use fewer workers", workers, torch.get_num_threads(), cores)
+
+
 def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str | None = None,
                     parent_run_id: str | None = None, progress: bool = False,
                     map_shards: MapShards = local_map) -> dict:
@@ -121,6 +136,7 @@ def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
                       **model_fields(cfg, loaded)) as row:
         plan = featurize_prepare(cfg, wh, loaded, run_id)
         shards = plan.shards
+        _warn_oversubscribed(featurize_workers(cfg, loaded), loaded)
         results = map_shards(partial(featurize_shard, cfg, wh, loaded, run_id, plan), shards)
         written = sum(bool(r) for r in progress_bar(results, enabled=progress, desc="featurize", total=len(shards)))
         featurize_curvature(cfg, wh, loaded, run_id, plan)

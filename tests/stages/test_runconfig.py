@@ -42,3 +42,20 @@ def test_duckdb_memory_limit_is_a_size():
     assert load_run_config({**BASE, "duckdb_memory_limit": "2GiB"}).duckdb_memory_limit == "2GiB"
     with pytest.raises(ConfigError, match=r"duckdb_memory_limit='lots' is invalid: a size such as 256MB"):
         load_run_config({**BASE, "duckdb_memory_limit": "lots"})
+
+
+def test_featurize_num_workers_is_checked_and_defaults_from_the_cpu_count(monkeypatch):
+    from types import SimpleNamespace
+
+    from chips_core.stages.common import featurize_workers
+
+    assert load_run_config({**BASE, "featurize": {"num_workers": 3}}).featurize.num_workers == 3
+    for bad in (-1, 1.5, True, "four"):
+        with pytest.raises(ConfigError, match=r"num_workers=" + repr(bad).replace(".", r"\.")):
+            load_run_config({**BASE, "featurize": {"num_workers": bad}})
+    cfg = load_run_config(BASE)
+    assert cfg.featurize.num_workers is None  # the default: from the machine
+    for cores, cpu, gpu in ((2, 0, 1), (4, 0, 3), (16, 4, 15), (64, 16, 16)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert featurize_workers(cfg, SimpleNamespace(device="cpu")) == cpu
+        assert featurize_workers(cfg, SimpleNamespace(device="cuda:0")) == gpu

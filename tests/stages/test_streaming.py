@@ -4,6 +4,9 @@ curvature are the same whatever the sharding, and equal to featurizing the pool 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import hashlib
+import os
 
 import numpy as np
 import open_clip
@@ -73,6 +76,27 @@ def test_image_reads_do_not_grow_with_shards_and_features_do_not_depend_on_them(
     assert mem.pair_id == ref.pair_id
     np.testing.assert_array_equal(mem.to_arrow("float16").column("g").to_pylist(),
                                   ref.to_arrow("float16").column("g").to_pylist())
+
+
+def test_decode_workers_do_not_change_a_byte(pool):
+    """The input pipeline: with DataLoader workers decoding (2, and more workers than batches) the feature,
+    trunk-output, bank and curvature files are the same bytes as decoding in the stage's own process."""
+    cfg, loaded, n = pool
+    wh = Warehouse(cfg.warehouse)
+
+    def run(workers):
+        run_id = f"workers-{workers}"
+        feat = dataclasses.replace(cfg.featurize, num_workers=workers)
+        featurize_stage(dataclasses.replace(cfg, featurize=feat, shard_size=PAIRS_ROW_GROUP), wh, loaded, run_id=run_id)
+        files = [p for t in ("features", "globals")
+                 for p in sorted(glob.glob(f"{wh.root}/{t}/run={run_id}/**/*.*", recursive=True))]
+        return {os.path.relpath(p, wh.root).replace(run_id, "RUN"): hashlib.sha256(open(p, "rb").read()).hexdigest()
+                for p in files}
+
+    base = run(0)
+    assert len(base) >= 8  # three shards' features and trunk outputs, the bank and the curvature
+    assert run(2) == base
+    assert run(40) == base
 
 
 def test_streaming_score_and_selection_equal_the_in_memory_path(pool, tmp_path):
