@@ -7,8 +7,8 @@ For each model and precision, on one machine, in one process:
     parts, the bank (K pairs, forwarded once per run) and the curvature reduce; pairs/s = pool pairs / wall time;
   * ``decoded``: ``Featurizer.featurize`` over the same pairs already decoded and preprocessed, on the device;
   * ``forward``: ``encode_image`` + ``encode_text`` alone over the same tensors (what any embedding job pays);
-  * the share of one shard's time in read + decode, host-to-device copy, forward and the CHIPS maths, each
-    timed alone on the same pairs.
+  * the share of one shard's time in read + decode, host-to-device copy, forward, the CHIPS maths and writing
+    its parts, each timed alone on the same pairs.
 
 Run:  .venv/bin/python benchmarks/featurize_shards.py [--device cpu|cuda] [--models demo,ViT-B-32]
       [--precisions fp32] [--workers 0,2] [--out docs/benchmarks/featurize_shards.md]
@@ -40,7 +40,7 @@ from chips_core.stages import featurize_stage, ingest_stage  # noqa: E402
 from chips_core.stages.common import endpoint_for, model_inputs  # noqa: E402
 from chips_core.stages.featurize import featurize_prepare  # noqa: E402
 from chips_core.stages.runconfig import load_run_config  # noqa: E402
-from chips_core.platform.features import load_bank  # noqa: E402
+from chips_core.platform.features import load_bank, save_pre, write_features  # noqa: E402
 from chips_core.train.synthetic import DEMO_MODEL_CONFIG  # noqa: E402
 
 WORDS = ("red blue green small large round square striped dotted dog cat car tree house boat bird chair shoe "
@@ -124,7 +124,10 @@ def measure(workdir: Path, model: str, precision: str, n: int, args, shards, tar
     mb = cfg0.featurize.micro_batch
     chunks = [(images_d[s:s + mb], texts_d[s:s + mb]) for s in range(0, len(ids), mb)]
     t_forward, (h_v, h_t) = timed(lambda: forward_pre_batches(feat.endpoint, chunks, mb), args.device)
-    t_maths, _ = timed(lambda: feat.featurize_pre(h_v, h_t, ids), args.device)
+    t_maths, features = timed(lambda: feat.featurize_pre(h_v, h_t, ids), args.device)
+    scratch = f"write-{time.time_ns()}"
+    t_write, _ = timed(lambda: (save_pre(wh, scratch, "shard-00000", ids[:args.bank], h_v[:args.bank], h_t[:args.bank]),
+                                write_features(wh, features, scratch, "shard-00000")), "cpu")
     t_feat, _ = timed(lambda: feat.featurize(images_d, texts_d, ids), args.device)
     endpoint = feat.endpoint
 
@@ -134,8 +137,21 @@ def measure(workdir: Path, model: str, precision: str, n: int, args, shards, tar
                 loaded.model.encode_image(im)
                 loaded.model.encode_text(tx)
     t_fwd_only, _ = timed(forward_only, args.device)
+    compiled = []
+    if args.compile:  # torch.compile of the two encoders: first call (compilation), then a timed pass
+        enc_i, enc_t = torch.compile(loaded.model.encode_image), torch.compile(loaded.model.encode_text)
+
+        def forward_compiled():
+            with torch.no_grad(), endpoint.autocast():
+                for im, tx in chunks:
+                    enc_i(im)
+                    enc_t(tx)
+        t_compile, _ = timed(forward_compiled, args.device)
+        t_comp, _ = timed(forward_compiled, args.device)
+        compiled = [{"model": model, "precision": precision, "mode": "forward, torch.compile", "workers": None,
+                     "pairs": len(ids), "seconds": t_comp, "pairs_s": len(ids) / t_comp, "compile_s": t_compile - t_comp}]
     m = len(ids)
-    total = t_read + t_decode + t_copy + t_forward + t_maths
+    total = t_read + t_decode + t_copy + t_forward + t_maths + t_write
     rows.append({"model": model, "precision": precision, "mode": "decoded", "workers": None, "pairs": m,
                  "seconds": t_feat, "pairs_s": m / t_feat})
     rows.append({"model": model, "precision": precision, "mode": "forward", "workers": None, "pairs": m,
@@ -143,8 +159,9 @@ def measure(workdir: Path, model: str, precision: str, n: int, args, shards, tar
     rows.append({"model": model, "precision": precision, "mode": "shares", "workers": 0, "pairs": m,
                  "seconds": total, "pairs_s": m / total,
                  "shares": {"read + decode": (t_read + t_decode) / total, "copy": t_copy / total,
-                            "forward": t_forward / total, "chips maths": t_maths / total}})
-    for r in rows[-3:]:
+                            "forward": t_forward / total, "chips maths": t_maths / total, "write": t_write / total}})
+    rows += compiled
+    for r in rows[-3 - len(compiled):]:
         print(json.dumps(r), flush=True)
     return rows
 
@@ -169,9 +186,10 @@ def report(rows: list[dict], args, wall: float) -> str:
              "them in `num_workers` DataLoader workers or, with 0, in the stage's process; forward; CHIPS maths; "
              "write the parts; the bank and curvature reduce): pool pairs / wall seconds.",
              "- `decoded`: `Featurizer.featurize` over one shard's pairs already decoded, on the device.",
-             "- `forward`: `encode_image` + `encode_text` alone over the same tensors, same precision.",
+             "- `forward`: `encode_image` + `encode_text` alone over the same tensors, same precision; with "
+             "`--compile`, also through `torch.compile` (its compilation time in the summary).",
              "- shares: one shard's time split into read + decode (in one process), host-to-device copy, "
-             "forward and CHIPS maths, each timed alone.", "",
+             "forward, CHIPS maths and writing its feature part (and K trunk-output rows), each timed alone.", "",
              "| model | precision | mode | workers | torch threads | pairs | seconds | pairs/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -179,12 +197,13 @@ def report(rows: list[dict], args, wall: float) -> str:
             continue
         lines.append(f"| {r['model']} | {r['precision']} | {r['mode']} | {'' if r['workers'] is None else r['workers']} "
                      f"| {r.get('threads') or threads} | {r['pairs']:,} | {r['seconds']:.1f} | {r['pairs_s']:,.1f} |")
-    lines += ["", "| model | precision | read + decode | copy | forward | CHIPS maths |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| model | precision | read + decode | copy | forward | CHIPS maths | write |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["mode"] == "shares":
             s = r["shares"]
             lines.append(f"| {r['model']} | {r['precision']} | " + " | ".join(f"{100 * s[k]:.0f}%" for k in
-                                                                            ("read + decode", "copy", "forward", "chips maths")) + " |")
+                                                                            ("read + decode", "copy", "forward", "chips maths", "write")) + " |")
     lines += [""]
     for (model, precision) in dict.fromkeys((r["model"], r["precision"]) for r in rows):
         by = {(r["mode"], r["workers"]): r for r in rows if r["model"] == model and r["precision"] == precision
@@ -198,6 +217,11 @@ def report(rows: list[dict], args, wall: float) -> str:
             parts.append(f"{sh[best] / sh[(0, threads)]:.2f}x decoding in the stage's process (0 workers, {threads} threads)")
         parts.append(f"{sh[best] / dec:.2f} of featurize from decoded tensors")
         parts.append(f"featurize / forward-only from decoded tensors {dec / fwd:.3f}")
+        comp = next((r for r in rows if r["model"] == model and r["precision"] == precision
+                     and r["mode"] == "forward, torch.compile"), None)
+        if comp:
+            parts.append(f"torch.compile: forward-only {comp['pairs_s'] / fwd:.2f}x eager after "
+                         f"{comp['compile_s']:.0f} s of compilation")
         lines.append(f"- {model} {precision}: " + "; ".join(parts))
     lines.append("")
     return "\n".join(lines)
@@ -219,6 +243,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--bank", type=int, default=256)
     p.add_argument("--k", type=int, default=512)
+    p.add_argument("--compile", action="store_true", help="also forward-only with torch.compile'd encoders")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--json", default=None)

@@ -32,7 +32,8 @@ export PYTHONUNBUFFERED=1
 $PY - "$DEVICE" <<'EOF' | tee "$OUT/env.txt"
 import sys, torch, open_clip
 dev = sys.argv[1]
-print(f"torch {torch.__version__}, open_clip {open_clip.__version__}, cuda available {torch.cuda.is_available()}"
+print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
+      f"cuda available {torch.cuda.is_available()}"
       + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
 if dev.startswith("cuda") and not torch.cuda.is_available():
     sys.exit("gpu_check.sh: --device cuda but torch sees no CUDA device")
@@ -48,5 +49,20 @@ tests_rc=${PIPESTATUS[0]}
 set -e
 $PY benchmarks/featurize_precision.py --device "$DEVICE" $QUICK --out "$OUT/featurize_precision.md" \
   --json "$OUT/featurize_precision.json"
+# end to end from JPEG tar shards (the featurize stage: DataLoader workers, the warehouse); the stages need the
+# platform's packages (duckdb, great_expectations, ...): where this Python lacks them the step says so and skips
+if $PY -c "import chips_core.stages" 2>"$OUT/stages_import.txt"; then
+  if [ -n "$QUICK" ]; then
+    $PY benchmarks/featurize_shards.py --device "$DEVICE" --models demo --pairs 512 --workers 0,2 \
+      --out "$OUT/featurize_shards.md" --json "$OUT/featurize_shards.json"
+  else
+    $PY benchmarks/featurize_shards.py --device "$DEVICE" --models ViT-B-32,ViT-B-16 --precisions bf16,fp32 \
+      --pairs 4096 --workers 0,4,15 --out "$OUT/featurize_shards.md" --json "$OUT/featurize_shards.json"
+    $PY benchmarks/featurize_shards.py --device "$DEVICE" --models ViT-B-16 --precisions bf16 --pairs 2048 \
+      --workers 15 --compile --out "$OUT/featurize_shards_compile.md" --json "$OUT/featurize_shards_compile.json"
+  fi
+else
+  echo "gpu_check.sh: featurize_shards.py skipped, the stages do not import here: $(tail -1 "$OUT/stages_import.txt")"
+fi
 echo "gpu_check.sh: tests exit status $tests_rc; reports in $OUT"
 exit "$tests_rc"

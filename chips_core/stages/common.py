@@ -3,6 +3,7 @@ a set of sources' pairs as model inputs."""
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import pyarrow as pa
@@ -175,7 +176,17 @@ def input_batches(rows: pa.Table | list[dict], loaded: LoadedModel, micro_batch:
     data = PairInputs(rows, loaded)
     num_workers = min(num_workers, -(-len(data) // micro_batch))  # no worker without a batch to decode
     return torch.utils.data.DataLoader(data, batch_size=micro_batch, shuffle=False, num_workers=num_workers,
-                                       collate_fn=data.collate, pin_memory=str(loaded.device).startswith("cuda"))
+                                       collate_fn=data.collate, pin_memory=str(loaded.device).startswith("cuda"),
+                                       worker_init_fn=_forked_worker_init if num_workers else None)
+
+
+def _forked_worker_init(worker_id: int) -> None:
+    """A forked decode worker drops the exit hooks its parent's thread services registered (``threading``'s
+    atexit list): their threads do not exist in the child, and Prefect's log and event services assert on exit
+    there, so every worker of a featurize run inside a Prefect flow exited with status 1 and failed the shard."""
+    hooks = getattr(threading, "_threading_atexits", None)
+    if isinstance(hooks, list):
+        hooks.clear()
 
 
 def featurize_workers(cfg: RunConfig, loaded: LoadedModel) -> int:

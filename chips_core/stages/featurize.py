@@ -122,8 +122,8 @@ def _warn_oversubscribed(workers: int, loaded: LoadedModel) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if workers and not str(loaded.device).startswith("cuda") and workers + torch.get_num_threads() > cores:
         log.warning("featurize.num_workers=%d beside %d torch threads on %d cores: the decoders and the model "
-                    "compete for them; give the model fewer threads (torch.set_num_threads, OMP_NUM_THREADS) or "
-                    "use fewer workers", workers, torch.get_num_threads(), cores)
+                    "may compete for them (a forward several times slower); if so, give the model fewer threads "
+                    "(torch.set_num_threads, OMP_NUM_THREADS) or use fewer workers", workers, torch.get_num_threads(), cores)
 
 
 def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str | None = None,

@@ -97,6 +97,26 @@ def test_rescore_runs_the_model_over_the_new_target_only(prefect_api, config_pat
     assert out["score"]["pairs"] == 90 and out["score"]["eval_pairs"] == 17
 
 
+def test_featurize_flow_with_decode_workers_equals_decoding_in_process(prefect_api, config_path):
+    """DataLoader workers forked inside a Prefect flow (shard tasks on threads, Prefect's services running):
+    they finish cleanly (Prefect's exit hooks asserted in a forked child and failed every shard) and the feature
+    parts are the bytes of a run decoding in process."""
+    import glob
+    import hashlib
+
+    from flows.chips_flows import featurize_flow
+
+    base = yaml.safe_load(config_path.read_text())
+    digests = {}
+    for workers in (0, 2):
+        cfg = {**base, "featurize": {**base.get("featurize", {}), "num_workers": workers}}
+        out = featurize_flow(cfg, run_id=f"featurize-workers-{workers}")
+        assert out["shards_written"] == 3
+        parts = sorted(glob.glob(f"{base['warehouse']}/features/run=featurize-workers-{workers}/*.parquet"))
+        digests[workers] = [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in parts]
+    assert len(digests[0]) == 3 and digests[2] == digests[0]
+
+
 def test_featurize_and_score_on_dask_equal_the_local_run(prefect_api, config_path):
     """Two Dask worker processes (prefect-dask's DaskTaskRunner on a LocalCluster) write byte-identical
     feature shards, and the scores computed from them are identical to the single-process run's."""
