@@ -62,9 +62,9 @@ FEATURIZE_SHARDS_AT_ONCE = 2
 
 @flow(name="chips-featurize", task_runner=ThreadPoolTaskRunner(max_workers=FEATURIZE_SHARDS_AT_ONCE))
 def featurize_flow(config: str | dict, run_id: str | None = None, parent_run_id: str | None = None,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, reuse: str | None = None) -> dict:
     out = featurize_stage(*_setup(config), run_id=run_id, parent_run_id=parent_run_id, progress=progress,
-                          map_shards=_map_shards)
+                          map_shards=_map_shards, reuse=reuse)
     get_run_logger().info("featurize %s: %d pairs, %d shards (%d written now)", out["run_id"], out["pairs"],
                           out["shards"], out["shards_written"])
     return out
@@ -108,6 +108,14 @@ def _subflows(config: str | dict, progress: bool = False) -> dict:
 def pipeline_flow(config: str | dict, progress: bool = False) -> dict:
     cfg, wh, loaded = _setup(config)
     return run_pipeline(cfg, loaded, wh=wh, stages=_subflows(config, progress))
+
+
+@flow(name="chips-refresh")
+def refresh_flow(config: str | dict, progress: bool = False) -> dict:
+    """The pipeline featurizing only what changed since the pool's last featurize run (new shards; every pair
+    again when the model or the feature settings changed, with the reason in the log and the runs row)."""
+    cfg, wh, loaded = _setup(config)
+    return run_pipeline(cfg, loaded, wh=wh, stages=_subflows(config, progress), refresh=True)
 
 
 @flow(name="chips-rescore")

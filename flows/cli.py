@@ -1,4 +1,4 @@
-"""The ``chips`` command line: demo, run, check, rescore, cpt, eval, sql, runs, report, server. Every error is one
+"""The ``chips`` command line: demo, run, refresh, check, rescore, cpt, eval, sql, runs, report, server. Every error is one
 line on stderr and exit code 1 (the one boundary: :func:`_one_line_errors`); an unexpected one also writes its
 traceback to a log file whose path the line names (``--debug`` prints it instead). Ctrl-C ends any command within
 seconds with ``interrupted; rerun the same command to resume`` (the stage's run is recorded as failed).
@@ -134,6 +134,23 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/r
         from flows.chips_flows import pipeline_flow
 
         out = pipeline_flow(str(config), progress=True)
+    _summary(out, cfg)
+
+
+@app.command()
+def refresh(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/runconfig.py)")) -> None:
+    """The pipeline again, featurizing only what changed since this pool's last featurize run."""
+    with _one_line_errors():
+        from chips_core.stages.preflight import check_sources, require_checkpoint, writable_warehouse
+        from chips_core.stages.runconfig import load_run_config
+
+        cfg = load_run_config(config)
+        check_sources(cfg)
+        require_checkpoint(cfg)
+        writable_warehouse(cfg)
+        from flows.chips_flows import refresh_flow
+
+        out = refresh_flow(str(config), progress=True)
     _summary(out, cfg)
 
 
@@ -363,7 +380,7 @@ def _print_table(table: pa.Table, limit: int) -> None:
 def _summary(out: dict, cfg, demo: bool = False) -> None:
     con = connect(cfg.open_warehouse())
     i, f, s, m = out["ingest"], out["featurize"], out["score"], out["materialize"]
-    typer.echo(f"\nPipeline run {out['run_id']}")
+    typer.echo(f"\n{'Refresh' if out['run_id'].startswith('refresh') else 'Pipeline'} run {out['run_id']}")
     typer.echo(f"  ingest      read {i['read']}, kept {i['kept']}, quarantined {i['quarantined']}, unchanged {i['unchanged']}"
                f" (a source above {cfg.max_quarantine_share:.0%} quarantined stops the run)")
     for name, q in out.get("quarantine", {}).items():
@@ -373,6 +390,13 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     typer.echo(f"  featurize   {f['pairs']} pool pairs in {f['shards']} shards (k={cfg.sketch.k}, "
                f"K={f.get('bank_size', cfg.bank.size)}" + (f", clipped from bank.size={cfg.bank.size}"
                                                           if f.get("bank_size", cfg.bank.size) < cfg.bank.size else "") + ")")
+    if "refresh" in f:
+        r = f["refresh"]
+        typer.echo(f"              refresh of {r['reuse_of']}: {r['pairs_reused']} pairs' features reused, "
+                   f"{r['pairs_forwarded']} forwarded" + (f"; curvature {r['curvature']} (pool grew {r['pool_growth']:.1%})"
+                                                         if r["reused"] else f" ({r['reason']})"))
+    elif out["run_id"].startswith("refresh"):
+        typer.echo("              refresh: no earlier featurize run of this pool, every pair featurized")
     typer.echo(f"  score       {s['pairs']} pairs against {s['eval_pairs']} target pairs (eval loss {s['eval_loss']:.3f})")
     typer.echo(f"              {s['premise']}")
     typer.echo(f"  materialize {len(m['subsets'])} subsets")

@@ -72,12 +72,19 @@ def save_pre(wh: Warehouse, run_id: str, shard: str, pair_ids: list[str], h_v: t
     wh.write_bytes(_globals(wh, run_id, f"pre/{shard}.parquet"), buf.getvalue())
 
 
-def load_pre(wh: Warehouse, run_id: str, pair_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored trunk outputs of ``pair_ids``, in that order (a missing one is a named error)."""
+def load_pre(wh: Warehouse, run_id: str, pair_ids: list[str], missing_ok: bool = False):
+    """The stored trunk outputs of ``pair_ids``, in that order (a missing one is a named error); with
+    ``missing_ok``, a dict ``{pair_id: (h_v, h_t)}`` of those stored."""
     parts = sorted(wh.fs.glob(_globals(wh, run_id, "pre/*.parquet")))
     t = pa.concat_tables([pq.read_table(io.BytesIO(wh.read_bytes(p))) for p in parts]) if parts else None
     have = {} if t is None else {p: i for i, p in enumerate(t.column("pair_id").to_pylist())}
     missing = [p for p in pair_ids if p not in have]
+    if missing_ok:
+        found = [p for p in pair_ids if p in have]
+        if not found:
+            return {}
+        h_v, h_t = load_pre(wh, run_id, found)
+        return {p: (h_v[i], h_t[i]) for i, p in enumerate(found)}
     if missing:
         raise KeyError(f"featurize run {run_id!r} kept no trunk outputs for {len(missing)} curvature-sample pairs, "
                        f"e.g. {missing[:3]}")
@@ -97,11 +104,50 @@ def write_features(wh: Warehouse, features: FeatureBatch, run_id: str, shard: st
 
 
 def feature_parts(wh: Warehouse, run_id: str) -> list[str]:
-    """The parts of a featurization run (one per featurize shard), in a fixed order."""
-    parts = sorted(wh.fs.glob(posixpath.join(wh.table_dir("features"), f"run={run_id}", "*.parquet")))
-    if not parts:
+    """The parts of a featurization run (one per featurize shard), in shard order: its own, and the parts of an
+    earlier run that a refresh reused for shards whose pairs had not changed (named by its shard plan)."""
+    by_name = shard_parts(wh, run_id)
+    if not by_name:
         raise FileNotFoundError(f"no features for run {run_id!r} in warehouse {wh.url!r}")
-    return parts
+    return [by_name[k] for k in sorted(by_name)]
+
+
+def shard_parts(wh: Warehouse, run_id: str) -> dict[str, str]:
+    """``{shard name: features part path}`` of a run, reused parts included."""
+    own = wh.fs.glob(posixpath.join(wh.table_dir("features"), f"run={run_id}", "*.parquet"))
+    by_name = {posixpath.basename(p)[:-len(".parquet")]: p for p in own}
+    plan = load_shard_plan(wh, run_id)
+    if plan is not None:
+        for name, part in zip(plan.column("shard").to_pylist(), plan.column("reused_part").to_pylist()):
+            if part is not None:
+                by_name[name] = wh.path(part)
+    return by_name
+
+
+SHARD_PLAN = pa.schema([("shard", pa.string()), ("path", pa.string()), ("row_groups", pa.list_(pa.int32())),
+                        ("start", pa.int64()), ("stop", pa.int64()), ("pairs", pa.int64()), ("digest", pa.string()),
+                        ("reused_part", pa.string())])
+
+
+def save_shard_plan(wh: Warehouse, run_id: str, rows: list[dict]) -> None:
+    """Where each shard of a featurize run came from (its ``pairs`` part, row groups, range, the sha256 of its pair
+    ids) and, for a shard a refresh did not forward, the earlier run's part it reuses (warehouse-relative paths)."""
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_PLAN), buf)
+    wh.write_bytes(_globals(wh, run_id, "shards.parquet"), buf.getvalue())
+
+
+def load_shard_plan(wh: Warehouse, run_id: str) -> pa.Table | None:
+    """A featurize run's shard plan, or None for a run made before plans were kept."""
+    path = _globals(wh, run_id, "shards.parquet")
+    if not wh.fs.exists(path):
+        return None
+    return pq.read_table(io.BytesIO(wh.read_bytes(path)))
+
+
+def relative_path(wh: Warehouse, path: str) -> str:
+    """``path`` relative to the warehouse root (what a shard plan stores, so that the warehouse can move)."""
+    return posixpath.relpath(path, wh.root) if path.startswith(wh.root) else path
 
 
 def read_feature_part(wh: Warehouse, path: str) -> FeatureBatch:

@@ -8,6 +8,8 @@ duplicates, found by one anti-join in DuckDB and held as a set). The scan reads 
 """
 from __future__ import annotations
 
+import hashlib
+
 import posixpath
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -31,6 +33,13 @@ class PoolShard:
     pairs: int
     start: int = 0
     stop: int | None = None
+    digest: str = ""  # sha256 over its pool pairs' ids in storage order: a refresh reuses a shard whose digest is unchanged
+
+
+def _digest_of(h, ids: list[str]) -> str:
+    for pid in ids:
+        h.update(pid.encode() + b"\n")
+    return h.hexdigest()
 
 
 class PoolScan:
@@ -82,32 +91,36 @@ class PoolScan:
         for path in self.parts():
             with self.wh.fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
-                groups, rows, members = [], 0, 0
+                groups, rows, members, digest = [], 0, 0, hashlib.sha256()
                 for rg in range(pf.num_row_groups):
                     t = pf.read_row_group(rg, columns=["pair_id", "source"])
                     mask = self.member_mask(t)
                     n = int(mask.sum())
+                    ids = t.column("pair_id").filter(pa.array(mask)) if n else None
                     if n and on_ids is not None:
-                        ids = t.column("pair_id").filter(pa.array(mask))
                         on_ids(ids.to_pylist(), pa.table({
                             "pair_id": ids, "path": pa.array([path] * n, pa.string()),
                             "row_group": pa.array(np.full(n, rg, np.int32))}))
                     if n and t.num_rows > shard_size:  # shards below the row group: row ranges of it
                         if groups:
-                            shards.append(PoolShard(path, tuple(groups), members))
-                            groups, rows, members = [], 0, 0
+                            shards.append(PoolShard(path, tuple(groups), members, digest=digest.hexdigest()))
+                            groups, rows, members, digest = [], 0, 0, hashlib.sha256()
+                        all_ids = t.column("pair_id").to_pylist()
                         for a in range(0, t.num_rows, shard_size):
                             m = int(mask[a:a + shard_size].sum())
                             if m:
-                                shards.append(PoolShard(path, (rg,), m, a, min(a + shard_size, t.num_rows)))
+                                part = [p for p, keep in zip(all_ids[a:a + shard_size], mask[a:a + shard_size]) if keep]
+                                shards.append(PoolShard(path, (rg,), m, a, min(a + shard_size, t.num_rows),
+                                                        _digest_of(hashlib.sha256(), part)))
                         continue
                     if n:
                         groups.append(rg)
                         rows += t.num_rows
                         members += n
+                        _digest_of(digest, ids.to_pylist())
                     if groups and (rows >= shard_size or rg == pf.num_row_groups - 1):
-                        shards.append(PoolShard(path, tuple(groups), members))
-                        groups, rows, members = [], 0, 0
+                        shards.append(PoolShard(path, tuple(groups), members, digest=digest.hexdigest()))
+                        groups, rows, members, digest = [], 0, 0, hashlib.sha256()
         return shards
 
     def read(self, shard: PoolShard, columns: Sequence[str] = ("pair_id", "caption", "image")) -> pa.Table:

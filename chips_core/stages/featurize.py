@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import pyarrow as pa
 import torch
 
-from ..platform.features import (load_bank, load_curvature, load_pre, save_bank, save_curvature, save_pre,
-                                 write_features)
+from ..errors import IncompatibleFeaturesError
+from ..platform.features import (feature_parts, load_bank, load_curvature, load_pre, load_shard_plan, read_feature_part,
+                                 relative_path, save_bank, shard_parts, save_curvature, save_pre, save_shard_plan, write_features)
 from ..platform.poolscan import PoolScan, PoolShard
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
@@ -54,12 +55,20 @@ class FeaturizePlan:
     shards: list[PoolShard]
     pairs: int
     curvature_ids: list[str]
+    reused: dict[int, str] = field(default_factory=dict)  # shard -> an earlier run's part (a refresh's unchanged shards)
+    base: str | None = None  # the featurize run a refresh builds on (its bank, its parts, maybe its curvature)
+    base_pairs: int = 0  # that run's pool size
+    reason: str | None = None  # why a refresh could not build on the run it was given
 
 
-def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str) -> FeaturizePlan:
+def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str,
+                      reuse: str | None = None) -> FeaturizePlan:
     """Reduce step, one pass over the pool's ids (no image bytes): its shards, the bank and curvature samples
     (the pairs of smallest seeded key, order- and shard-free), then the bank forwarded and stored once per run
-    (a resumed run reuses the stored bank)."""
+    (a resumed run reuses the stored bank). With ``reuse`` (a refresh), the earlier run's bank is kept and each
+    shard whose pairs are unchanged (same rows, same ids) reuses that run's features part instead of being
+    forwarded, unless the model or the feature settings changed (then every pair is forwarded, and the log and
+    the run's diagnostics say why)."""
     scan = PoolScan(wh, [s.name for s in cfg.pool])
     bank = StreamSample(cfg.bank.size, cfg.bank.seed, pa.concat_tables)
     curv = StreamSample(cfg.curvature.n_curv, cfg.curvature.seed)
@@ -73,12 +82,59 @@ def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id
     shards = scan.plan(cfg.shard_size, offer)
     if seen[0] < 2:
         require_pairs(wh, cfg.pool, "pool", ids=False)  # its error names the sources and their quarantine causes
+    base, reason = _reusable(cfg, wh, loaded, reuse)
     try:
         load_bank(wh, run_id)
     except FileNotFoundError:
-        rows = scan.read_located(bank.payload)
-        save_bank(wh, _bank(cfg, loaded, *model_inputs(rows, loaded), bank.ids), run_id)
-    return FeaturizePlan(scan, shards, seen[0], curv.ids)
+        if base is not None:  # the bank is drawn once per pool and model, then kept
+            save_bank(wh, load_bank(wh, base), run_id)
+        else:
+            rows = scan.read_located(bank.payload)
+            save_bank(wh, _bank(cfg, loaded, *model_inputs(rows, loaded), bank.ids), run_id)
+    plan = FeaturizePlan(scan, shards, seen[0], curv.ids, reason=reason)
+    rows = [{"shard": f"shard-{n:05d}", "path": relative_path(wh, sh.path), "row_groups": list(sh.row_groups),
+             "start": sh.start, "stop": sh.stop, "pairs": sh.pairs, "digest": sh.digest, "reused_part": None}
+            for n, sh in enumerate(shards)]
+    if base is not None:
+        before = load_shard_plan(wh, base).to_pylist()
+        parts = {name: relative_path(wh, p) for name, p in shard_parts(wh, base).items()}
+        where = {(r["path"], tuple(r["row_groups"]), r["start"], r["stop"], r["digest"]): parts.get(r["shard"])
+                 for r in before}
+        for n, r in enumerate(rows):
+            part = where.get((r["path"], tuple(r["row_groups"]), r["start"], r["stop"], r["digest"]))
+            if part is not None:
+                r["reused_part"], plan.reused[n] = part, part
+        plan.base, plan.base_pairs = base, sum(r["pairs"] for r in before)
+    save_shard_plan(wh, run_id, rows)
+    return plan
+
+
+def _reusable(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, reuse: str | None) -> tuple[str | None, str | None]:
+    """``reuse`` when a refresh can build on it: the same model, the same feature identity, a kept shard plan.
+    Otherwise None, with one log line saying why every pair is forwarded again."""
+    if reuse is None:
+        return None, None
+    why = None
+    try:
+        bank = load_bank(wh, reuse)
+    except FileNotFoundError:
+        bank, why = None, f"featurize run {reuse!r} has no stored bank"
+    if bank is not None and bank.model_checksum != loaded.checksum:
+        why = (f"the model changed: featurize run {reuse!r} was made with model {bank.model_checksum[:12]}, the loaded "
+               f"{loaded.label} is {loaded.checksum[:12]}")
+    elif bank is not None and load_shard_plan(wh, reuse) is None:
+        why = f"featurize run {reuse!r} kept no shard plan (made before refreshes reused features)"
+    elif bank is not None:
+        stored = read_feature_part(wh, feature_parts(wh, reuse)[0]).identity
+        ours = Featurizer(endpoint_for(cfg, loaded), bank, cfg.sketch, cfg.featurize).identity
+        try:
+            ours.require_same(stored, f"featurize run {reuse!r}")
+        except IncompatibleFeaturesError as e:
+            why = f"the feature settings changed: {e}"
+    if why:
+        log.warning("refresh: %s; every pool pair is featurized again", why)
+        return None, why
+    return reuse, None
 
 
 def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str, plan: FeaturizePlan, n: int,
@@ -86,7 +142,7 @@ def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
     """Map step: one shard's features (and its curvature-sample pairs' trunk outputs); skipped (False) when
     its part already exists."""
     name = f"shard-{n:05d}"
-    if wh.has_part("features", {"run": run_id}, name):
+    if n in plan.reused or wh.has_part("features", {"run": run_id}, name):
         return False
     bank = load_bank(wh, run_id)
     require_bank_model(loaded, bank, run_id)
@@ -109,11 +165,28 @@ def featurize_curvature(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_
     stored once per run."""
     try:
         load_curvature(wh, run_id)
+        return
     except FileNotFoundError:
-        ctx = ScoringContext(endpoint_for(cfg, loaded), load_bank(wh, run_id), cfg.sketch)
-        h_v, h_t = load_pre(wh, run_id, plan.curvature_ids)
-        save_curvature(wh, curvature_stats_pre(ctx, h_v, h_t, plan.curvature_ids, cfg.curvature,
-                                               cfg.featurize.micro_batch), run_id)
+        pass
+    if plan.base is not None and _growth(plan) <= cfg.refresh.recompute_curvature_after:
+        save_curvature(wh, load_curvature(wh, plan.base), run_id)
+        return
+    ctx = ScoringContext(endpoint_for(cfg, loaded), load_bank(wh, run_id), cfg.sketch)
+    ids = plan.curvature_ids
+    kept = load_pre(wh, run_id, ids, missing_ok=True)  # sample pairs in the shards forwarded now
+    missing = [p for p in ids if p not in kept]
+    if missing:  # sample pairs in shards a refresh reused: forwarded here, once
+        mb = cfg.featurize.micro_batch
+        h_v, h_t = forward_pre_batches(ctx.endpoint, input_batches(wh.read_pairs(missing), loaded, mb,
+                                                                   featurize_workers(cfg, loaded)), mb)
+        kept |= {p: (h_v[i], h_t[i]) for i, p in enumerate(missing)}
+    h_v, h_t = torch.stack([kept[p][0] for p in ids]), torch.stack([kept[p][1] for p in ids])
+    save_curvature(wh, curvature_stats_pre(ctx, h_v, h_t, ids, cfg.curvature, cfg.featurize.micro_batch), run_id)
+
+
+def _growth(plan: FeaturizePlan) -> float:
+    """How much the pool grew since the run a refresh builds on, as a fraction of its size then."""
+    return (plan.pairs - plan.base_pairs) / max(plan.base_pairs, 1)
 
 
 def _warn_oversubscribed(workers: int, loaded: LoadedModel) -> None:
@@ -128,13 +201,14 @@ def _warn_oversubscribed(workers: int, loaded: LoadedModel) -> None:
 
 def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str | None = None,
                     parent_run_id: str | None = None, progress: bool = False,
-                    map_shards: MapShards = local_map) -> dict:
+                    map_shards: MapShards = local_map, reuse: str | None = None) -> dict:
     """Bank, per-shard features and the curvature statistics for every pool pair. ``map_shards``
-    decides where the shards run (in this process by default)."""
+    decides where the shards run (in this process by default). ``reuse``: an earlier featurize run of this pool
+    that a refresh builds on (:func:`featurize_prepare`): only the shards that changed are forwarded."""
     run_id = run_id or new_run_id("featurize")
     with recorded_run(wh, "featurize", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       **model_fields(cfg, loaded)) as row:
-        plan = featurize_prepare(cfg, wh, loaded, run_id)
+        plan = featurize_prepare(cfg, wh, loaded, run_id, reuse)
         shards = plan.shards
         _warn_oversubscribed(featurize_workers(cfg, loaded), loaded)
         results = map_shards(partial(featurize_shard, cfg, wh, loaded, run_id, plan), shards)
@@ -144,8 +218,27 @@ def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
         bank_size, n = len(bank.pair_ids), plan.pairs
         if bank_size < cfg.bank.size:
             log.warning("bank.size=%d clipped to the pool's %d pairs (K=%d)", cfg.bank.size, n, bank_size)
+        refresh = _refresh_summary(cfg, plan, reuse)
         row.update(bank_id=bank.bank_id, rows_in=n, rows_out=n, rows_quarantined=0,
                    input_fingerprints=json.dumps({"pool_pairs": n}),
-                   diagnostics_json=json.dumps({"bank_size": bank_size, "bank_size_configured": cfg.bank.size}))
-    return {"run_id": run_id, "pairs": n, "shards": len(shards), "shards_written": written,
-            "bank_id": bank.bank_id, "bank_size": bank_size}
+                   diagnostics_json=json.dumps({"bank_size": bank_size, "bank_size_configured": cfg.bank.size,
+                                                **({"refresh": refresh} if refresh else {})}))
+    out = {"run_id": run_id, "pairs": n, "shards": len(shards), "shards_written": written,
+           "bank_id": bank.bank_id, "bank_size": bank_size}
+    return out | ({"refresh": refresh} if refresh else {})
+
+
+def _refresh_summary(cfg: RunConfig, plan: FeaturizePlan, reuse: str | None) -> dict | None:
+    """What a refresh reused and forwarded, and why (recorded in the runs row)."""
+    if reuse is None:
+        return None
+    if plan.base is None:
+        return {"reuse_of": reuse, "reused": False, "reason": plan.reason,
+                "pairs_reused": 0, "pairs_forwarded": plan.pairs}
+    reused_pairs = sum(plan.shards[n].pairs for n in plan.reused)
+    growth = _growth(plan)
+    return {"reuse_of": plan.base, "reused": True, "shards_reused": len(plan.reused),
+            "shards_forwarded": len(plan.shards) - len(plan.reused), "pairs_reused": reused_pairs,
+            "pairs_forwarded": plan.pairs - reused_pairs, "pool_growth": round(growth, 6),
+            "curvature": "reused" if growth <= cfg.refresh.recompute_curvature_after else "recomputed",
+            "recompute_curvature_after": cfg.refresh.recompute_curvature_after}

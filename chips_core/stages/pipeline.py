@@ -8,6 +8,7 @@ returns the stage's summary dict.
 """
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 from ..platform.provenance import new_run_id, recorded_run
@@ -39,23 +40,38 @@ def local_stages(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, progress: b
 
 
 def run_pipeline(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bool = False, *,
-                 wh: Warehouse | None = None, stages: Stages | None = None) -> dict:
+                 wh: Warehouse | None = None, stages: Stages | None = None, refresh: bool = False) -> dict:
     """Ingest (pool and target), featurize, score, materialize, and publish when configured; one
-    ``pipeline`` run is the parent of each stage's run."""
+    ``pipeline`` run is the parent of each stage's run. A ``refresh`` (one ``refresh`` run) featurizes only what
+    changed since the last featurize run of this pool (:func:`last_featurize_run`; none: everything)."""
     wh = wh or cfg.open_warehouse()
     loaded = loaded or load_model(cfg.model, cfg.device)
     stages = stages or local_stages(cfg, wh, loaded, progress)
-    parent = new_run_id("pipeline")
-    with recorded_run(wh, "pipeline", cfg, run_id=parent, **model_fields(cfg, loaded)):
+    kind = "refresh" if refresh else "pipeline"
+    parent = new_run_id(kind)
+    base = last_featurize_run(wh, cfg) if refresh else None
+    with recorded_run(wh, kind, cfg, run_id=parent, **model_fields(cfg, loaded),
+                      **({"inputs": {"reuse_featurize_run_id": base}} if refresh else {})):
         out = {"run_id": parent, "ingest": stages["ingest"](list(cfg.pool) + list(cfg.target), parent_run_id=parent)}
         # before featurize, not after it
         out["quarantine"] = require_quarantine_share(wh, list(cfg.pool) + list(cfg.target), cfg.max_quarantine_share)
         require_pairs(wh, cfg.target, "target")
         require_pairs(wh, cfg.pool, "pool", ids=False)
-        out["featurize"] = stages["featurize"](parent_run_id=parent)
+        out["featurize"] = stages["featurize"](parent_run_id=parent, **({"reuse": base} if base else {}))
         release_memory()  # the next stages' peaks do not stack on featurize's freed heap
         out |= _score_and_materialize(cfg, stages, out["featurize"]["run_id"], parent)
     return out
+
+
+def last_featurize_run(wh: Warehouse, cfg: RunConfig) -> str | None:
+    """The latest succeeded featurize run over the config's pool sources (what a refresh builds on), or None."""
+    if not wh.fs.exists(wh.table_dir("runs")):
+        return None
+    runs = wh.read("runs", columns=["run_id", "stage", "status", "config_json", "ended_at"]).to_pylist()
+    pool = sorted(s.name for s in cfg.pool)
+    cands = [r for r in runs if r["stage"] == "featurize" and r["status"] == "succeeded"
+             and sorted(s["name"] for s in json.loads(r["config_json"] or "{}").get("pool", [])) == pool]
+    return max(cands, key=lambda r: (r["ended_at"], r["run_id"]))["run_id"] if cands else None
 
 
 def run_rescore(cfg: RunConfig, featurize_run_id: str, loaded: LoadedModel | None = None, *,

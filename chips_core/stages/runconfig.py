@@ -56,6 +56,17 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class RefreshConfig:
+    # a refresh (`chips refresh`) reuses the last featurize run's curvature statistics until the pool has grown
+    # by more than this fraction of its size then; beyond it they are recomputed over the current pool's sample
+    recompute_curvature_after: float = 0.2
+
+    def __post_init__(self):
+        check(self.recompute_curvature_after >= 0.0, "RefreshConfig", "recompute_curvature_after",
+              self.recompute_curvature_after, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     warehouse: str  # local path or fsspec URL
     pool: tuple[SourceSpec, ...]  # candidate pairs to score
@@ -74,6 +85,7 @@ class RunConfig:
     device: str = "cpu"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N"; resolved when loaded
     outputs: OutputConfig = OutputConfig()
     publish: PublishConfig = PublishConfig()  # lakehouse tables written by the pipeline
+    refresh: RefreshConfig = RefreshConfig()  # what a refresh reuses (`chips refresh`)
     cpt: CPTConfig = CPTConfig()  # continual pre-training on a materialised subset (`chips cpt`)
     eval_suites: tuple[SuiteSpec, ...] = ()  # named evaluation suites (`chips eval`)
     # a source that loses more than this share of its rows to quarantine stops the run before featurize

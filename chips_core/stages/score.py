@@ -69,11 +69,13 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
         pre = Preconditioners.solve(tstats, curv, cfg.curvature)
         sample = StreamSample(cfg.check.pool_sample, cfg.check.seed, FeatureBatch.concat)
 
-        def score_part(path: str) -> StreamSample:
+        def score_part(item: tuple[int, str]) -> StreamSample:
             """Score one part (unless a rerun finds it scored); its candidates for the premise sample."""
+            i, path = item
             features = read_feature_part(wh, path)
             features.identity.require_same(curv.identity, "feature part " + posixpath.basename(path))
-            out = posixpath.join(unranked_dir(wh, run_id), posixpath.basename(path))
+            # named by position: a refresh's parts may come from several runs, whose file names repeat
+            out = posixpath.join(unranked_dir(wh, run_id), f"part-{i:06d}.parquet")
             keys = None
             if not wh.fs.exists(out):
                 scores = score_features(features, tstats, curv, cfg.curvature, cfg.score, pre)
@@ -85,7 +87,7 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
             return local
 
         parts = feature_parts(wh, featurize_run_id)
-        done = bounded_map(score_part, parts, cfg.score_threads or os.cpu_count() or 1)
+        done = bounded_map(score_part, list(enumerate(parts)), cfg.score_threads or os.cpu_count() or 1)
         for local in progress_bar(done, enabled=progress, desc="score", unit="part", total=len(parts)):
             if local.ids:
                 sample.offer(local.ids, local.payload)

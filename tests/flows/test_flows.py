@@ -144,3 +144,44 @@ def test_featurize_and_score_on_dask_equal_the_local_run(prefect_api, config_pat
     ta = query(con, f"select {cols} from stg_scores where run_id = $r order by pair_id", {"r": a["run_id"]})
     tb = query(con, f"select {cols} from stg_scores where run_id = $r order by pair_id", {"r": b["run_id"]})
     assert ta.num_rows == 90 and ta.equals(tb)
+
+
+def test_chips_refresh_forwards_only_new_pairs_the_second_night(prefect_api, tmp_path, demo_model):
+    """`chips refresh` (the nightly deployment's flow): the first night has no earlier featurize run and featurizes
+    every pair; the second, after new pairs arrive, reuses the first night's features and forwards the new ones."""
+    from typer.testing import CliRunner
+
+    from chips_core.stages import last_featurize_run
+    from flows.cli import app
+
+    cfg = tiny_pipeline_config(tmp_path, demo_model, 60, 12, seed=21, sketch={"k": 32}, bank={"size": 16},
+                               curvature={"n_curv": 20, "hard_negatives": 4}, budgets=[0.5], shard_size=32,
+                               outputs={"dir": str(tmp_path / "out")})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    runner = CliRunner()
+    first = runner.invoke(app, ["refresh", str(path)])
+    assert first.exit_code == 0, first.output
+    assert "Refresh run refresh-" in first.output and "no earlier featurize run of this pool" in first.output
+    wh = Warehouse(cfg["warehouse"])
+    night1 = last_featurize_run(wh, load_run_config_dict(cfg))
+
+    write_folder(tmp_path / "pool-night2", make_pairs(10, seed=77), 10)
+    cfg["pool"][0]["paths"].append(str(tmp_path / "pool-night2"))
+    path.write_text(yaml.safe_dump(cfg))
+    second = runner.invoke(app, ["refresh", str(path)])
+    assert second.exit_code == 0, second.output
+    assert f"refresh of {night1}: 60 pairs' features reused, 10 forwarded" in second.output
+    con = connect(wh)
+    rows = query(con, "select stage, count(*) n from stg_runs where stage in ('refresh', 'featurize') group by stage "
+                      "order by stage").to_pylist()
+    assert rows == [{"stage": "featurize", "n": 2}, {"stage": "refresh", "n": 2}]
+    n = query(con, "select count(*) n from stg_scores s join stg_runs r using (run_id) where r.parent_run_id = "
+                   "(select run_id from stg_runs where stage = 'refresh' order by started_at desc limit 1)").column("n")
+    assert n.to_pylist() == [70]  # the second night scores every current pair, old and new
+
+
+def load_run_config_dict(cfg: dict):
+    from chips_core.stages.runconfig import load_run_config
+
+    return load_run_config(cfg)
