@@ -14,7 +14,7 @@ from chips_core.platform.warehouse import Warehouse
 from chips_core.scoring.endpoint import LoadedModel, load_model, shared_model
 from chips_core.stages import (check_stage, cpt_stage, eval_stage, featurize_stage, ingest_stage, load_eval_suites,
                                load_run_config, manifest_data, materialize_stage, publish_stage, run_pipeline,
-                               run_rescore, score_stage, subset_data)
+                               run_rescore, score_stage, subset_data, takedown_stage)
 from chips_core.stages.runconfig import RunConfig
 
 
@@ -75,6 +75,11 @@ def score_flow(config: str | dict, featurize_run_id: str, parent_run_id: str | N
     return score_stage(*_setup(config), featurize_run_id, parent_run_id=parent_run_id)
 
 
+@flow(name="chips-takedown")
+def takedown_flow(config: str | dict, parent_run_id: str | None = None) -> dict:
+    return takedown_stage(*_config(config), parent_run_id=parent_run_id)
+
+
 @flow(name="chips-materialize")
 def materialize_flow(config: str | dict, score_run_id: str, parent_run_id: str | None = None) -> dict:
     return materialize_stage(*_config(config), score_run_id, parent_run_id=parent_run_id)
@@ -101,7 +106,8 @@ def _subflows(config: str | dict, progress: bool = False) -> dict:
     """The library's stage mapping, with each stage run as its Prefect flow (see stages/pipeline.py)."""
     return {"ingest": lambda sources, **kw: ingest_flow(config, [s.name for s in sources], progress=progress, **kw),
             "featurize": partial(featurize_flow, config, progress=progress), "score": partial(score_flow, config),
-            "materialize": partial(materialize_flow, config), "publish": partial(publish_flow, config)}
+            "materialize": partial(materialize_flow, config), "publish": partial(publish_flow, config),
+            "takedown": partial(takedown_flow, config)}
 
 
 @flow(name="chips-pipeline")

@@ -399,6 +399,11 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
         typer.echo("              refresh: no earlier featurize run of this pool, every pair featurized")
     typer.echo(f"  score       {s['pairs']} pairs against {s['eval_pairs']} target pairs (eval loss {s['eval_loss']:.3f})")
     typer.echo(f"              {s['premise']}")
+    if "takedown" in out:
+        t = out["takedown"]
+        typer.echo(f"  takedown    {t['keys']} listed keys: {t['pairs_taken_down']} pairs left out of every subset, "
+                   f"{t['keys_unmatched']} keys matched nothing" + (f" (e.g. {', '.join(t['unmatched_examples'])})"
+                                                                   if t["unmatched_examples"] else ""))
     typer.echo(f"  materialize {len(m['subsets'])} subsets")
     # the five best first, then their captions: joining every score to every pair first held the whole pool in
     # DuckDB (+99 MiB at 1M pairs, measured alone)

@@ -58,10 +58,18 @@ def n_keep(budget: float, n: int) -> int:
     return math.ceil(budget * n - 1e-9)
 
 
-def _scores(con: duckdb.DuckDBPyConnection, wh: Warehouse, score_run_id: str) -> None:
-    """``run_scores``: a view over one scoring run's parts."""
-    con.execute("create or replace temp view run_scores as select * from read_parquet("
-                f"{_lit(parts_glob(wh, 'scores', {'run': score_run_id}))})")
+def _scores(con: duckdb.DuckDBPyConnection, wh: Warehouse, score_run_id: str) -> int:
+    """``run_scores``: a view over one scoring run's parts, less every pair a takedown list matched (stages/takedown.py).
+    Returns how many of the run's pairs were taken down."""
+    src = f"read_parquet({_lit(parts_glob(wh, 'scores', {'run': score_run_id}))})"
+    if not wh.fs.glob(posixpath.join(wh.table_dir("takedowns"), "*", "*.parquet")):
+        con.execute(f"create or replace temp view run_scores as select * from {src}")
+        return 0
+    down = f"read_parquet({_lit(wh.url_of(posixpath.join(wh.table_dir('takedowns'), '*', '*.parquet')))})"
+    con.execute(f"create or replace temp view run_scores as select * from {src} "
+                f"where pair_id not in (select pair_id from {down} where pair_id is not null)")
+    return con.execute(f"select count(*) from {src} where pair_id in "
+                       f"(select pair_id from {down} where pair_id is not null)").fetchall()[0][0]
 
 
 def unranked_dir(wh: Warehouse, score_run_id: str) -> str:
@@ -147,7 +155,7 @@ def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budg
     rank order, and each budget's rows are a prefix of that file."""
     con = engine(wh, memory_limit)
     try:
-        _scores(con, wh, score_run_id)
+        taken_down = _scores(con, wh, score_run_id)
         n = count_scored(con, methods)
         rows, ids = 0, []
         plan = ([(None, [1.0])] if full else []) + [(m, sorted(budgets)) for m in methods]
@@ -160,7 +168,7 @@ def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budg
                     _subset_rows(top, k, sid, run_id, score_run_id, b, label)
                     for sid, (b, k) in zip(sids, keeps.items())])
             ids += sids
-        return {"scored": n, "rows": rows, "subsets": ids}
+        return {"scored": n, "rows": rows, "subsets": ids, "taken_down": taken_down}
     finally:
         con.close()
 

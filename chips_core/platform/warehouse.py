@@ -67,6 +67,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     "subsets": pa.schema([
         ("subset_id", _STR), ("run_id", _STR), ("score_run_id", _STR), ("budget", pa.float64()), ("method", _STR),
         pa.field("pair_id", _STR, nullable=False), ("rank", pa.int64())]),
+    # one row per takedown key per pair it matched (pair_id null: it matched nothing); every listed pair is left
+    # out of every later subset and manifest (platform/selection.py)
+    "takedowns": pa.schema([
+        ("run_id", _STR), ("listed_in", _STR), ("kind", _STR), ("key", _STR), ("pair_id", _STR), ("reason", _STR)]),
     # one row per metric per suite per evaluated model; cpt_run_id / subset_id join it to the selection
     "evals": pa.schema([
         pa.field("run_id", _STR, nullable=False), ("cpt_run_id", _STR), ("subset_id", _STR),

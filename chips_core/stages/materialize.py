@@ -6,6 +6,7 @@ core."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,8 +49,9 @@ def materialize_stage(cfg: RunConfig, wh: Warehouse, score_run_id: str, run_id: 
                                 memory_limit=cfg.duckdb_memory_limit)
         files = write_manifests(wh, run_id, written["subsets"], Path(cfg.outputs.dir) / run_id, cfg.outputs.formats,
                                 cfg.duckdb_memory_limit)
-        row.update(rows_in=written["scored"], rows_out=written["rows"], rows_quarantined=0)
-    return {"run_id": run_id, "subsets": sorted(written["subsets"]), "files": files}
+        row.update(rows_in=written["scored"], rows_out=written["rows"], rows_quarantined=0,
+                   diagnostics_json=json.dumps({"taken_down": written["taken_down"]}))
+    return {"run_id": run_id, "subsets": sorted(written["subsets"]), "files": files, "taken_down": written["taken_down"]}
 
 
 def write_manifests(wh: Warehouse, run_id: str, subset_ids, out: Path, formats,

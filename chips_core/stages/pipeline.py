@@ -22,6 +22,7 @@ from .materialize import materialize_stage
 from .publish import publish_stage
 from .runconfig import RunConfig
 from .score import score_stage
+from .takedown import takedown_stage
 
 Stages = dict[str, Callable[..., dict]]
 
@@ -34,6 +35,7 @@ def local_stages(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, progress: b
         "featurize": lambda **kw: featurize_stage(cfg, wh, loaded, progress=progress, map_shards=map_shards, **kw),
         "score": lambda featurize_run_id, **kw: score_stage(cfg, wh, loaded, featurize_run_id, **kw),
         "materialize": lambda score_run_id, **kw: materialize_stage(cfg, wh, score_run_id, **kw),
+        "takedown": lambda **kw: takedown_stage(cfg, wh, **kw),
         "publish": lambda score_run_id, materialize_run_id, **kw: publish_stage(cfg, wh, score_run_id,
                                                                                 materialize_run_id, **kw),
     }
@@ -57,6 +59,8 @@ def run_pipeline(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bo
         out["quarantine"] = require_quarantine_share(wh, list(cfg.pool) + list(cfg.target), cfg.max_quarantine_share)
         require_pairs(wh, cfg.target, "target")
         require_pairs(wh, cfg.pool, "pool", ids=False)
+        if cfg.takedowns:  # matched to what is ingested now; materialize leaves every listed pair out
+            out["takedown"] = stages["takedown"](parent_run_id=parent)
         out["featurize"] = stages["featurize"](parent_run_id=parent, **({"reuse": base} if base else {}))
         release_memory()  # the next stages' peaks do not stack on featurize's freed heap
         out |= _score_and_materialize(cfg, stages, out["featurize"]["run_id"], parent)

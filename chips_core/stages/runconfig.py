@@ -86,6 +86,9 @@ class RunConfig:
     outputs: OutputConfig = OutputConfig()
     publish: PublishConfig = PublishConfig()  # lakehouse tables written by the pipeline
     refresh: RefreshConfig = RefreshConfig()  # what a refresh reuses (`chips refresh`)
+    # opt-out / takedown lists (CSV or Parquet with pair_id, source_key, url or sha256 columns): matched after
+    # ingest (stages/takedown.py); every listed pair is left out of every later subset and manifest
+    takedowns: tuple[str, ...] = ()
     cpt: CPTConfig = CPTConfig()  # continual pre-training on a materialised subset (`chips cpt`)
     eval_suites: tuple[SuiteSpec, ...] = ()  # named evaluation suites (`chips eval`)
     # a source that loses more than this share of its rows to quarantine stops the run before featurize

@@ -168,14 +168,22 @@ def test_chips_refresh_forwards_only_new_pairs_the_second_night(prefect_api, tmp
 
     write_folder(tmp_path / "pool-night2", make_pairs(10, seed=77), 10)
     cfg["pool"][0]["paths"].append(str(tmp_path / "pool-night2"))
+    gone = query(connect(wh), "select pair_id from stg_subsets order by pair_id limit 1").column("pair_id")[0].as_py()
+    (tmp_path / "optout.csv").write_text(f"pair_id\n{gone}\nnever-ingested\n")
+    cfg["takedowns"] = [str(tmp_path / "optout.csv")]
     path.write_text(yaml.safe_dump(cfg))
     second = runner.invoke(app, ["refresh", str(path)])
     assert second.exit_code == 0, second.output
     assert f"refresh of {night1}: 60 pairs' features reused, 10 forwarded" in second.output
+    assert "takedown    2 listed keys: 1 pairs left out of every subset, 1 keys matched nothing" in second.output
+    last = query(connect(wh), "select run_id from stg_runs where stage = 'materialize' order by started_at desc "
+                              "limit 1").column("run_id")[0].as_py()
+    kept = query(connect(wh), "select pair_id from stg_subsets where run_id = $r", {"r": last}).column("pair_id")
+    assert gone not in kept.to_pylist() and len(kept) > 0
     con = connect(wh)
-    rows = query(con, "select stage, count(*) n from stg_runs where stage in ('refresh', 'featurize') group by stage "
-                      "order by stage").to_pylist()
-    assert rows == [{"stage": "featurize", "n": 2}, {"stage": "refresh", "n": 2}]
+    rows = query(con, "select stage, count(*) n from stg_runs where stage in ('refresh', 'featurize', 'takedown') "
+                      "group by stage order by stage").to_pylist()
+    assert rows == [{"stage": "featurize", "n": 2}, {"stage": "refresh", "n": 2}, {"stage": "takedown", "n": 1}]
     n = query(con, "select count(*) n from stg_scores s join stg_runs r using (run_id) where r.parent_run_id = "
                    "(select run_id from stg_runs where stage = 'refresh' order by started_at desc limit 1)").column("n")
     assert n.to_pylist() == [70]  # the second night scores every current pair, old and new
