@@ -1,8 +1,11 @@
 """Publish ``scores`` and ``subsets`` as Delta Lake tables (the ``deltalake`` package; no JVM, no
-catalog service). Spark, Trino, Databricks, DuckDB (via the Arrow dataset or its delta extension)
-and Polars read them where they are. Why Delta rather than Iceberg: see docs/platform.md.
+catalog service) and as Iceberg tables (``pyiceberg`` with a SQL catalog: SQLite by default). Spark, Trino, Databricks, DuckDB (via the Arrow dataset or its delta extension)
+and Polars read the Delta tables where they are; Iceberg tables through their catalog (docs/platform.md).
 """
 from __future__ import annotations
+
+import posixpath
+import warnings
 
 import pyarrow as pa
 
@@ -39,3 +42,48 @@ def publish_delta(wh: Warehouse, table: str, data: pa.Table, storage_options: di
         write_deltalake(uri, data, partition_by=["run_id"], mode="overwrite",
                         predicate=f"run_id = '{run_id.replace(chr(39), chr(39) * 2)}'", storage_options=storage_options)
     return uri
+
+
+ICEBERG_NAMESPACE = "chips"
+
+
+def iceberg_catalog(wh: Warehouse, uri: str | None = None):
+    """The Iceberg SQL catalog (``pyiceberg``): ``uri`` (any SQLAlchemy URL: PostgreSQL, MySQL...), by default
+    a SQLite file in ``<warehouse>/iceberg/``; table data under ``<warehouse>/iceberg/`` (local warehouses)."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    if uri is None and not wh.is_local:
+        raise ValueError(f"publish.iceberg_catalog_uri is required for a remote warehouse ({wh.url!r}): the "
+                         "default SQLite catalog file must be local")
+    root = wh.path("iceberg")
+    if wh.is_local:
+        wh.fs.makedirs(root, exist_ok=True)
+    cat = SqlCatalog("chips", uri=uri or f"sqlite:///{posixpath.join(root, 'catalog.db')}",
+                     warehouse=wh.url_of(root) if not wh.is_local else f"file://{root}")
+    cat.create_namespace_if_not_exists(ICEBERG_NAMESPACE)
+    return cat
+
+
+def publish_iceberg(wh: Warehouse, table: str, data: pa.Table, catalog_uri: str | None = None) -> str:
+    """One run's rows into the Iceberg table ``chips.<table>``, partitioned by ``run_id``: a run already published
+    is overwritten (one new snapshot), never duplicated; earlier snapshots stay readable (time travel).
+    Returns the table identifier."""
+    from pyiceberg.expressions import EqualTo
+
+    if table not in DELTA_TABLES:
+        raise ValueError(f"table {table!r} is not published to Iceberg (only {DELTA_TABLES})")
+    data = conform(data, SCHEMAS[table], table)
+    runs = set(data.column("run_id").to_pylist())
+    if len(runs) != 1:
+        raise ValueError(f"publish one run at a time; got run ids {sorted(runs)}")
+    run_id = runs.pop()
+    cat, ident = iceberg_catalog(wh, catalog_uri), f"{ICEBERG_NAMESPACE}.{table}"
+    if not cat.table_exists(ident):
+        created = cat.create_table(ident, schema=data.schema)
+        with created.update_spec() as spec:
+            spec.add_identity("run_id")
+    t = cat.load_table(ident)
+    with warnings.catch_warnings():  # a run published for the first time has nothing to replace: not news
+        warnings.filterwarnings("ignore", message="Delete operation did not match any records")
+        t.overwrite(data, overwrite_filter=EqualTo("run_id", run_id))
+    return ident

@@ -98,6 +98,6 @@ def run_rescore(cfg: RunConfig, featurize_run_id: str, loaded: LoadedModel | Non
 def _score_and_materialize(cfg: RunConfig, stages: Stages, featurize_run_id: str, parent: str) -> dict:
     out = {"score": stages["score"](featurize_run_id, parent_run_id=parent)}
     out["materialize"] = stages["materialize"](out["score"]["run_id"], parent_run_id=parent)
-    if cfg.publish.delta:
+    if cfg.publish.delta or cfg.publish.iceberg:
         out["publish"] = stages["publish"](out["score"]["run_id"], out["materialize"]["run_id"], parent_run_id=parent)
     return out

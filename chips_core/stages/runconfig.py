@@ -53,6 +53,9 @@ class OutputConfig:
 @dataclass(frozen=True)
 class PublishConfig:
     delta: bool = False  # after materialize, append the run's scores and subsets to <warehouse>/delta/
+    iceberg: bool = False  # ... and to the Iceberg tables chips.scores / chips.subsets (pyiceberg, SQL catalog)
+    # the Iceberg catalog (a SQLAlchemy URL); None: a SQLite file under <warehouse>/iceberg/ (local warehouses)
+    iceberg_catalog_uri: str | None = None
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def takedown_stage(cfg: RunConfig, wh: Warehouse, run_id: str | None = None, par
         try:
             con.register("listed", keys)
             # the keys each pair answers to: its id, its image's URL and sha256, and its key in every source
-            matched = con.execute("""
+            matched = con.sql("""
                 with answers as (
                     select 'pair_id' as kind, pair_id as key, pair_id from raw_pairs
                     union all select 'url', image_uri, pair_id from raw_pairs where image_uri is not null
@@ -57,7 +57,7 @@ def takedown_stage(cfg: RunConfig, wh: Warehouse, run_id: str | None = None, par
                     union all select 'source_key', source_key, pair_id from raw_pair_sources)
                 select distinct ? as run_id, l.listed_in, l.kind, l.key, a.pair_id, l.reason
                 from listed l left join answers a on a.kind = l.kind and a.key = l.key
-                order by l.listed_in, l.kind, l.key, a.pair_id""", [run_id]).to_arrow_table()
+                order by l.listed_in, l.kind, l.key, a.pair_id""", params=[run_id]).to_arrow_table()
         finally:
             con.close()
         matched = matched.cast(SCHEMAS["takedowns"])

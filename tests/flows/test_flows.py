@@ -156,7 +156,7 @@ def test_chips_refresh_forwards_only_new_pairs_the_second_night(prefect_api, tmp
 
     cfg = tiny_pipeline_config(tmp_path, demo_model, 60, 12, seed=21, sketch={"k": 32}, bank={"size": 16},
                                curvature={"n_curv": 20, "hard_negatives": 4}, budgets=[0.5], shard_size=32,
-                               outputs={"dir": str(tmp_path / "out")})
+                               outputs={"dir": str(tmp_path / "out")}, publish={"delta": True, "iceberg": True})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     runner = CliRunner()
@@ -187,6 +187,21 @@ def test_chips_refresh_forwards_only_new_pairs_the_second_night(prefect_api, tmp
     n = query(con, "select count(*) n from stg_scores s join stg_runs r using (run_id) where r.parent_run_id = "
                    "(select run_id from stg_runs where stage = 'refresh' order by started_at desc limit 1)").column("n")
     assert n.to_pylist() == [70]  # the second night scores every current pair, old and new
+
+    # published each night to Delta and Iceberg: two versions, and the first still reads back
+    from deltalake import DeltaTable
+
+    from chips_core.platform.lakehouse import delta_uri, iceberg_catalog
+
+    score_runs = query(con, "select run_id from stg_runs where stage = 'score' order by started_at").column("run_id")
+    night1_scores, night2_scores = score_runs.to_pylist()
+    delta = DeltaTable(delta_uri(wh, "scores"))
+    assert delta.version() == 1 and set(delta.to_pyarrow_table().column("run_id").to_pylist()) == set(score_runs.to_pylist())
+    assert set(DeltaTable(delta_uri(wh, "scores"), version=0).to_pyarrow_table().column("run_id").to_pylist()) == {night1_scores}
+    ice = iceberg_catalog(wh).load_table("chips.scores")
+    snaps = ice.snapshots()
+    assert len(snaps) == 2 and ice.scan().to_arrow().num_rows == 60 + 70
+    assert set(ice.scan(snapshot_id=snaps[0].snapshot_id).to_arrow().column("run_id").to_pylist()) == {night1_scores}
 
 
 def load_run_config_dict(cfg: dict):

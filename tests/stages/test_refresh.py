@@ -117,3 +117,27 @@ def test_a_new_checkpoint_forwards_everything_and_says_why(days, caplog):
     runs = wh.read("runs").to_pylist()
     row = [x for x in runs if x["run_id"] == "day2-new-model"][0]
     assert "the model changed" in json.loads(row["diagnostics_json"])["refresh"]["reason"]
+
+
+def test_a_refresh_killed_mid_featurize_resumes_to_the_same_bytes(days):
+    """A refresh's featurize killed after its forwarded shards but before the curvature reduce (their parts and the
+    curvature file removed, as if never written), then rerun under the same run id: the same files, byte for byte."""
+    import glob
+    import hashlib
+    import os
+
+    _, _, day2, wh, loaded, _ = days
+
+    def files(run_id):
+        found = sorted(glob.glob(f"{wh.root}/features/run={run_id}/*.parquet") +
+                       glob.glob(f"{wh.root}/globals/run={run_id}/**/*.*", recursive=True))
+        return {os.path.relpath(p, wh.root): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in found}
+
+    featurize_stage(day2, wh, loaded, run_id="day2-killed", reuse="day1")
+    whole = files("day2-killed")
+    own = glob.glob(f"{wh.root}/features/run=day2-killed/*.parquet")
+    assert own  # the new pairs' shard was forwarded into this run
+    for p in own + glob.glob(f"{wh.root}/globals/run=day2-killed/curvature.npz"):
+        os.remove(p)
+    again = featurize_stage(day2, wh, loaded, run_id="day2-killed", reuse="day1")
+    assert again["shards_written"] == len(own) and files("day2-killed") == whole
