@@ -14,6 +14,17 @@ from .warehouse import SCHEMAS, Warehouse, conform
 DELTA_TABLES = ("scores", "subsets")
 
 
+def _one_run(table: str, data: pa.Table) -> tuple[pa.Table, str]:
+    """A published table's rows conformed to its schema, and the one run they belong to."""
+    if table not in DELTA_TABLES:
+        raise ValueError(f"table {table!r} is not published (only {DELTA_TABLES})")
+    data = conform(data, SCHEMAS[table], table)
+    runs = set(data.column("run_id").to_pylist())
+    if len(runs) != 1:
+        raise ValueError(f"publish one run at a time; got run ids {sorted(runs)}")
+    return data, runs.pop()
+
+
 def delta_uri(wh: Warehouse, table: str) -> str:
     return wh.url_of(wh.path("delta", table))
 
@@ -23,13 +34,7 @@ def publish_delta(wh: Warehouse, table: str, data: pa.Table, storage_options: di
     is replaced, not duplicated (``replaceWhere`` on its partition), so re-publishing is idempotent."""
     from deltalake import DeltaTable, write_deltalake
 
-    if table not in DELTA_TABLES:
-        raise ValueError(f"table {table!r} is not published to Delta (only {DELTA_TABLES})")
-    data = conform(data, SCHEMAS[table], table)
-    runs = set(data.column("run_id").to_pylist())
-    if len(runs) != 1:
-        raise ValueError(f"publish one run at a time; got run ids {sorted(runs)}")
-    run_id = runs.pop()
+    data, run_id = _one_run(table, data)
     uri = delta_uri(wh, table)
     try:
         DeltaTable(uri, storage_options=storage_options)
@@ -70,13 +75,7 @@ def publish_iceberg(wh: Warehouse, table: str, data: pa.Table, catalog_uri: str 
     Returns the table identifier."""
     from pyiceberg.expressions import EqualTo
 
-    if table not in DELTA_TABLES:
-        raise ValueError(f"table {table!r} is not published to Iceberg (only {DELTA_TABLES})")
-    data = conform(data, SCHEMAS[table], table)
-    runs = set(data.column("run_id").to_pylist())
-    if len(runs) != 1:
-        raise ValueError(f"publish one run at a time; got run ids {sorted(runs)}")
-    run_id = runs.pop()
+    data, run_id = _one_run(table, data)
     cat, ident = iceberg_catalog(wh, catalog_uri), f"{ICEBERG_NAMESPACE}.{table}"
     if not cat.table_exists(ident):
         created = cat.create_table(ident, schema=data.schema)
