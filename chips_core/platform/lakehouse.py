@@ -11,18 +11,21 @@ import pyarrow as pa
 
 from .warehouse import SCHEMAS, Warehouse, conform
 
-DELTA_TABLES = ("scores", "subsets")
+# the published tables and the column each is partitioned (and replaced) by: a run's scores and subsets; the
+# runs rows of one pipeline or refresh (its stages' rows, by their parent)
+PUBLISHED = {"scores": "run_id", "subsets": "run_id", "runs": "parent_run_id"}
+DELTA_TABLES = tuple(PUBLISHED)
 
 
-def _one_run(table: str, data: pa.Table) -> tuple[pa.Table, str]:
-    """A published table's rows conformed to its schema, and the one run they belong to."""
-    if table not in DELTA_TABLES:
+def _one_run(table: str, data: pa.Table) -> tuple[pa.Table, str, str]:
+    """A published table's rows conformed to its schema, its partition column, and the one run they belong to."""
+    if table not in PUBLISHED:
         raise ValueError(f"table {table!r} is not published (only {DELTA_TABLES})")
-    data = conform(data, SCHEMAS[table], table)
-    runs = set(data.column("run_id").to_pylist())
-    if len(runs) != 1:
-        raise ValueError(f"publish one run at a time; got run ids {sorted(runs)}")
-    return data, runs.pop()
+    data, key = conform(data, SCHEMAS[table], table), PUBLISHED[table]
+    runs = set(data.column(key).to_pylist())
+    if len(runs) != 1 or None in runs:
+        raise ValueError(f"publish one run at a time; got {key} values {sorted(runs, key=str)}")
+    return data, key, runs.pop()
 
 
 def delta_uri(wh: Warehouse, table: str) -> str:
@@ -30,11 +33,11 @@ def delta_uri(wh: Warehouse, table: str) -> str:
 
 
 def publish_delta(wh: Warehouse, table: str, data: pa.Table, storage_options: dict | None = None) -> str:
-    """Append one run's rows to the Delta table, partitioned by ``run_id``; a run already published
+    """Append one run's rows to the Delta table, partitioned by ``run_id`` (``runs``: by ``parent_run_id``); a run already published
     is replaced, not duplicated (``replaceWhere`` on its partition), so re-publishing is idempotent."""
     from deltalake import DeltaTable, write_deltalake
 
-    data, run_id = _one_run(table, data)
+    data, key, run_id = _one_run(table, data)
     uri = delta_uri(wh, table)
     try:
         DeltaTable(uri, storage_options=storage_options)
@@ -42,10 +45,10 @@ def publish_delta(wh: Warehouse, table: str, data: pa.Table, storage_options: di
     except Exception:  # noqa: BLE001 - deltalake raises TableNotFoundError and others alike
         exists = False
     if not exists:
-        write_deltalake(uri, data, partition_by=["run_id"], mode="append", storage_options=storage_options)
+        write_deltalake(uri, data, partition_by=[key], mode="append", storage_options=storage_options)
     else:
-        write_deltalake(uri, data, partition_by=["run_id"], mode="overwrite",
-                        predicate=f"run_id = '{run_id.replace(chr(39), chr(39) * 2)}'", storage_options=storage_options)
+        write_deltalake(uri, data, partition_by=[key], mode="overwrite",
+                        predicate=f"{key} = '{run_id.replace(chr(39), chr(39) * 2)}'", storage_options=storage_options)
     return uri
 
 
@@ -70,19 +73,19 @@ def iceberg_catalog(wh: Warehouse, uri: str | None = None):
 
 
 def publish_iceberg(wh: Warehouse, table: str, data: pa.Table, catalog_uri: str | None = None) -> str:
-    """One run's rows into the Iceberg table ``chips.<table>``, partitioned by ``run_id``: a run already published
+    """One run's rows into the Iceberg table ``chips.<table>``, partitioned as :func:`publish_delta`: a run already published
     is overwritten (one new snapshot), never duplicated; earlier snapshots stay readable (time travel).
     Returns the table identifier."""
     from pyiceberg.expressions import EqualTo
 
-    data, run_id = _one_run(table, data)
+    data, key, run_id = _one_run(table, data)
     cat, ident = iceberg_catalog(wh, catalog_uri), f"{ICEBERG_NAMESPACE}.{table}"
     if not cat.table_exists(ident):
         created = cat.create_table(ident, schema=data.schema)
         with created.update_spec() as spec:
-            spec.add_identity("run_id")
+            spec.add_identity(key)
     t = cat.load_table(ident)
     with warnings.catch_warnings():  # a run published for the first time has nothing to replace: not news
         warnings.filterwarnings("ignore", message="Delete operation did not match any records")
-        t.overwrite(data, overwrite_filter=EqualTo("run_id", run_id))
+        t.overwrite(data, overwrite_filter=EqualTo(key, run_id))
     return ident

@@ -20,6 +20,8 @@ def publish_stage(cfg: RunConfig, wh: Warehouse, score_run_id: str, materialize_
                       inputs={"score_run_id": score_run_id, "materialize_run_id": materialize_run_id}) as row:
         tables = {"scores": wh.read("scores", filter=pc.field("run_id") == score_run_id),
                   "subsets": wh.read("subsets", filter=pc.field("run_id") == materialize_run_id)}
+        if parent_run_id is not None:  # the pipeline's or refresh's stage runs so far (its own row ends after this)
+            tables["runs"] = wh.read("runs", filter=pc.field("parent_run_id") == parent_run_id)
         uris = {}
         for name, data in tables.items():
             if cfg.publish.delta or not cfg.publish.iceberg:
