@@ -141,3 +141,32 @@ def test_a_refresh_killed_mid_featurize_resumes_to_the_same_bytes(days):
         os.remove(p)
     again = featurize_stage(day2, wh, loaded, run_id="day2-killed", reuse="day1")
     assert again["shards_written"] == len(own) and files("day2-killed") == whole
+
+
+@pytest.mark.parametrize("stage", ["featurize", "score", "materialize"])
+def test_a_refresh_killed_at_a_stage_then_rerun_gives_the_same_subsets(days, monkeypatch, stage):
+    """`chips refresh` killed inside featurize, score or materialize, then run again: the same subsets as a refresh
+    that was never interrupted."""
+    import chips_core.stages.featurize as F
+    import chips_core.stages.materialize as M
+    import chips_core.stages.score as S
+    from chips_core.stages import run_pipeline
+
+    _, _, day2, wh, loaded, _ = days
+
+    def subsets(out):
+        rows = wh.read("subsets").to_pylist()
+        return sorted((r["method"], r["budget"], r["pair_id"], r["rank"]) for r in rows
+                      if r["run_id"] == out["materialize"]["run_id"])
+
+    want = subsets(run_pipeline(day2, loaded, wh=wh, refresh=True))
+    target = {"featurize": (F, "featurize_curvature"), "score": (S, "write_ranked_scores"),
+              "materialize": (M, "write_manifests")}[stage]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")
+    with monkeypatch.context() as m:
+        m.setattr(*target, killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(day2, loaded, wh=wh, refresh=True)
+    assert subsets(run_pipeline(day2, loaded, wh=wh, refresh=True)) == want
