@@ -96,7 +96,7 @@ def timed(fn, device: str):
     return time.perf_counter() - t, out
 
 
-def measure(workdir: Path, model: str, precision: str, n: int, args, shards, target) -> list[dict]:
+def measure(workdir: Path, model: str, precision: str, args, shards, target) -> list[dict]:
     rows = []
     cfg0 = config(workdir, model, shards, target, args, precision, 0)
     loaded = load_model(cfg0.model, cfg0.device)
@@ -256,14 +256,13 @@ def main() -> None:
         base = Path(args.workdir or tmp)
         for model in args.models.split(","):
             n = int(pairs[model]) if pairs else int(args.pairs)
-            args.pairs_n = n
             work = base / f"{model}-{n}"
             shards = write_shards(work / "pool", n, args.per_tar, args.image_size)
             target = write_shards(work / "target", 64, 64, args.image_size, seed=1)
             cfg = config(work, model, shards, target, args, "fp32", 0)
             ingest_stage(list(cfg.pool) + list(cfg.target), Warehouse(cfg.warehouse))
             for precision in args.precisions.split(","):
-                rows += measure(work, model, precision, n, args, shards, target)
+                rows += measure(work, model, precision, args, shards, target)
     args.pairs = args.pairs if not pairs else ", ".join(f"{m}: {v}" for m, v in pairs.items())
     text = report(rows, args, time.time() - t0)
     if args.json:

@@ -65,6 +65,11 @@ def progress(items: Iterable | None = None, *, enabled: bool, desc: str, unit: s
     return tqdm(items, desc=desc, unit=unit, total=total, initial=initial)
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def release_memory() -> None:
     """Hand memory the process has freed back to the operating system: a garbage collection, then glibc's
     ``malloc_trim`` (a no-op elsewhere). Called between stages, so that the next stage's peak does not stack on

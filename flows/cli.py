@@ -123,6 +123,17 @@ def _warehouse_option():
 @app.command()
 def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/runconfig.py)")) -> None:
     """Run the whole pipeline (ingest, featurize, score, materialize) as a Prefect flow."""
+    _pipeline_command(config, refresh=False)
+
+
+@app.command()
+def refresh(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/runconfig.py)")) -> None:
+    """The pipeline again, featurizing only what changed since this pool's last featurize run."""
+    _pipeline_command(config, refresh=True)
+
+
+def _pipeline_command(config: Path, refresh: bool) -> None:
+    """`chips run` / `chips refresh`: the pre-flight checks, the flow, the summary."""
     with _one_line_errors():
         from chips_core.stages.preflight import check_sources, require_checkpoint, writable_warehouse
         from chips_core.stages.runconfig import load_run_config
@@ -131,26 +142,9 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/r
         check_sources(cfg)  # every source there, readable, with its columns and rows
         require_checkpoint(cfg)
         writable_warehouse(cfg)  # created only now, after the sources passed
-        from flows.chips_flows import pipeline_flow
+        from flows.chips_flows import pipeline_flow, refresh_flow
 
-        out = pipeline_flow(str(config), progress=True)
-    _summary(out, cfg)
-
-
-@app.command()
-def refresh(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/runconfig.py)")) -> None:
-    """The pipeline again, featurizing only what changed since this pool's last featurize run."""
-    with _one_line_errors():
-        from chips_core.stages.preflight import check_sources, require_checkpoint, writable_warehouse
-        from chips_core.stages.runconfig import load_run_config
-
-        cfg = load_run_config(config)
-        check_sources(cfg)
-        require_checkpoint(cfg)
-        writable_warehouse(cfg)
-        from flows.chips_flows import refresh_flow
-
-        out = refresh_flow(str(config), progress=True)
+        out = (refresh_flow if refresh else pipeline_flow)(str(config), progress=True)
     _summary(out, cfg)
 
 

@@ -79,21 +79,21 @@ def load_pre(wh: Warehouse, run_id: str, pair_ids: list[str], missing_ok: bool =
     t = pa.concat_tables([pq.read_table(io.BytesIO(wh.read_bytes(p))) for p in parts]) if parts else None
     have = {} if t is None else {p: i for i, p in enumerate(t.column("pair_id").to_pylist())}
     missing = [p for p in pair_ids if p not in have]
-    if missing_ok:
-        found = [p for p in pair_ids if p in have]
-        if not found:
-            return {}
-        h_v, h_t = load_pre(wh, run_id, found)
-        return {p: (h_v[i], h_t[i]) for i, p in enumerate(found)}
-    if missing:
+    if missing and not missing_ok:
         raise KeyError(f"featurize run {run_id!r} kept no trunk outputs for {len(missing)} curvature-sample pairs, "
                        f"e.g. {missing[:3]}")
-    idx = np.array([have[p] for p in pair_ids], dtype=np.int64)
+    found = [p for p in pair_ids if p in have]
+    idx = np.array([have[p] for p in found], dtype=np.int64)
 
     def mat(name: str) -> torch.Tensor:
         col = t.column(name).combine_chunks()
         return torch.from_numpy(col.flatten().to_numpy().reshape(len(col), -1)[idx].copy())
-    return mat("h_v"), mat("h_t")
+    if not missing_ok:
+        return mat("h_v"), mat("h_t")
+    if not found:
+        return {}
+    h_v, h_t = mat("h_v"), mat("h_t")
+    return {p: (h_v[i], h_t[i]) for i, p in enumerate(found)}
 
 
 def write_features(wh: Warehouse, features: FeatureBatch, run_id: str, shard: str) -> str:

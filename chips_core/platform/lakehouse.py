@@ -1,6 +1,7 @@
-"""Publish ``scores`` and ``subsets`` as Delta Lake tables (the ``deltalake`` package; no JVM, no
-catalog service) and as Iceberg tables (``pyiceberg`` with a SQL catalog: SQLite by default). Spark, Trino, Databricks, DuckDB (via the Arrow dataset or its delta extension)
-and Polars read the Delta tables where they are; Iceberg tables through their catalog (docs/platform.md).
+"""Publish ``scores``, ``subsets`` and the stages' ``runs`` rows as Delta Lake tables (the ``deltalake`` package;
+no JVM, no catalog service) and as Iceberg tables (``pyiceberg`` with a SQL catalog: SQLite by default). Spark,
+Trino, Databricks, DuckDB (via the Arrow dataset or its delta extension) and Polars read the Delta tables where
+they are; the Iceberg tables through their catalog (docs/platform.md).
 """
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ from .warehouse import SCHEMAS, Warehouse, conform
 # the published tables and the column each is partitioned (and replaced) by: a run's scores and subsets; the
 # runs rows of one pipeline or refresh (its stages' rows, by their parent)
 PUBLISHED = {"scores": "run_id", "subsets": "run_id", "runs": "parent_run_id"}
-DELTA_TABLES = tuple(PUBLISHED)
 
 
 def _one_run(table: str, data: pa.Table) -> tuple[pa.Table, str, str]:
     """A published table's rows conformed to its schema, its partition column, and the one run they belong to."""
     if table not in PUBLISHED:
-        raise ValueError(f"table {table!r} is not published (only {DELTA_TABLES})")
+        raise ValueError(f"table {table!r} is not published (only {tuple(PUBLISHED)})")
     data, key = conform(data, SCHEMAS[table], table), PUBLISHED[table]
     runs = set(data.column(key).to_pylist())
     if len(runs) != 1 or None in runs:

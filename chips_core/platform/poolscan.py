@@ -37,8 +37,9 @@ class PoolShard:
 
 
 def _digest_of(h, ids: list[str]) -> str:
-    for pid in ids:
-        h.update(pid.encode() + b"\n")
+    """``h`` updated with each id and a newline (one update per call: the same bytes)."""
+    if ids:
+        h.update(("\n".join(ids) + "\n").encode())
     return h.hexdigest()
 
 
@@ -97,8 +98,9 @@ class PoolScan:
                     mask = self.member_mask(t)
                     n = int(mask.sum())
                     ids = t.column("pair_id").filter(pa.array(mask)) if n else None
+                    id_list = ids.to_pylist() if n else []
                     if n and on_ids is not None:
-                        on_ids(ids.to_pylist(), pa.table({
+                        on_ids(id_list, pa.table({
                             "pair_id": ids, "path": pa.array([path] * n, pa.string()),
                             "row_group": pa.array(np.full(n, rg, np.int32))}))
                     if n and t.num_rows > shard_size:  # shards below the row group: row ranges of it
@@ -117,7 +119,7 @@ class PoolScan:
                         groups.append(rg)
                         rows += t.num_rows
                         members += n
-                        _digest_of(digest, ids.to_pylist())
+                        _digest_of(digest, id_list)
                     if groups and (rows >= shard_size or rg == pf.num_row_groups - 1):
                         shards.append(PoolShard(path, tuple(groups), members, digest=digest.hexdigest()))
                         groups, rows, members, digest = [], 0, 0, hashlib.sha256()

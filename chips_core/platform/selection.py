@@ -62,14 +62,13 @@ def _scores(con: duckdb.DuckDBPyConnection, wh: Warehouse, score_run_id: str) ->
     """``run_scores``: a view over one scoring run's parts, less every pair a takedown list matched (stages/takedown.py).
     Returns how many of the run's pairs were taken down."""
     src = f"read_parquet({_lit(parts_glob(wh, 'scores', {'run': score_run_id}))})"
-    if not wh.fs.glob(posixpath.join(wh.table_dir("takedowns"), "*", "*.parquet")):
+    down = posixpath.join(wh.table_dir("takedowns"), "*", "*.parquet")
+    if not wh.fs.glob(down):
         con.execute(f"create or replace temp view run_scores as select * from {src}")
         return 0
-    down = f"read_parquet({_lit(wh.url_of(posixpath.join(wh.table_dir('takedowns'), '*', '*.parquet')))})"
-    con.execute(f"create or replace temp view run_scores as select * from {src} "
-                f"where pair_id not in (select pair_id from {down} where pair_id is not null)")
-    return con.execute(f"select count(*) from {src} where pair_id in "
-                       f"(select pair_id from {down} where pair_id is not null)").fetchall()[0][0]
+    listed = f"(select pair_id from read_parquet({_lit(wh.url_of(down))}) where pair_id is not null)"
+    con.execute(f"create or replace temp view run_scores as select * from {src} where pair_id not in {listed}")
+    return con.execute(f"select count(*) from {src} where pair_id in {listed}").fetchall()[0][0]
 
 
 def unranked_dir(wh: Warehouse, score_run_id: str) -> str:

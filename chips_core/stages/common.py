@@ -2,7 +2,6 @@
 a set of sources' pairs as model inputs."""
 from __future__ import annotations
 
-import os
 import threading
 from typing import Callable, Iterable, Sequence, TypeVar
 
@@ -15,7 +14,7 @@ from ..platform.readers import SourceSpec
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import EndpointModel, LoadedModel, image_preprocess, resolve_precision
 from ..scoring.featurize import ReferenceBank
-from ..util import open_rgb
+from ..util import open_rgb, usable_cores
 from .runconfig import RunConfig
 
 T = TypeVar("T")
@@ -195,7 +194,7 @@ def featurize_workers(cfg: RunConfig, loaded: LoadedModel) -> int:
     process) up to 4 cores, then a quarter of them."""
     if cfg.featurize.num_workers is not None:
         return cfg.featurize.num_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if str(loaded.device).startswith("cuda"):
         return max(1, min(cores - 1, 16))
     return 0 if cores <= 4 else cores // 4

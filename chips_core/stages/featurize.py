@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -16,7 +15,8 @@ import torch
 
 from ..errors import IncompatibleFeaturesError
 from ..platform.features import (feature_parts, load_bank, load_curvature, load_pre, load_shard_plan, read_feature_part,
-                                 relative_path, save_bank, shard_parts, save_curvature, save_pre, save_shard_plan, write_features)
+                                 relative_path, save_bank, save_curvature, save_pre, save_shard_plan, shard_parts,
+                                 write_features)
 from ..platform.poolscan import PoolScan, PoolShard
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
@@ -24,7 +24,7 @@ from ..scoring.endpoint import LoadedModel
 from ..scoring.featurize import Featurizer, ReferenceBank, ScoringContext, forward_pre_batches
 from ..scoring.identity import StreamSample
 from ..scoring.target import curvature_stats_pre
-from ..util import progress as progress_bar
+from ..util import progress as progress_bar, usable_cores
 from .common import (MapShards, endpoint_for, featurize_workers, input_batches, load_pairs, local_map, model_fields,
                      model_inputs, require_bank_model, require_pairs)
 from .runconfig import RunConfig
@@ -168,7 +168,7 @@ def featurize_curvature(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_
         return
     except FileNotFoundError:
         pass
-    if plan.base is not None and _growth(plan) <= cfg.refresh.recompute_curvature_after:
+    if _reuses_curvature(cfg, plan):
         save_curvature(wh, load_curvature(wh, plan.base), run_id)
         return
     ctx = ScoringContext(endpoint_for(cfg, loaded), load_bank(wh, run_id), cfg.sketch)
@@ -189,10 +189,15 @@ def _growth(plan: FeaturizePlan) -> float:
     return (plan.pairs - plan.base_pairs) / max(plan.base_pairs, 1)
 
 
+def _reuses_curvature(cfg: RunConfig, plan: FeaturizePlan) -> bool:
+    """A refresh keeps the earlier run's curvature until the pool has grown past ``refresh.recompute_curvature_after``."""
+    return plan.base is not None and _growth(plan) <= cfg.refresh.recompute_curvature_after
+
+
 def _warn_oversubscribed(workers: int, loaded: LoadedModel) -> None:
     """On CPU, decode workers and the model's torch threads share the cores: more of both than cores slows the
     forward several times over (measured: docs/benchmarks/featurize_shards.md)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if workers and not str(loaded.device).startswith("cuda") and workers + torch.get_num_threads() > cores:
         log.warning("featurize.num_workers=%d beside %d torch threads on %d cores: the decoders and the model "
                     "may compete for them (a forward several times slower); if so, give the model fewer threads "
@@ -236,9 +241,8 @@ def _refresh_summary(cfg: RunConfig, plan: FeaturizePlan, reuse: str | None) -> 
         return {"reuse_of": reuse, "reused": False, "reason": plan.reason,
                 "pairs_reused": 0, "pairs_forwarded": plan.pairs}
     reused_pairs = sum(plan.shards[n].pairs for n in plan.reused)
-    growth = _growth(plan)
     return {"reuse_of": plan.base, "reused": True, "shards_reused": len(plan.reused),
             "shards_forwarded": len(plan.shards) - len(plan.reused), "pairs_reused": reused_pairs,
-            "pairs_forwarded": plan.pairs - reused_pairs, "pool_growth": round(growth, 6),
-            "curvature": "reused" if growth <= cfg.refresh.recompute_curvature_after else "recomputed",
+            "pairs_forwarded": plan.pairs - reused_pairs, "pool_growth": round(_growth(plan), 6),
+            "curvature": "reused" if _reuses_curvature(cfg, plan) else "recomputed",
             "recompute_curvature_after": cfg.refresh.recompute_curvature_after}

@@ -1,7 +1,7 @@
-"""The publish stage: one scoring run's ``scores`` and its materialised ``subsets`` appended to Delta
-Lake tables under ``<warehouse>/delta/`` and/or Iceberg tables ``chips.scores`` / ``chips.subsets`` in a SQL
-catalog (``publish.delta``, ``publish.iceberg``; partitioned by run; re-publishing a run replaces it, each
-publish is a new table version), so Spark, Trino, Databricks, DuckDB and Polars read them where they are."""
+"""The publish stage: one scoring run's ``scores``, its materialised ``subsets`` and (under a pipeline or refresh)
+its stages' ``runs`` rows appended to Delta Lake tables under ``<warehouse>/delta/`` and/or Iceberg tables
+``chips.<table>`` in a SQL catalog (``publish.delta``, ``publish.iceberg``; partitioned by run; re-publishing a run
+replaces it, each publish is a new table version), so Spark, Trino, Databricks, DuckDB and Polars read them."""
 from __future__ import annotations
 
 import pyarrow.compute as pc
@@ -24,7 +24,7 @@ def publish_stage(cfg: RunConfig, wh: Warehouse, score_run_id: str, materialize_
             tables["runs"] = wh.read("runs", filter=pc.field("parent_run_id") == parent_run_id)
         uris = {}
         for name, data in tables.items():
-            if cfg.publish.delta or not cfg.publish.iceberg:
+            if cfg.publish.delta or not cfg.publish.iceberg:  # called with neither set: Delta, as it always did
                 uris[name] = publish_delta(wh, name, data, cfg.storage_options)
             if cfg.publish.iceberg:
                 uris[f"iceberg:{name}"] = publish_iceberg(wh, name, data, cfg.publish.iceberg_catalog_uri)

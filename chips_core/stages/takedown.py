@@ -19,6 +19,7 @@ from ..platform.warehouse import SCHEMAS, Warehouse
 from .runconfig import RunConfig
 
 KINDS = ("pair_id", "source_key", "url", "sha256")
+LISTED = pa.schema([SCHEMAS["takedowns"].field(n) for n in ("listed_in", "kind", "key", "reason")])
 
 
 def read_takedown_list(path: str) -> pa.Table:
@@ -32,10 +33,9 @@ def read_takedown_list(path: str) -> pa.Table:
     if not kinds:
         raise ConfigError(f"takedown list {path!r} has none of the columns {KINDS} (it has {t.column_names})")
     reasons = t.column("reason").to_pylist() if "reason" in t.column_names else [None] * t.num_rows
-    rows = [{"listed_in": path, "kind": k, "key": v.strip(), "reason": r}
+    rows = [{"listed_in": path, "kind": k, "key": str(v).strip(), "reason": r}
             for k in kinds for v, r in zip(t.column(k).to_pylist(), reasons) if v is not None and str(v).strip()]
-    return pa.Table.from_pylist(rows, schema=pa.schema([("listed_in", pa.string()), ("kind", pa.string()),
-                                                         ("key", pa.string()), ("reason", pa.string())]))
+    return pa.Table.from_pylist(rows, schema=LISTED)
 
 
 def takedown_stage(cfg: RunConfig, wh: Warehouse, run_id: str | None = None, parent_run_id: str | None = None) -> dict:
@@ -43,8 +43,7 @@ def takedown_stage(cfg: RunConfig, wh: Warehouse, run_id: str | None = None, par
     run_id = run_id or new_run_id("takedown")
     with recorded_run(wh, "takedown", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       inputs={"lists": list(cfg.takedowns)}) as row:
-        keys = pa.concat_tables([read_takedown_list(p) for p in cfg.takedowns]) if cfg.takedowns else \
-            pa.table({n: pa.array([], pa.string()) for n in ("listed_in", "kind", "key", "reason")})
+        keys = pa.concat_tables([LISTED.empty_table(), *(read_takedown_list(p) for p in cfg.takedowns)])
         con = connect(wh)
         try:
             con.register("listed", keys)
