@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
+import posixpath
 import tempfile
 from typing import Iterable, Sequence
 
@@ -17,6 +19,8 @@ from ..platform.readers import RawRecord, SourceSpec, open_shard, shard_name
 from ..platform.validate import Validated, check_batch, validate_records, write_offline_index
 from ..platform.warehouse import SCHEMAS, Warehouse
 from ..util import progress as progress_bar
+
+log = logging.getLogger("chips")
 
 
 def known_pairs(wh: Warehouse) -> IngestState:
@@ -89,21 +93,43 @@ def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | Non
     totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0}
     docs = _DataDocs(wh)
     with wh.lock("ingest"), recorded_run(wh, "ingest", {"sources": [dataclasses.asdict(s) for s in sources]},
-                                         run_id=run_id, parent_run_id=parent_run_id, inputs=inputs) as row, docs, \
-            known_pairs(wh) as state:
-        seen, recorded = state.seen, state.recorded
-        for spec, path in progress_bar(shards, enabled=progress, desc="ingest"):
-            name = shard_name(spec, path)
-            if wh.has_part("pairs", {"run": run_id}, name):
-                counts = _written_counts(wh, run_id, name)
-            else:
-                counts = ingest_shard(open_shard(spec, path), wh, run_id, name, seen, recorded, docs_dir=docs.local,
-                                      images=spec.images)
-            for k in totals:
-                totals[k] += counts[k]
+                                         run_id=run_id, parent_run_id=parent_run_id, inputs=inputs) as row, docs:
+        drop_incomplete_shards(wh)  # before the state is read from what they hold
+        with known_pairs(wh) as state:
+            for spec, path in progress_bar(shards, enabled=progress, desc="ingest"):
+                name = shard_name(spec, path)
+                if wh.has_part("pairs", {"run": run_id}, name):
+                    counts = _written_counts(wh, run_id, name)
+                else:
+                    counts = ingest_shard(open_shard(spec, path), wh, run_id, name, state.seen, state.recorded,
+                                          docs_dir=docs.local, images=spec.images)
+                for k in totals:
+                    totals[k] += counts[k]
         row.update(rows_in=totals["read"], rows_out=totals["kept"], rows_quarantined=totals["quarantined"],
                    rows_unchanged=totals["unchanged"])
     return {"run_id": run_id, **totals}
+
+
+def drop_incomplete_shards(wh: Warehouse) -> list[str]:
+    """Remove the ``pair_sources`` and ``quarantine`` parts of shards whose ``pairs`` part (written last, it marks a
+    shard complete) is missing: what an ingest killed inside a shard leaves. Left in place, the next ingest would read
+    their rows as already recorded and skip the shard's pairs as unchanged. Call it under the ingest lock (no ingest
+    is writing). Returns the removed paths."""
+    pairs_dir = wh.table_dir("pairs")
+    removed = []
+    for table in ("pair_sources", "quarantine"):
+        d = wh.table_dir(table)
+        for path in wh.fs.glob(posixpath.join(d, "*", "*.parquet")) if wh.fs.exists(d) else []:
+            if not wh.fs.exists(posixpath.join(pairs_dir, posixpath.relpath(path, d))):
+                wh.fs.rm(path)
+                removed.append(path)
+        for folder in sorted({posixpath.dirname(p) for p in removed if p.startswith(d + "/")}) + [d]:
+            if wh.is_local and wh.fs.exists(folder) and not wh.fs.ls(folder):  # no empty dataset folders left
+                wh.fs.rmdir(folder)
+    if removed:
+        log.warning("ingest: removed %d part(s) of shards a killed ingest left incomplete (no pairs part)",
+                    len(removed))
+    return removed
 
 
 class _DataDocs:

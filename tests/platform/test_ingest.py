@@ -218,3 +218,34 @@ def test_parquet_with_an_image_path_column_and_tsv(tmp_path, wh):
     (tmp_path / "list.tsv").write_text("filepath\ttitle\nimg/a.png\ta tsv caption\n")
     c = ingest_shard(read_csv(str(tmp_path / "list.tsv"), "tsv"), wh, "r", "tsv")
     assert c["kept"] == 1  # different caption, so a different pair
+
+
+@pytest.mark.parametrize("rerun_id", ["ingest-K", None])  # resumed under the same run id, or a new run (a refresh)
+def test_a_shard_killed_between_its_parts_loses_nothing_on_rerun(tmp_path, wh, monkeypatch, rerun_id):
+    """Killed after a shard's ``pair_sources`` and ``quarantine`` parts but before its ``pairs`` part (the one that
+    marks it complete): the next ingest must not read those orphan rows as "already recorded", or the shard's pairs
+    would be skipped as unchanged and never written."""
+    from chips_core.platform.query import connect, run_audits
+    from chips_core.platform.readers import SourceSpec
+    from chips_core.stages import ingest_stage
+
+    path = tmp_path / "shard.tar"
+    make_tar(path, [m for i in range(4) for m in ((f"k{i}.png", png(i)), (f"k{i}.txt", f"caption {i}".encode()))]
+             + [("bad.png", b"not an image"), ("bad.txt", b"a caption")])
+    spec = SourceSpec("wds", "webdataset", (str(path),))
+    real = Warehouse.write
+
+    def killed_before_pairs(self, table, *a, **k):
+        if table == "pairs":
+            raise KeyboardInterrupt("killed")
+        return real(self, table, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(Warehouse, "write", killed_before_pairs)
+        with pytest.raises(KeyboardInterrupt):
+            ingest_stage([spec], wh, run_id="ingest-K")
+    assert wh.read("pair_sources").num_rows == 4 and wh.read("pairs").num_rows == 0  # the orphan parts
+    out = ingest_stage([spec], wh, run_id=rerun_id)
+    assert (out["read"], out["kept"], out["quarantined"], out["unchanged"]) == (5, 4, 1, 0)
+    assert wh.read("pairs").num_rows == 4 and wh.read("pair_sources").num_rows == 4
+    assert wh.read("quarantine").num_rows == 1
+    assert all(t.num_rows == 0 for t in run_audits(connect(wh)).values())
