@@ -399,6 +399,14 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
                    f"{t['keys_unmatched']} keys matched nothing" + (f" (e.g. {', '.join(t['unmatched_examples'])})"
                                                                    if t["unmatched_examples"] else ""))
     typer.echo(f"  materialize {len(m['subsets'])} subsets")
+    if "publish" in out:
+        p, where = out["publish"], []
+        if any(not k.startswith("iceberg:") for k in p["tables"]):
+            where.append(f"Delta ({Path(cfg.warehouse) / 'delta'})")
+        if any(k.startswith("iceberg:") for k in p["tables"]):
+            where.append("Iceberg (" + ", ".join(u for k, u in p["tables"].items() if k.startswith("iceberg:")) + ")")
+        rows = ", ".join(f"{n} {t} rows" for t, n in p["rows"].items())
+        typer.echo(f"  publish     {rows} to {' and '.join(where)}")
     # the five best first, then their captions: joining every score to every pair first held the whole pool in
     # DuckDB (+99 MiB at 1M pairs, measured alone)
     top = run_query(con, "with s as (select pair_id, rank, utility, chips_align, w_learn, w_relevance from stg_scores "

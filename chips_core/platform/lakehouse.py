@@ -13,15 +13,18 @@ import pyarrow as pa
 from .warehouse import SCHEMAS, Warehouse, conform
 
 # the published tables and the column each is partitioned (and replaced) by: a run's scores and subsets; the
-# runs rows of one pipeline or refresh (its stages' rows, by their parent)
-PUBLISHED = {"scores": "run_id", "subsets": "run_id", "runs": "parent_run_id"}
+# runs rows of one pipeline, refresh or rescore (its own row and its stages' rows) by that run's id
+PUBLISHED = {"scores": "run_id", "subsets": "run_id", "runs": "root_run_id"}
+# a published table's schema: the warehouse table's; ``runs`` adds the id of the run each row belongs under
+PUBLISHED_SCHEMAS = {"scores": SCHEMAS["scores"], "subsets": SCHEMAS["subsets"],
+                     "runs": SCHEMAS["runs"].append(pa.field("root_run_id", pa.string()))}
 
 
 def _one_run(table: str, data: pa.Table) -> tuple[pa.Table, str, str]:
     """A published table's rows conformed to its schema, its partition column, and the one run they belong to."""
     if table not in PUBLISHED:
         raise ValueError(f"table {table!r} is not published (only {tuple(PUBLISHED)})")
-    data, key = conform(data, SCHEMAS[table], table), PUBLISHED[table]
+    data, key = conform(data, PUBLISHED_SCHEMAS[table], table), PUBLISHED[table]
     runs = set(data.column(key).to_pylist())
     if len(runs) != 1 or None in runs:
         raise ValueError(f"publish one run at a time; got {key} values {sorted(runs, key=str)}")
@@ -33,7 +36,7 @@ def delta_uri(wh: Warehouse, table: str) -> str:
 
 
 def publish_delta(wh: Warehouse, table: str, data: pa.Table, storage_options: dict | None = None) -> str:
-    """Append one run's rows to the Delta table, partitioned by ``run_id`` (``runs``: by ``parent_run_id``); a run already published
+    """Append one run's rows to the Delta table, partitioned by ``run_id`` (``runs``: by ``root_run_id``); a run already published
     is replaced, not duplicated (``replaceWhere`` on its partition), so re-publishing is idempotent."""
     from deltalake import DeltaTable, write_deltalake
 

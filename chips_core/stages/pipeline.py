@@ -19,7 +19,7 @@ from .common import MapShards, local_map, model_fields, require_pairs, require_q
 from .featurize import featurize_stage
 from .ingest import ingest_stage
 from .materialize import materialize_stage
-from .publish import publish_stage
+from .publish import publish_runs, publish_stage
 from .runconfig import RunConfig
 from .score import score_stage
 from .takedown import takedown_stage
@@ -64,7 +64,7 @@ def run_pipeline(cfg: RunConfig, loaded: LoadedModel | None = None, progress: bo
         out["featurize"] = stages["featurize"](parent_run_id=parent, **({"reuse": base} if base else {}))
         release_memory()  # the next stages' peaks do not stack on featurize's freed heap
         out |= _score_and_materialize(cfg, stages, out["featurize"]["run_id"], parent)
-    return out
+    return _publish_runs(cfg, wh, out)
 
 
 def last_featurize_run(wh: Warehouse, cfg: RunConfig) -> str | None:
@@ -92,6 +92,15 @@ def run_rescore(cfg: RunConfig, featurize_run_id: str, loaded: LoadedModel | Non
         out["quarantine"] = require_quarantine_share(wh, cfg.target, cfg.max_quarantine_share)
         require_pairs(wh, cfg.target, "target")
         out |= _score_and_materialize(cfg, stages, featurize_run_id, parent)
+    return _publish_runs(cfg, wh, out)
+
+
+def _publish_runs(cfg: RunConfig, wh: Warehouse, out: dict) -> dict:
+    """Once the parent's own row is written: its ``runs`` rows and its stages' to the lakehouse (when configured)."""
+    if "publish" in out:
+        runs = publish_runs(cfg, wh, out["run_id"])
+        out["publish"] = {**out["publish"], "tables": {**out["publish"]["tables"], **runs["tables"]},
+                          "rows": {**out["publish"]["rows"], **runs["rows"]}}
     return out
 
 

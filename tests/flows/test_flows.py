@@ -202,13 +202,16 @@ def test_chips_refresh_forwards_only_new_pairs_the_second_night(prefect_api, tmp
     snaps = ice.snapshots()
     assert len(snaps) == 2 and ice.scan().to_arrow().num_rows == 60 + 70
     assert set(ice.scan(snapshot_id=snaps[0].snapshot_id).to_arrow().column("run_id").to_pylist()) == {night1_scores}
-    # and the runs rows of each night's stages, partitioned by their refresh
+    # and the runs rows of each night: the refresh's own and its stages', partitioned by the refresh
     refreshes = query(con, "select run_id from stg_runs where stage = 'refresh' order by started_at").column("run_id")
     published = DeltaTable(delta_uri(wh, "runs")).to_pyarrow_table()
-    assert set(published.column("parent_run_id").to_pylist()) == set(refreshes.to_pylist())
-    night2 = [r["stage"] for r in published.to_pylist() if r["parent_run_id"] == refreshes[1].as_py()]
-    assert {"ingest", "takedown", "featurize", "score", "materialize"} <= set(night2)
+    assert set(published.column("root_run_id").to_pylist()) == set(refreshes.to_pylist())
+    night2 = [r["stage"] for r in published.to_pylist() if r["root_run_id"] == refreshes[1].as_py()]
+    assert sorted(night2) == ["featurize", "ingest", "materialize", "publish", "refresh", "score", "takedown"]
     assert iceberg_catalog(wh).load_table("chips.runs").scan().to_arrow().num_rows == published.num_rows
+    # the summary says what was published, and where
+    assert "publish     70 scores rows" in second.output and "7 runs rows to Delta (" in second.output
+    assert "and Iceberg (chips.scores, chips.subsets, chips.runs)" in second.output
 
 
 def load_run_config_dict(cfg: dict):

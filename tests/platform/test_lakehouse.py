@@ -61,7 +61,9 @@ def test_iceberg_publish_is_idempotent_versioned_and_readable_by_polars_and_duck
     assert rows == [("run-1", 5), ("run-2", 5)]
 
 
-def test_delta_keeps_earlier_versions_readable(tmp_path):
+def test_delta_keeps_earlier_versions_readable_by_deltalake_polars_and_duckdb(tmp_path):
+    import duckdb
+    import polars as pl
     from deltalake import DeltaTable
 
     wh = Warehouse(str(tmp_path / "wh"))
@@ -69,6 +71,11 @@ def test_delta_keeps_earlier_versions_readable(tmp_path):
     publish_delta(wh, "scores", _scores("run-2", seed=1))
     assert DeltaTable(uri).to_pyarrow_table().num_rows == 10
     assert DeltaTable(uri, version=0).to_pyarrow_table().column("run_id").to_pylist() == ["run-1"] * 5
+    # other engines, each at both versions: polars through deltalake, DuckDB over the version's Arrow dataset
+    for version, want in ((0, [("run-1", 5)]), (1, [("run-1", 5), ("run-2", 5)])):
+        assert pl.read_delta(uri, version=version).group_by("run_id").len().sort("run_id").rows() == want
+        ds = DeltaTable(uri, version=version).to_pyarrow_dataset()
+        assert duckdb.sql("select run_id, count(*) from ds group by run_id order by run_id").fetchall() == want
 
 
 @pytest.fixture(scope="module")

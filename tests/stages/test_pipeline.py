@@ -191,11 +191,12 @@ def test_rescore_with_publish_writes_delta_tables_under_one_parent(run):
     cfg, loaded, out = run
     cfg = dataclasses.replace(cfg, publish=PublishConfig(delta=True))
     res = run_rescore(cfg, out["featurize"]["run_id"], loaded)
-    # + full@1; and the rescore's stage rows so far (ingest, score, materialize)
-    assert res["publish"]["rows"] == {"scores": 120, "subsets": len(cfg.methods) * (12 + 36) + 120, "runs": 3}
+    # + full@1; and, once the rescore has ended, its own runs row and its stages' (the publish stage's included)
+    assert res["publish"]["rows"] == {"scores": 120, "subsets": len(cfg.methods) * (12 + 36) + 120, "runs": 5}
     runs = DeltaTable(res["publish"]["tables"]["runs"]).to_pyarrow_table()
-    assert sorted(runs.column("stage").to_pylist()) == ["ingest", "materialize", "score"]
-    assert set(runs.column("parent_run_id").to_pylist()) == {res["run_id"]}
+    assert sorted(runs.column("stage").to_pylist()) == ["ingest", "materialize", "publish", "rescore", "score"]
+    assert set(runs.column("root_run_id").to_pylist()) == {res["run_id"]}
+    assert set(runs.column("status").to_pylist()) == {"succeeded"}
     scores = DeltaTable(res["publish"]["tables"]["scores"]).to_pyarrow_table()
     assert set(scores.column("run_id").to_pylist()) == {res["score"]["run_id"]} and scores.num_rows == 120
     con = connect(Warehouse(cfg.warehouse))

@@ -22,13 +22,13 @@ from flows.demo import write_folder
 
 from ..conftest import tiny_pipeline_config
 
-DAY1, DAY2 = 200, 30
+DAY1, DAY2, TARGET = 1000, 100, 20  # the issue's day 1 and day 2; 10 of them are taken down below
 
 
 @pytest.fixture(scope="module")
 def days(tmp_path_factory, demo_model):
     tmp = tmp_path_factory.mktemp("refresh")
-    raw = tiny_pipeline_config(tmp, demo_model, DAY1, 20, seed=5, sketch={"k": 32}, bank={"size": 24},
+    raw = tiny_pipeline_config(tmp, demo_model, DAY1, TARGET, seed=5, sketch={"k": 32}, bank={"size": 24},
                                curvature={"n_curv": 40, "hard_negatives": 4}, shard_size=64)
     write_folder(tmp / "pool-day2", make_pairs(DAY2, seed=55), DAY2)
     day1 = load_run_config(raw)
@@ -49,6 +49,22 @@ def _counting(model):
         return original(images, *a, **kw)
     model.encode_image = counting
     return seen
+
+
+def test_a_day2_refresh_forwards_the_new_pairs_and_the_target_set_only(days):
+    """The whole day-2 refresh (ingest, featurize, score, materialize) forwards the 100 new pairs and the target
+    set through the image tower, nothing else (counted, in micro-batches)."""
+    from chips_core.stages import run_pipeline
+
+    _, _, day2, wh, loaded, _ = days
+    seen = _counting(loaded.model)
+    try:
+        out = run_pipeline(day2, loaded, wh=wh, refresh=True)
+    finally:
+        del loaded.model.encode_image
+    micro = day2.featurize.micro_batch
+    assert sum(seen) == micro * (-(-DAY2 // micro) + -(-TARGET // micro)), seen
+    assert out["featurize"]["refresh"]["pairs_forwarded"] == DAY2 and out["score"]["pairs"] == DAY1 + DAY2
 
 
 def test_day2_forwards_only_the_new_pairs_and_reuses_the_rest(days):
@@ -88,7 +104,7 @@ def test_day2_forwards_only_the_new_pairs_and_reuses_the_rest(days):
 
 def test_growth_past_the_threshold_recomputes_the_curvature(days):
     _, _, day2, wh, loaded, _ = days
-    cfg = dataclasses.replace(day2, refresh=dataclasses.replace(day2.refresh, recompute_curvature_after=0.1))
+    cfg = dataclasses.replace(day2, refresh=dataclasses.replace(day2.refresh, recompute_curvature_after=0.05))
     out = featurize_stage(cfg, wh, loaded, run_id="day2-recomputed", reuse="day1")
     assert out["refresh"]["curvature"] == "recomputed" and out["refresh"]["pool_growth"] == pytest.approx(DAY2 / DAY1)
     curv, before = load_curvature(wh, "day2-recomputed"), load_curvature(wh, "day1")
@@ -143,30 +159,62 @@ def test_a_refresh_killed_mid_featurize_resumes_to_the_same_bytes(days):
     assert again["shards_written"] == len(own) and files("day2-killed") == whole
 
 
-@pytest.mark.parametrize("stage", ["featurize", "score", "materialize"])
-def test_a_refresh_killed_at_a_stage_then_rerun_gives_the_same_subsets(days, monkeypatch, stage):
-    """`chips refresh` killed inside featurize, score or materialize, then run again: the same subsets as a refresh
-    that was never interrupted."""
+@pytest.mark.parametrize("stage", ["ingest", "takedown", "featurize", "score", "materialize", "publish"])
+def test_a_refresh_killed_at_a_stage_then_rerun_gives_the_same_tables(days, monkeypatch, stage):
+    """`chips refresh` (with a takedown list and publishing to Delta and Iceberg) killed inside any of its stages,
+    then run again: the same subsets, and the same published subsets and runs, as a refresh never interrupted."""
     import chips_core.stages.featurize as F
+    import chips_core.stages.ingest as I
     import chips_core.stages.materialize as M
+    import chips_core.stages.publish as P
     import chips_core.stages.score as S
+    import chips_core.stages.takedown as T
+    from deltalake import DeltaTable
+
+    from chips_core.platform.lakehouse import delta_uri, iceberg_catalog
     from chips_core.stages import run_pipeline
+    from chips_core.stages.runconfig import PublishConfig
 
-    _, _, day2, wh, loaded, _ = days
+    tmp, _, day2, wh, loaded, _ = days
+    listed = tmp / f"optout-{stage}.csv"
+    listed.write_text("source_key,reason\n" + "".join(f"{k},opt-out\n" for k in _source_keys(wh, 10)))
+    cfg = dataclasses.replace(day2, takedowns=(str(listed),), publish=PublishConfig(delta=True, iceberg=True))
 
-    def subsets(out):
-        rows = wh.read("subsets").to_pylist()
-        return sorted((r["method"], r["budget"], r["pair_id"], r["rank"]) for r in rows
-                      if r["run_id"] == out["materialize"]["run_id"])
+    def subsets(rows, run_id):
+        return sorted((r["method"], r["budget"], r["pair_id"], r["rank"]) for r in rows if r["run_id"] == run_id)
 
-    want = subsets(run_pipeline(day2, loaded, wh=wh, refresh=True))
-    target = {"featurize": (F, "featurize_curvature"), "score": (S, "write_ranked_scores"),
-              "materialize": (M, "write_manifests")}[stage]
+    def published(out):
+        """This refresh's subsets as Delta and Iceberg hold them, and the stages of its published runs rows."""
+        mat = out["materialize"]["run_id"]
+        ice = iceberg_catalog(wh).load_table("chips.subsets").scan().to_arrow().to_pylist()
+        runs = [r for r in DeltaTable(delta_uri(wh, "runs")).to_pyarrow_table().to_pylist()
+                if r["root_run_id"] == out["run_id"]]
+        return (subsets(DeltaTable(delta_uri(wh, "subsets")).to_pyarrow_table().to_pylist(), mat), subsets(ice, mat),
+                sorted((r["stage"], r["status"]) for r in runs))
+
+    uninterrupted = run_pipeline(cfg, loaded, wh=wh, refresh=True)
+    want = subsets(wh.read("subsets").to_pylist(), uninterrupted["materialize"]["run_id"])
+    assert want and not {r[2] for r in want} & set(_taken_down(wh))
+    target = {"ingest": (I, "ingest_shard"), "takedown": (T, "read_takedown_list"),
+              "featurize": (F, "featurize_curvature"), "score": (S, "write_ranked_scores"),
+              "materialize": (M, "write_manifests"), "publish": (P, "publish_iceberg")}[stage]
 
     def killed(*a, **k):
         raise KeyboardInterrupt("killed")
     with monkeypatch.context() as m:
         m.setattr(*target, killed)
         with pytest.raises(KeyboardInterrupt):
-            run_pipeline(day2, loaded, wh=wh, refresh=True)
-    assert subsets(run_pipeline(day2, loaded, wh=wh, refresh=True)) == want
+            run_pipeline(cfg, loaded, wh=wh, refresh=True)
+    again = run_pipeline(cfg, loaded, wh=wh, refresh=True)
+    assert subsets(wh.read("subsets").to_pylist(), again["materialize"]["run_id"]) == want
+    assert published(again) == published(uninterrupted) == (want, want, sorted(
+        (s, "succeeded") for s in ("refresh", "ingest", "takedown", "featurize", "score", "materialize", "publish")))
+
+
+def _source_keys(wh, n):
+    rows = wh.read("pair_sources", columns=["source", "source_key"]).to_pylist()
+    return sorted(r["source_key"] for r in rows if r["source"] == "pool")[:n]
+
+
+def _taken_down(wh):
+    return [p for p in wh.read("takedowns", columns=["pair_id"]).column("pair_id").to_pylist() if p]
