@@ -170,7 +170,8 @@ def check_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool, 
     for c in out["checks"]:
         mark = {True: "ok  ", False: "FAIL", None: "    "}[c["passed"]]
         value = "n/a" if c["value"] is None else f"{c['value']:.3g}"
-        typer.echo(f"  {mark} {c['name']:<28} {value:>8}   ({c['threshold']})")
+        interval = f" [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c.get("interval") else ""
+        typer.echo(f"  {mark} {c['name']:<28} {value:>8}{interval}   ({c['threshold']})")
     typer.echo(out["verdict"])
     if not out["passed"]:
         raise typer.Exit(code=2)

@@ -74,8 +74,9 @@ def test_delta_keeps_earlier_versions_readable_by_deltalake_polars_and_duckdb(tm
     # other engines, each at both versions: polars through deltalake, DuckDB over the version's Arrow dataset
     for version, want in ((0, [("run-1", 5)]), (1, [("run-1", 5), ("run-2", 5)])):
         assert pl.read_delta(uri, version=version).group_by("run_id").len().sort("run_id").rows() == want
-        ds = DeltaTable(uri, version=version).to_pyarrow_dataset()
-        assert duckdb.sql("select run_id, count(*) from ds group by run_id order by run_id").fetchall() == want
+        con = duckdb.connect()
+        con.register("v", DeltaTable(uri, version=version).to_pyarrow_dataset())
+        assert con.sql("select run_id, count(*) from v group by run_id order by run_id").fetchall() == want
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from chips_core.errors import ConfigError
 from chips_core.scoring.featurize import FeatureBatch
 from chips_core.scoring.identity import FeatureIdentity
 from chips_core.scoring.premise import (PremiseConfig, eval_matching, mean_pairwise_cosine, premise_checks,
-                                        relative_spread)
+                                        relative_spread, spearman_interval)
 
 
 def _unit(a):
@@ -57,12 +57,23 @@ def test_a_model_that_knows_its_target_passes_and_a_collapsed_one_fails_naming_t
     assert report.passed and "passed" in report.verdict()
     cone = _unit(np.ones((n, 32)) + 0.05 * rng.normal(size=(n, 32)))  # collapsed, and matched by chance
     cold = _features(cone, _unit(np.ones((n, 32)) + 0.05 * rng.normal(size=(n, 32))), np.zeros(n), np.full(n, -0.3))
-    report = premise_checks(cold, 2.0 * math.log(n), cold, k, endpoint_spearman=0.2)
+    report = premise_checks(cold, 2.0 * math.log(n), cold, k, endpoint_spearman=0.2, endpoint_sample=32)
     failing = {c.name for c in report.failing}
     assert failing == {"eval_matching", "eval_loss_over_ln_n", "p_corr_over_chance", "mean_pairwise_cosine",
                        "w_learn_spread", "endpoint_vs_full_spearman"}
     assert report.verdict().startswith("premise check FAILED: eval_matching") and "warm it up" in report.verdict()
     assert '"passed": false' in report.to_json()
+    # the Spearman is an estimate from 32 pairs: its 95% interval is printed beside it (Fisher z, 1.06 / (n - 3))
+    assert "endpoint_vs_full_spearman 0.2 [-0.17, 0.52] (needs >= 0.5)" in report.verdict()
+
+
+def test_spearman_interval_by_hand():
+    lo, hi = spearman_interval(0.5, 32)
+    half = 1.959964 * math.sqrt(1.06 / 29)
+    assert (lo, hi) == pytest.approx((math.tanh(math.atanh(0.5) - half), math.tanh(math.atanh(0.5) + half)))
+    assert (round(lo, 3), round(hi, 3)) == (0.173, 0.728)
+    assert spearman_interval(0.5, 3) is None and spearman_interval(1.0, 32) is None
+    assert spearman_interval(0.5, 128)[1] - spearman_interval(0.5, 128)[0] < hi - lo  # more pairs, narrower
 
 
 def test_premise_config_names_the_bad_value():

@@ -38,6 +38,9 @@ def test_check_passes_for_a_model_that_knows_the_target(setup, demo_model):
     row = query(connect(wh), "select stage, diagnostics_json from stg_runs where run_id = $r",
                 {"r": out["run_id"]}).to_pylist()[0]
     assert row["stage"] == "check" and json.loads(row["diagnostics_json"])["passed"] is True
+    # the end-point vs full Spearman comes with its 95% interval over the sampled pairs
+    sp = [c for c in json.loads(row["diagnostics_json"])["checks"] if c["name"] == "endpoint_vs_full_spearman"][0]
+    assert sp["interval"][0] < sp["value"] < sp["interval"][1]
 
 
 def test_check_fails_for_a_cold_model_and_says_what_to_do(setup):
