@@ -79,7 +79,8 @@ MODES = {
                  medical_pool=6000, test_cap=None, alphas=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], ks=[64, 128, 256, 512, 1024],
                  general_quick=False, pretrain_epochs=25),
 }
-# v2 (issue 10): a target whose premises hold (catalogue sheets, a base model warmed on coarse sheets),
+# v2 (issue 10): a target whose premises hold (catalogue sheets, a base model warmed on sheets captioned in the
+# pool's grounded grammar: with coarse captions the premise check fails, docs/benchmarks/selection_v2_coarse.md),
 # the same general-domain replay in every CPT, a fixed number of CPT steps for every budget, 3 seeds,
 # random over in-domain pairs as the primary baseline and a planted oracle check.
 V2_MODES = {
@@ -87,15 +88,15 @@ V2_MODES = {
     "v2-quick": dict(seeds=[0, 1, 2], budgets=[0.1, 0.2], sweep_seeds=[], alphas=[], ks=[], sheets_pool=5000,
                      animal_pool=4000,
                      test_cap=1000, targets=["sheets"],
-                     warm_size=1200, general_quick=True, pretrain_epochs=15, cpt_steps=60, replay=0.25,
-                     replay_size=2000),
+                     warm_size=1200, warm_captions="grounded", general_quick=True, pretrain_epochs=15, cpt_steps=60,
+                     replay=0.25, replay_size=2000),
     # 4 seeds and an α sweep (claim 5: α = 0, 0.6, 0.8 beside the default 0.7, CHIPS at 20%, every seed) keep
     # both targets within 2 h on 2 CPUs (5 seeds without the sweep took 150 min)
     "v2-full": dict(seeds=[0, 1, 2, 3], budgets=[0.1, 0.2, 0.3, 0.5], sweep_seeds=[0, 1, 2, 3],
                     alphas=[0.0, 0.6, 0.8], ks=[], sheets_pool=16000,
                     animal_pool=8000, test_cap=2000, targets=["sheets", "animal_sheets"],
-                    warm_size=2400, general_quick=False, pretrain_epochs=25, cpt_steps=150, replay=0.25,
-                    replay_size=4000),
+                    warm_size=2400, warm_captions="grounded", general_quick=False, pretrain_epochs=25,
+                    cpt_steps=150, replay=0.25, replay_size=4000),
 }
 MODES.update(V2_MODES)
 DEFAULT_ALPHA, DEFAULT_K = CurvatureConfig().alpha, SketchConfig().k
@@ -160,7 +161,7 @@ class Bench:
         if self.v2:
             sheets = load_fashion_sheets(self.general, seed=0, pool_size=self.p["sheets_pool"],
                                          test_size=self.p["test_cap"], warm_size=self.p["warm_size"],
-                                         warm_captions=self.p.get("warm_captions", "coarse"))
+                                         warm_captions=self.p["warm_captions"])
             # a second domain built the same way; its coarse knowledge is the general mix's single silhouettes
             animals = load_animal_sheets(self.general, seed=0, pool_size=self.p["animal_pool"],
                                          test_size=self.p["test_cap"])
@@ -470,6 +471,7 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
         L += [f"- {name}: " + (pc_["verdict"] if pc_ else "not measured (run predates the check)") + "  "]
         if pc_:
             L += ["  " + ", ".join(f"{c['name']} {'n/a' if c['value'] is None else format(c['value'], '.3g')}"
+                                   + (f" [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c.get("interval") else "")
                                    + {True: " ✓", False: " ✗", None: ""}[c["passed"]] for c in pc_["checks"])]
     L += ["", "## Noise AUC: does a method rank clean captions above mismatched ones?", "",
           "Mann-Whitney AUC of each method's score, clean vs mismatched in-domain pairs of the whole scored pool "
@@ -720,10 +722,14 @@ def main() -> None:
                                                     "sheets,animal_sheets; --v2 --quick: sheets)")
     ap.add_argument("--no-sweeps", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, train nothing")
-    ap.add_argument("--warm-size", type=int, default=None, help="v2: coarse-captioned sheets in the base model's "
+    ap.add_argument("--warm-size", type=int, default=None, help="v2: warm-up sheets in the base model's "
                                                                    "pre-training mix (default: the mode's)")
     ap.add_argument("--warm-captions", choices=("coarse", "grounded"), default=None,
-                    help="v2: caption the warm-up sheets coarsely (default) or with the pool's grounded grammar")
+                    help="v2: caption the warm-up sheets with the pool's grounded grammar (the default: the base "
+                         "model passes the premise check) or coarsely (items and colours only: it does not)")
+    ap.add_argument("--premise-only", action="store_true",
+                    help="pre-train the base model and run the premise check on each target, nothing else (choose a "
+                         "warm-up by the check, which reads the eval set and the pool, never the test set)")
     ap.add_argument("--v2", action="store_true", help="benchmark v2 (issue 10): the catalogue-sheets target, warmed "
                                                        "base model, replay, fixed CPT steps, 3 seeds, planted check")
     args = ap.parse_args()
@@ -749,6 +755,8 @@ def main() -> None:
     finally:
         bench.state.setdefault("invocations", []).append(round(time.perf_counter() - t0, 1))
         bench.save_state()
+    if args.premise_only:  # the verdicts are in the log and in <workdir>/<mode>/state.json; no report
+        return
     write_report(bench, out, sum(bench.state["invocations"]), "python benchmarks/selection/run.py " + " ".join(sys.argv[1:]))
 
 
@@ -758,6 +766,11 @@ def run_all(bench: Bench, args, ap) -> None:
     unknown = [n for n in names if n not in bench.targets]
     if unknown:
         ap.error(f"--targets {','.join(unknown)}: this mode's targets are {', '.join(bench.targets)}")
+    if args.premise_only:
+        for name in names:
+            bench.ingest(name)
+            bench.premise(name, load_model(bench.run_config(name, 0).model))
+        return
     for name in names:
         bench.run_target(name)
         if args.v2:

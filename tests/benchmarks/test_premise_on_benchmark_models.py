@@ -1,8 +1,8 @@
 """The premise check (`chips check`) on the selection benchmark's own base models, built as the benchmark builds
 them (benchmarks/selection/run.py, quick mode, real data from install_data.sh): it fails on v1's cold general
-model for the fashion target, and passes on v2's base model warmed on catalogue sheets captioned in the pool's
-grammar (`--warm-captions grounded`). With v2's default coarse warm-up it fails too (the v2 reports say so):
-that base model knows the sheets only coarsely, and gradient ranking loses to random there."""
+model for the fashion target, and passes on v2's quick-mode base model, warmed on catalogue sheets captioned in the
+pool's grammar (v2's default warm-up). With a coarse warm-up (`--warm-captions coarse`) it fails too
+(docs/benchmarks/selection_v2_coarse.md): that base model knows the sheets only coarsely."""
 import importlib.util
 import sys
 from pathlib import Path
