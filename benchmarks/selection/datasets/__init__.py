@@ -11,7 +11,8 @@ run time.
   clean target eval set and the held-out test split as a :class:`Suite`.
 * :func:`load_fashion_sheets` -- v2 target ``sheets`` (issue 10): 2x2 catalogue sheets of tinted
   Fashion-MNIST items with grounded captions (positions, tints, sizes), stated noise, and
-  coarse-captioned warm-up sheets for the base model.
+  warm-up sheets for the base model (captioned coarsely or, as the v2 runner does by default, in the
+  pool's grammar).
 * :func:`load_animal_sheets` -- v2 target ``animal_sheets``: the same sheets of Animal-MNIST
   silhouettes (the general mix's single silhouettes are the base model's coarse knowledge; the
   test sheets use only silhouettes the general mix holds out).

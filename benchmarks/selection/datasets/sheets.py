@@ -12,10 +12,11 @@ retrieval R@k measures whether the model reads the sheet.
 The pool's noise is realistic and stated (:data:`SHEET_NOISE`): swapped captions (another sheet's),
 partly wrong captions (one item's class or tint changed), near-duplicates (a jittered copy of a
 clean sheet, same caption) and off-domain pairs (the general set). ``warm`` holds sheets from a
-split disjoint from pool, eval and test with *coarse* captions (the four items and their colours
-in any order; no positions, no sizes): mixed into pre-training at a few percent, they give the
-base model the coarse knowledge of the domain a web-pretrained CLIP has (the premise of
-gradient-based selection).
+split disjoint from pool, eval and test, captioned *coarsely* (the four items and their colours in
+any order; no positions, no sizes) or in the pool's grammar; mixed into pre-training at a few
+percent, they give the base model knowledge of the domain, as a web-pretrained CLIP has (the premise
+of gradient-based selection). The v2 runner uses the pool's grammar: with coarse captions the
+premise check fails (median p_corr below chance against grounded captions).
 
 Splits: pool, eval set and warm-up sheets are built from disjoint parts of the 60k train split;
 the test sheets from the 10k test split. Everything depends only on ``seed``.
