@@ -115,12 +115,17 @@ def drop_incomplete_shards(wh: Warehouse) -> list[str]:
     shard complete) is missing: what an ingest killed inside a shard leaves. Left in place, the next ingest would read
     their rows as already recorded and skip the shard's pairs as unchanged. Call it under the ingest lock (no ingest
     is writing). Returns the removed paths."""
-    pairs_dir = wh.table_dir("pairs")
+    def parts(table: str) -> dict[str, str]:  # "run=<id>/<shard>.parquet" -> path; one listing, not a request per part
+        d = wh.table_dir(table)
+        found = wh.fs.glob(posixpath.join(d, "*", "*.parquet")) if wh.fs.exists(d) else []
+        return {posixpath.relpath(p, d): p for p in found}
+
+    complete = parts("pairs")
     removed = []
     for table in ("pair_sources", "quarantine"):
         d = wh.table_dir(table)
-        for path in wh.fs.glob(posixpath.join(d, "*", "*.parquet")) if wh.fs.exists(d) else []:
-            if not wh.fs.exists(posixpath.join(pairs_dir, posixpath.relpath(path, d))):
+        for rel, path in parts(table).items():
+            if rel not in complete:
                 wh.fs.rm(path)
                 removed.append(path)
         for folder in sorted({posixpath.dirname(p) for p in removed if p.startswith(d + "/")}) + [d]:
