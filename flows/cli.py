@@ -167,11 +167,12 @@ def check_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool, 
 
         out = check_flow(str(config), ingest=not no_ingest)
     typer.echo(f"check {out['run_id']}:")
+    from chips_core.scoring.premise import fmt_interval
+
     for c in out["checks"]:
         mark = {True: "ok  ", False: "FAIL", None: "    "}[c["passed"]]
         value = "n/a" if c["value"] is None else f"{c['value']:.3g}"
-        interval = f" [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c.get("interval") else ""
-        typer.echo(f"  {mark} {c['name']:<28} {value:>8}{interval}   ({c['threshold']})")
+        typer.echo(f"  {mark} {c['name']:<28} {value:>8}{fmt_interval(c.get('interval'))}   ({c['threshold']})")
     typer.echo(out["verdict"])
     if not out["passed"]:
         raise typer.Exit(code=2)
@@ -402,8 +403,9 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     typer.echo(f"  materialize {len(m['subsets'])} subsets")
     if "publish" in out:
         p, where = out["publish"], []
-        if any(not k.startswith("iceberg:") for k in p["tables"]):
-            where.append(f"Delta ({Path(cfg.warehouse) / 'delta'})")
+        delta = [u for k, u in p["tables"].items() if not k.startswith("iceberg:")]
+        if delta:  # the folder the Delta tables were written under (a URL for a remote warehouse)
+            where.append(f"Delta ({delta[0].rsplit('/', 1)[0]})")
         if any(k.startswith("iceberg:") for k in p["tables"]):
             where.append("Iceberg (" + ", ".join(u for k, u in p["tables"].items() if k.startswith("iceberg:")) + ")")
         rows = ", ".join(f"{n} {t} rows" for t, n in p["rows"].items())

@@ -54,6 +54,7 @@ from chips_core.platform.warehouse import Warehouse  # noqa: E402
 from chips_core.scoring.endpoint import (OPENAI_MEAN, OPENAI_STD, LoadedModel, ModelSpec,  # noqa: E402
                                          build_custom_model, load_model)
 from chips_core.scoring.featurize import BankConfig  # noqa: E402
+from chips_core.scoring.premise import fmt_interval  # noqa: E402
 from chips_core.scoring.score import METHODS, ScoreConfig  # noqa: E402
 from chips_core.scoring.sketch import SketchConfig  # noqa: E402
 from chips_core.scoring.target import CurvatureConfig  # noqa: E402
@@ -471,7 +472,7 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
         L += [f"- {name}: " + (pc_["verdict"] if pc_ else "not measured (run predates the check)") + "  "]
         if pc_:
             L += ["  " + ", ".join(f"{c['name']} {'n/a' if c['value'] is None else format(c['value'], '.3g')}"
-                                   + (f" [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]" if c.get("interval") else "")
+                                   + fmt_interval(c.get("interval"))
                                    + {True: " ✓", False: " ✗", None: ""}[c["passed"]] for c in pc_["checks"])]
     L += ["", "## Noise AUC: does a method rank clean captions above mismatched ones?", "",
           "Mann-Whitney AUC of each method's score, clean vs mismatched in-domain pairs of the whole scored pool "

@@ -120,9 +120,14 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3g}"
 
 
+def fmt_interval(interval) -> str:
+    """``" [0.19, 0.74]"``, or ``""`` for a check without an interval (a :class:`Check`'s or its JSON's)."""
+    return f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+
+
 def fmt_value(c: Check) -> str:
-    """A check's value as printed: ``0.329 [0.0, 0.6]`` where it has an interval."""
-    return _fmt(c.value) + (f" [{c.interval[0]:.2f}, {c.interval[1]:.2f}]" if c.interval else "")
+    """A check's value as printed: ``0.329 [-0.03, 0.62]`` where it has an interval."""
+    return _fmt(c.value) + fmt_interval(c.interval)
 
 
 def spearman_interval(r: float, n: int, z: float = 1.959964) -> tuple[float, float] | None:
