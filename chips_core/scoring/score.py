@@ -84,19 +84,25 @@ ROW_BLOCK = 256  # rows converted to float64 at once (a block stays in cache)
 
 
 def row_dots(a: np.ndarray, vectors, squares: bool = False) -> np.ndarray:
-    """``a @ v`` for each ``v`` in ``vectors`` (and each row's ``a_i·a_i`` with ``squares``), in float64: rows
-    are converted in blocks of :data:`ROW_BLOCK` and each row is summed in the same order whatever the number of
-    rows, so a pair's score does not depend on which pairs share its batch: scoring a pool part by part (the score
-    stage) gives the same bits as scoring it whole. (BLAS ``a @ v`` does not promise that.) Returns
+    """``a @ v`` for each ``v`` in ``vectors`` (and each row's ``a_i·a_i`` with ``squares``), in float64, the same
+    bits for a row whatever the rows beside it: scoring a pool part by part (the score stage) gives the same bits as
+    scoring it whole. Rows are converted into one block of :data:`ROW_BLOCK` rows, the last one zero-padded, and
+    each block is one matrix product of that fixed shape: BLAS takes the same path for every row of every block,
+    where a product over all the rows at once (or over a short last block) does not promise that. Returns
     ``(len(vectors) [+ 1], n)``."""
-    vs = [np.asarray(v, dtype=np.float64) for v in vectors]
-    out = np.empty((len(vs) + int(squares), len(a)), dtype=np.float64)
-    for s in range(0, len(a), ROW_BLOCK):
-        b = np.asarray(a[s:s + ROW_BLOCK], dtype=np.float64)
-        for j, v in enumerate(vs):
-            out[j, s:s + ROW_BLOCK] = np.einsum("ij,j->i", b, v)
+    V = np.stack([np.asarray(v, dtype=np.float64) for v in vectors], axis=1)
+    m, n = V.shape[1], len(a)
+    out = np.empty((m + int(squares), n), dtype=np.float64)
+    block = np.zeros((ROW_BLOCK, a.shape[1]), dtype=np.float64)
+    for s in range(0, n, ROW_BLOCK):
+        rows = a[s:s + ROW_BLOCK]
+        r = len(rows)
+        if r < ROW_BLOCK:
+            block[r:] = 0.0
+        np.copyto(block[:r], rows)
+        out[:m, s:s + r] = (block @ V)[:r].T
         if squares:
-            out[-1, s:s + ROW_BLOCK] = np.einsum("ij,ij->i", b, b)
+            out[m, s:s + r] = np.einsum("ij,ij->i", block[:r], block[:r])
     return out
 
 

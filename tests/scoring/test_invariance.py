@@ -54,8 +54,12 @@ def test_scores_identical_across_shard_layouts(featurizer, pairs, eval_pairs):
     shards = [slice(0, 30), slice(30, 31), slice(31, 96)]
     many = FeatureBatch.concat([featurizer.featurize(images[s], texts[s], ids[s]) for s in shards])
     two = score_features(many, tgt, curv, ccfg, ScoreConfig())
+    # the score stage scores each part on its own
+    parts = [score_features(featurizer.featurize(images[s], texts[s], ids[s]), tgt, curv, ccfg, ScoreConfig())
+             for s in shards]
     for name, values in one.items():
         assert np.array_equal(values, two[name]), name
+        assert np.array_equal(values, np.concatenate([p[name] for p in parts])), name
 
 
 @pytest.mark.gpu

@@ -12,8 +12,8 @@ from chips_core.errors import ConfigError, IncompatibleFeaturesError, NonFiniteE
 from chips_core.scoring.endpoint import EndpointModel
 from chips_core.scoring.featurize import FeatureBatch, FeaturizeConfig, Featurizer
 from chips_core.scoring.identity import StreamSample, seeded_sample, seeded_unit
-from chips_core.scoring.score import (METHODS, ScoreConfig, learnability_weight, relevance_weight, score_features,
-                                      select_top, sigmoid)
+from chips_core.scoring.score import (METHODS, ROW_BLOCK, ScoreConfig, learnability_weight, relevance_weight, row_dots,
+                                      score_features, select_top, sigmoid)
 from chips_core.scoring.sketch import SketchConfig
 from chips_core.scoring.target import CurvatureConfig, curvature_stats_pre, target_stats
 from chips_core.train.synthetic import make_pairs
@@ -74,6 +74,24 @@ def test_scores_table_and_factor_product(scored):
     assert not np.allclose(s["trak"], s["chips_align"])
     for v in s.values():
         assert np.all(np.isfinite(v))
+
+
+def test_row_dots_give_a_row_the_same_bits_whatever_rows_share_its_part():
+    """The stage scores a pool part by part; a row's dots must not depend on the part's size or the row's place."""
+    rng = np.random.default_rng(7)
+    n = 3 * ROW_BLOCK + 41
+    a = rng.standard_normal((n, 96)).astype(np.float16)
+    vs = [rng.standard_normal(96), rng.standard_normal(96) * 1e3]
+    whole = row_dots(a, vs, squares=True)
+    exact = np.array([[math.fsum(float(p) * float(q) for p, q in zip(row, v)) for row in a] for v in vs])
+    np.testing.assert_allclose(whole[:2], exact, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(whole[2], [math.fsum(float(p) ** 2 for p in row) for row in a], rtol=1e-12)
+    for cuts in ([1], [7, ROW_BLOCK + 3], [ROW_BLOCK, 2 * ROW_BLOCK], [n - 1]):
+        edges = [0, *cuts, n]
+        parts = [row_dots(a[lo:hi], vs, squares=True) for lo, hi in zip(edges, edges[1:])]
+        assert np.array_equal(np.concatenate(parts, axis=1), whole), cuts
+    order = rng.permutation(n)
+    assert np.array_equal(row_dots(a[order], vs, squares=True), whole[:, order])
 
 
 def test_select_top_budget_and_ties():
