@@ -28,6 +28,7 @@ from ..scoring.identity import StreamSample
 from ..scoring.premise import premise_checks
 from ..scoring.score import Preconditioners, score_features, select_top
 from ..util import progress as progress_bar
+from ..util import release_memory
 from .check import target_and_eval_features
 from .common import endpoint_for, model_fields, require_bank_model, require_pairs
 from .runconfig import RunConfig
@@ -67,6 +68,7 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
         tstats, eval_features = target_and_eval_features(cfg, wh, loaded, feat, eval_ids)
         curv = load_curvature(wh, featurize_run_id)
         pre = Preconditioners.solve(tstats, curv, cfg.curvature)
+        release_memory()  # the eval set's activations: the streaming and the ranking should not stack on them
         sample = StreamSample(cfg.check.pool_sample, cfg.check.seed, FeatureBatch.concat)
 
         def score_part(item: tuple[int, str]) -> StreamSample:
