@@ -58,7 +58,7 @@ def sampled_run(cmd: list[str], env: dict, timeout: float, cwd: Path | None = No
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     samples: list[tuple[float, float]] = []
     peak = [0.0]  # VmHWM: the process's true peak, between samples too
-    resettable = [per_interval_peak]
+    resettable = per_interval_peak
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
     reader.start()
@@ -68,14 +68,14 @@ def sampled_run(cmd: list[str], env: dict, timeout: float, cwd: Path | None = No
             mib = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status.splitlines()
                    if line.startswith(("VmRSS:", "VmHWM:"))}
             peak[0] = max(peak[0], mib.get("VmHWM", 0.0))
-            if resettable[0]:
+            if resettable:
                 try:
                     with open(f"/proc/{proc.pid}/clear_refs", "w") as f:
                         f.write("5")  # reset VmHWM to the current RSS
                 except OSError:
-                    resettable[0] = False
+                    resettable = False
             if "VmRSS" in mib:  # absent once the process has exited (a zombie until reaped)
-                samples.append((time.time(), mib["VmHWM"] if resettable[0] and "VmHWM" in mib else mib["VmRSS"]))
+                samples.append((time.time(), mib["VmHWM"] if resettable and "VmHWM" in mib else mib["VmRSS"]))
         except OSError:
             pass
         if time.time() - t0 > timeout:
