@@ -156,19 +156,38 @@ def stage_table(warehouse: Path, samples) -> dict:
             continue
         a, b = r["started_at"].timestamp(), r["ended_at"].timestamp()
         inside = [m for t, m in samples if a <= t <= b]
-        out[r["stage"]] = {"seconds": b - a, "peak_rss_mib": max(inside) if inside else None, "status": r["status"]}
+        out[r["stage"]] = {"seconds": b - a, "peak_rss_mib": max(inside) if inside else None, "status": r["status"],
+                           "window": [a, b]}
+    return out
+
+
+def between_stages(stages: dict, samples, t0: float) -> list[dict]:
+    """The stretches of the run no stage's window covers (before the first, between two, after the last): each one's
+    start and end in seconds from the process's start, the stages on either side, and its peak sampled RSS."""
+    windows = sorted((s["window"][0], s["window"][1], name) for name, s in stages.items())
+    edges = [(t0, "start")] + [x for a, b, name in windows for x in ((a, name), (b, name))] + [(samples[-1][0] if samples else t0, "end")]
+    out = []
+    for (a, left), (b, right) in zip(edges[0::2], edges[1::2]):
+        inside = [m for t, m in samples if a < t < b]
+        out.append({"after": left, "before": right, "from_s": round(a - t0, 1), "to_s": round(b - t0, 1),
+                    "peak_rss_mib": max(inside) if inside else None,
+                    "peak_at_s": round(max((x for x in samples if a < x[0] < b), key=lambda x: x[1])[0] - t0, 1) if inside else None})
     return out
 
 
 def e2e(workdir: Path, tree: Path, label: str, n: int, timeout: float, images: str = "copy") -> dict:
     data = make_e2e_data(workdir, n)
     cfg = e2e_config(workdir, data, f"{label}-{n}" + ("" if images == "copy" else f"-{images}"), images)
+    t0 = time.time()
     rc, samples, secs, out = sampled_run([CHIPS, "run", str(cfg)], env_for(tree), timeout, cwd=tree,
                                          per_interval_peak=True)
     wh = cfg.parent / "warehouse"
+    stages = stage_table(wh, samples) if (wh / "runs").exists() else {}
     res = {"tree": label, "n": n, "images": images, "rc": rc, "seconds": secs,
            "peak_rss_mib": max((m for _, m in samples), default=0),
-           "stages": stage_table(wh, samples) if (wh / "runs").exists() else {},
+           "stages": stages, "between": between_stages(stages, samples[:-1], t0),
+           # the whole curve, one point per second (each the peak of its samples), for a plot or a second look
+           "timeline": [[round(t - t0), m] for t, m in _per_second(samples[:-1], t0)],
            "warehouse_bytes": dir_bytes(wh) if wh.exists() else 0,
            "pairs_bytes": dir_bytes(wh / "pairs") if (wh / "pairs").exists() else 0,
            "source_bytes": dir_bytes(data / "pool") + dir_bytes(data / "target"), "tail": out[-600:] if rc else ""}
@@ -176,6 +195,15 @@ def e2e(workdir: Path, tree: Path, label: str, n: int, timeout: float, images: s
     if rc:
         print(out[-2000:], flush=True)
     return res
+
+
+def _per_second(samples, t0: float) -> list[tuple[float, float]]:
+    best: dict[int, tuple[float, float]] = {}
+    for t, m in samples:
+        k = int(t - t0)
+        if k not in best or m > best[k][1]:
+            best[k] = (t, m)
+    return [best[k] for k in sorted(best)]
 
 
 REINGEST_CHILD = r"""

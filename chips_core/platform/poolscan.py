@@ -151,3 +151,51 @@ class PoolScan:
             got.update({r["pair_id"]: r for r in t.select(keep).to_pylist()})
         return pa.Table.from_pylist([got[p] for p in want])
 
+
+
+def _rows_glob(wh: Warehouse, table: str) -> str:
+    return wh.url_of(posixpath.join(wh.table_dir(table), "**", "*.parquet"))
+
+
+def source_key_counts(wh: Warehouse, sources: Sequence[str]) -> dict[str, int]:
+    """Per source, its distinct source keys in ``pair_sources`` (kept or duplicate; a key whose content changed
+    has a row per version and counts once). Counted by DuckDB, out of core: the memory of the pre-flight checks
+    does not grow with the pool (a 1M-pair pool's keys in Arrow were the peak of a whole ``chips run``)."""
+    from .selection import engine
+
+    if not sources or not wh.parts("pair_sources"):
+        return {}
+    con = engine(wh)
+    try:
+        return dict(con.execute(
+            "select source, count(*) from (select distinct source, source_key "
+            "  from read_parquet(?, hive_partitioning = false) where source in (select unnest(?::varchar[]))) "
+            "group by source", [_rows_glob(wh, "pair_sources"), sorted(set(sources))]).fetchall())
+    finally:
+        con.close()
+
+
+def quarantine_causes(wh: Warehouse, sources: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per source, the quarantine causes recorded for it with their counts (duplicates left out: a duplicate is
+    kept under its first source key, nothing is lost). A ``read_error``'s cause is the specific one its detail starts
+    with when that is a name (``"path_outside_root: ..."``). Grouped by DuckDB: one row per source and cause."""
+    from .selection import engine
+
+    if not sources or not wh.parts("quarantine"):
+        return {}
+    con = engine(wh)
+    try:
+        rows = con.execute(
+            "select source, cause, count(*) from (select source, case when reason = 'read_error' "
+            "  and regexp_full_match(split_part(coalesce(detail, ''), ':', 1), '[A-Za-z_][A-Za-z0-9_]*') "
+            "  then split_part(detail, ':', 1) else reason end as cause "
+            "  from read_parquet(?, hive_partitioning = false) "
+            "  where source in (select unnest(?::varchar[])) and reason <> 'duplicate') "
+            "group by source, cause order by source, cause",
+            [_rows_glob(wh, "quarantine"), sorted(set(sources))]).fetchall()
+    finally:
+        con.close()
+    out: dict[str, dict[str, int]] = {}
+    for source, cause, n in rows:
+        out.setdefault(source, {})[cause] = n
+    return out

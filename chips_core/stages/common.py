@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import torch
 
 from ..errors import IncompatibleFeaturesError
+from ..platform.poolscan import quarantine_causes, source_key_counts
 from ..platform.readers import SourceSpec
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import EndpointModel, LoadedModel, image_preprocess, resolve_precision
@@ -35,10 +36,10 @@ def model_fields(cfg: RunConfig, loaded: LoadedModel) -> dict:
 
 
 def source_pair_ids(wh: Warehouse, sources: Sequence[SourceSpec | str]) -> list[str]:
-    """Distinct pair ids recorded under any of the sources (specs or names), sorted (the canonical order)."""
+    """Distinct pair ids recorded under any of the sources (specs or names), sorted (the canonical order). The
+    filter is applied as ``pair_sources`` is scanned: memory of the sources' ids, not of the whole table."""
     names = [s if isinstance(s, str) else s.name for s in sources]
-    t = wh.read("pair_sources", columns=["pair_id", "source"])
-    t = t.filter(pc.is_in(t.column("source"), pa.array(names, pa.string())))
+    t = wh.read("pair_sources", columns=["pair_id"], filter=pc.field("source").isin(names))
     return sorted(set(t.column("pair_id").to_pylist()))
 
 
@@ -55,23 +56,6 @@ def _count_pairs_upto(wh: Warehouse, sources: Sequence[SourceSpec | str], limit:
 
 REASON_HINTS = {"path_outside_root": "list the images' folder in the source's allowed_roots",
                 "missing_image_file": "check the image paths (relative paths resolve against the CSV's folder)"}
-
-
-def _causes(wh: Warehouse, names: Sequence[str]) -> dict[str, dict[str, int]]:
-    """Per source, the quarantine causes recorded for it with their counts (duplicates left out: a duplicate
-    is kept under its first source key, nothing is lost). A ``read_error``'s cause is the specific one its
-    detail starts with (``"path_outside_root: ..."``)."""
-    q = wh.read("quarantine", columns=["source", "reason", "detail"])
-    q = q.filter(pc.is_in(q.column("source"), pa.array(list(names), pa.string())))
-    out: dict[str, dict[str, int]] = {}
-    for row in q.to_pylist():
-        if row["reason"] == "duplicate":
-            continue
-        cause = (row["detail"] or "").split(":", 1)[0]
-        reason = cause if row["reason"] == "read_error" and cause.isidentifier() else row["reason"]
-        per = out.setdefault(row["source"], {})
-        per[reason] = per.get(reason, 0) + 1
-    return out
 
 
 def _why(counts: dict[str, int]) -> str:
@@ -94,7 +78,7 @@ def require_pairs(wh: Warehouse, sources: Sequence[SourceSpec], what: str, minim
         return found
     names = [s.name for s in sources]
     counts: dict[str, int] = {}
-    for per in _causes(wh, names).values():
+    for per in quarantine_causes(wh, names).values():
         for r, n in per.items():
             counts[r] = counts.get(r, 0) + n
     why = _why(counts)
@@ -105,11 +89,8 @@ def quarantine_shares(wh: Warehouse, sources: Sequence[SourceSpec | str]) -> dic
     """Per source: ``{"rows", "quarantined", "share", "causes"}`` over every source key recorded for it
     (kept, duplicate or quarantined; duplicates do not count as quarantined)."""
     names = [s if isinstance(s, str) else s.name for s in sources]
-    t = wh.read("pair_sources", columns=["source", "source_key"])
-    t = t.filter(pc.is_in(t.column("source"), pa.array(names, pa.string())))
-    per = t.group_by("source").aggregate([("source_key", "count_distinct")]).to_pylist()
-    kept = {r["source"]: r["source_key_count_distinct"] for r in per}
-    causes = _causes(wh, names)
+    kept = source_key_counts(wh, names)
+    causes = quarantine_causes(wh, names)
     out = {}
     for name in names:
         bad = sum(causes.get(name, {}).values())

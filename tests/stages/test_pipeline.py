@@ -332,3 +332,12 @@ def test_a_source_above_the_quarantine_limit_stops_the_run_and_the_limit_is_conf
         require_quarantine_share(wh, [spec], 0.3)
     with pytest.raises(ValueError, match=r"max_quarantine_share=1.5 is invalid"):
         RunConfig(warehouse="w", pool=(), target=(), model=ModelSpec(config=DEMO_MODEL_CONFIG), max_quarantine_share=1.5)
+    # an image whose content changed is a new pair under the same source key: a second pair_sources row, one key
+    (tmp_path / "imgs" / "5.png").write_bytes(png(50))
+    ingest_stage([spec], wh)
+    ps = wh.read("pair_sources", columns=["source", "source_key"])
+    assert ps.num_rows == 6 and require_quarantine_share(wh, [spec], 0.5)["scans"]["rows"] == 8
+    # DuckDB's out-of-core counts equal Arrow's in-memory ones
+    from chips_core.platform.poolscan import source_key_counts
+    arrow = ps.group_by("source").aggregate([("source_key", "count_distinct")]).to_pylist()
+    assert source_key_counts(wh, ["scans", "absent"]) == {r["source"]: r["source_key_count_distinct"] for r in arrow}
