@@ -71,10 +71,11 @@ def usable_cores() -> int:
 
 
 def release_memory() -> None:
-    """Hand memory the process has freed back to the operating system: a garbage collection, then glibc's
-    ``malloc_trim`` (a no-op elsewhere). Called between stages, so that the next stage's peak does not stack on
+    """Hand memory the process has freed back to the operating system: a garbage collection, Arrow's pool, then
+    glibc's ``malloc_trim`` (a no-op elsewhere). Called between stages, so that the next stage's peak does not stack on
     the heap a previous one left fragmented (featurize's model activations)."""
     gc.collect()
+    pa.default_memory_pool().release_unused()  # Arrow's pool (mimalloc or jemalloc) keeps freed buffers for reuse
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

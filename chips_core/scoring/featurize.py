@@ -394,7 +394,8 @@ class FeatureBatch:
             raise ValueError("Arrow table carries no 'chips.identity' metadata; is it a CHIPS feature table?")
 
         def mat(name: str) -> np.ndarray:
-            col = table.column(name).combine_chunks()
+            chunked = table.column(name)  # one chunk (a part's row group) is used as it is: combining would copy it
+            col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
             if pa.types.is_fixed_size_binary(col.type):
                 fmeta = table.schema.field(name).metadata or {}
                 stored = {b"float16": "<f2", b"float32": "<f4"}[fmeta.get(b"chips.dtype", b"float16")]

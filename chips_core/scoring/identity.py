@@ -41,9 +41,14 @@ class FeatureIdentity:
 def seeded_unit(pair_ids, seed: int) -> np.ndarray:
     """A uniform [0, 1) key per pair, a function of (pair_id, seed) only: order- and shard-free (the first 8
     bytes of blake2b over ``"<seed>\x1f<pair_id>"``, little endian, over 2**64)."""
-    prefix, blake = f"{seed}\x1f".encode(), hashlib.blake2b
-    digests = b"".join([blake(prefix + pid.encode(), digest_size=8).digest() for pid in pair_ids])
+    base = hashlib.blake2b(f"{seed}\x1f".encode(), digest_size=8)  # the prefix hashed once, copied per pair
+    digests = b"".join([_digest(base.copy(), pid.encode()) for pid in pair_ids])
     return np.frombuffer(digests, dtype="<u8").astype(np.float64) / 2.0**64
+
+
+def _digest(h, data: bytes) -> bytes:
+    h.update(data)
+    return h.digest()
 
 
 def seeded_sample(pair_ids, n: int, seed: int) -> list[str]:

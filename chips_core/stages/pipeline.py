@@ -106,6 +106,7 @@ def _publish_runs(cfg: RunConfig, wh: Warehouse, out: dict) -> dict:
 
 def _score_and_materialize(cfg: RunConfig, stages: Stages, featurize_run_id: str, parent: str) -> dict:
     out = {"score": stages["score"](featurize_run_id, parent_run_id=parent)}
+    release_memory()  # materialize's DuckDB queries do not stack on the ranking's freed memory
     out["materialize"] = stages["materialize"](out["score"]["run_id"], parent_run_id=parent)
     if cfg.publish.delta or cfg.publish.iceberg:
         out["publish"] = stages["publish"](out["score"]["run_id"], out["materialize"]["run_id"], parent_run_id=parent)

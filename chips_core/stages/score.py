@@ -92,7 +92,8 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
         done = bounded_map(score_part, list(enumerate(parts)), cfg.score_threads or os.cpu_count() or 1)
         for local in progress_bar(done, enabled=progress, desc="score", unit="part", total=len(parts)):
             if local.ids:
-                sample.offer(local.ids, local.payload)
+                sample.offer(local.ids, local.payload, local.keys)  # the part's keys, not hashed again
+        release_memory()  # the parts' freed buffers (Arrow's pool, the threads' heaps): the ranking does not stack on them
         n = write_ranked_scores(wh, run_id, cfg.duckdb_memory_limit)
         premise = premise_checks(eval_features, tstats.eval_loss, sample.payload, len(bank.pair_ids), cfg.check)
         row.update(bank_id=bank.bank_id, rows_in=n, rows_out=n, rows_quarantined=0,
