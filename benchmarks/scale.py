@@ -442,6 +442,12 @@ def report(args, results: dict, wall: float) -> str:
                   f"- seconds per pair at {b['n']:,} / at {a['n']:,}: **{tb / ta:.2f}** (goal ≤ 1.20: "
                   f"{'met' if tb / ta <= 1.2 else 'not met'})",
                   f"- warehouse size at {b['n']:,} pairs (`images: copy`): {b['warehouse_bytes'] / 2**20:,.0f} MiB"]
+        for r in this:  # the run's peak outside every stage's window (pre-flight checks, sub-flow set-up, summary)
+            gaps = [g for g in r.get("between", []) if g.get("peak_rss_mib")]
+            if gaps:
+                g = max(gaps, key=lambda g: g["peak_rss_mib"])
+                lines.append(f"- between stages at {r['n']:,}: at most {g['peak_rss_mib']:,.0f} MiB (after {g['after']}, "
+                             f"before {g['before']}, {g['peak_at_s']:.0f} s into the run)")
     for r in sorted((r for r in e2e_rows if r["tree"] == "this" and r["rc"] == 0 and r.get("images") == "reference"),
                     key=lambda r: r["n"]):
         c = next((x for x in this if x["n"] == r["n"]), None)
