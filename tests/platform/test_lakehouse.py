@@ -112,8 +112,13 @@ def test_warehouse_on_an_s3_api_ingest_sql_and_unreachable_url(tmp_path, s3):
         (folder / f"{i}.png").write_bytes(png(i))
         (folder / f"{i}.txt").write_text(f"caption {i}")
     wh = Warehouse("s3://chips-test/wh", storage_options=s3)
-    out = ingest_stage([SourceSpec("folder", "folder", (str(folder),))], wh)
+    spec = SourceSpec("folder", "folder", (str(folder),))
+    out = ingest_stage([spec], wh)
     assert out["kept"] == 3
+    # the pre-flight checks' DuckDB counts and the filtered id scan, over S3
+    from chips_core.stages.common import require_quarantine_share, source_pair_ids
+    assert require_quarantine_share(wh, [spec], 0.5) == {"folder": {"rows": 3, "quarantined": 0, "share": 0.0, "causes": {}}}
+    assert len(source_pair_ids(wh, [spec])) == 3
     assert wh.read("pairs", columns=["caption"]).num_rows == 3
     assert wh.fs.glob("chips-test/wh/pairs/**/*.parquet") and not wh.fs.glob("chips-test/wh/pairs/**/*.tmp")
     con = connect(wh)  # DuckDB reads s3:// through the registered fsspec filesystem: no httpfs download
