@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# scripts/constraints.txt pins every dependency to the versions the tests and benchmarks last ran with (a fresh
-# resolution moved a process's memory by ~270 MiB between two sessions at unchanged code: docs/benchmarks/scale.md).
+# scripts/constraints.txt pins every dependency, transitive ones too, to the versions the tests and benchmarks last
+# ran with, so that a fresh machine (CI, the next benchmark run) installs the same set, not a new resolution.
 # CHIPS_UNPINNED=1 resolves afresh; after the suite passes, `pip freeze --exclude-editable > scripts/constraints.txt`.
 pins=(-c scripts/constraints.txt)
 [ -n "${CHIPS_UNPINNED:-}" ] && pins=()
