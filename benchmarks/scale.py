@@ -48,12 +48,14 @@ def base_tree(workdir: Path, rev: str) -> Path:
 
 
 def sampled_run(cmd: list[str], env: dict, timeout: float, cwd: Path | None = None,
-                per_interval_peak: bool = False) -> tuple[int, list[tuple[float, float]], float, str]:
+                per_interval_peak: bool = False, anon: list | None = None) -> tuple[int, list[tuple[float, float]], float, str]:
     """Run ``cmd``, sampling its memory every 0.2 s: ``(returncode, [(unix time, MiB)], seconds, output)``;
     returncode -9 when it ran past ``timeout``. Each sample is VmRSS, or with ``per_interval_peak`` the process's
     peak since the previous sample (its VmHWM, reset after each read through ``/proc/PID/clear_refs`` where that is
     allowed), so that a spike shorter than the interval is counted in the stage it happened in (not for a child that
-    reads its own VmHWM at the end)."""
+    reads its own VmHWM at the end). ``anon``, when given, collects ``(unix time, RssAnon MiB)`` at each sample: the
+    process's own allocations, without the shared libraries' pages, whose count in RSS depends on what the page cache
+    holds (a sample, not a peak: a spike shorter than 0.2 s can be missed)."""
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     samples: list[tuple[float, float]] = []
@@ -66,7 +68,9 @@ def sampled_run(cmd: list[str], env: dict, timeout: float, cwd: Path | None = No
         try:
             status = open(f"/proc/{proc.pid}/status").read()
             mib = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status.splitlines()
-                   if line.startswith(("VmRSS:", "VmHWM:"))}
+                   if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:"))}
+            if anon is not None and "RssAnon" in mib:
+                anon.append((time.time(), mib["RssAnon"]))
             peak[0] = max(peak[0], mib.get("VmHWM", 0.0))
             if resettable:
                 try:
@@ -178,13 +182,13 @@ def between_stages(stages: dict, samples, t0: float) -> list[dict]:
 def e2e(workdir: Path, tree: Path, label: str, n: int, timeout: float, images: str = "copy") -> dict:
     data = make_e2e_data(workdir, n)
     cfg = e2e_config(workdir, data, f"{label}-{n}" + ("" if images == "copy" else f"-{images}"), images)
-    t0 = time.time()
+    t0, anon = time.time(), []
     rc, samples, secs, out = sampled_run([CHIPS, "run", str(cfg)], env_for(tree), timeout, cwd=tree,
-                                         per_interval_peak=True)
+                                         per_interval_peak=True, anon=anon)
     wh = cfg.parent / "warehouse"
     stages = stage_table(wh, samples) if (wh / "runs").exists() else {}
     res = {"tree": label, "n": n, "images": images, "rc": rc, "seconds": secs,
-           "peak_rss_mib": max((m for _, m in samples), default=0),
+           "peak_rss_mib": max((m for _, m in samples), default=0), "peak_anon_mib": max((m for _, m in anon), default=0),
            "stages": stages, "between": between_stages(stages, samples[:-1], t0),
            # the whole curve, one point per second (each the peak of its samples), for a plot or a second look
            "timeline": [[round(t - t0), m] for t, m in _per_second(samples[:-1], t0)],
@@ -378,11 +382,12 @@ print(json.dumps({"mode": mode, "n": n, "seconds": dt, "peak_rss_mib": status("V
 def rescore(workdir: Path, tree: Path, label: str, n: int, mode: str, timeout: float, lists: bool = False) -> dict:
     cfg = prepare_rescore(workdir, n, lists)
     run = f"big-{n}" + ("-lists" if lists else "")
+    anon: list = []
     rc, samples, secs, out = sampled_run([PY, "-c", RESCORE_CHILD, str(cfg), run, mode], env_for(tree), timeout,
-                                         cwd=tree)
+                                         cwd=tree, anon=anon)
     line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), None)
     res = {"tree": label, "n": n, "mode": mode, "rc": rc,
-           "peak_rss_mib": max((m for _, m in samples), default=0), **(json.loads(line) if line and not rc else {})}
+           "peak_rss_mib": max((m for _, m in samples), default=0), "peak_anon_mib": max((m for _, m in anon), default=0), **(json.loads(line) if line and not rc else {})}
     if rc:
         res["tail"] = out[-600:]
     print(json.dumps(res), flush=True)
@@ -438,7 +443,9 @@ def report(args, results: dict, wall: float) -> str:
         ta = sum(s["seconds"] for s in a["stages"].values()) / a["n"]
         tb = sum(s["seconds"] for s in b["stages"].values()) / b["n"]
         rss = b["peak_rss_mib"] / a["peak_rss_mib"]
-        lines += [f"- peak RSS at {b['n']:,} / at {a['n']:,}: **{rss:.2f}** (goal ≤ 1.10: {'met' if rss <= 1.10 else 'not met'})",
+        lines += [f"- peak RSS at {b['n']:,} / at {a['n']:,}: **{rss:.2f}** (goal ≤ 1.10: {'met' if rss <= 1.10 else 'not met'})"
+                  + (f"; anonymous memory (sampled RssAnon) {b['peak_anon_mib']:,.0f} / {a['peak_anon_mib']:,.0f} MiB = "
+                     f"{b['peak_anon_mib'] / a['peak_anon_mib']:.2f}" if a.get("peak_anon_mib") else ""),
                   f"- seconds per pair at {b['n']:,} / at {a['n']:,}: **{tb / ta:.2f}** (goal ≤ 1.20: "
                   f"{'met' if tb / ta <= 1.2 else 'not met'})",
                   f"- warehouse size at {b['n']:,} pairs (`images: copy`): {b['warehouse_bytes'] / 2**20:,.0f} MiB"]
@@ -485,6 +492,8 @@ def report(args, results: dict, wall: float) -> str:
         note = "" if r["rc"] == 0 else f"rc {r['rc']}: " + (r.get("tail", "").strip().splitlines() or [""])[-1][:80]
         if r.get("rss_before_mib"):
             note = f"RSS {r['rss_before_mib']:,.0f} MiB before streaming (model, eval statistics)" + (f"; {note}" if note else "")
+        if r.get("peak_anon_mib"):
+            note = f"anonymous {r['peak_anon_mib']:,.0f} MiB (sampled)" + (f"; {note}" if note else "")
         lines.append(f"| {r['tree']} | {r['n']:,} | {r['mode']} | {fmt(r.get('seconds'))} | {fmt(pps, 0)} | "
                      f"{fmt(r['peak_rss_mib'], 0)} | {note} |")
     pick = lambda mode: next((r for r in rs if r["tree"] == "this" and r["mode"] == mode and r["rc"] == 0  # noqa: E731
