@@ -29,7 +29,9 @@ ROWS_PER_BATCH = 65536
 # spills to disk (its external sort: ranks are numbered in Python, see _numbered). Measured ad hoc on the 1M-pair
 # warehouse of benchmarks/scale.py: the score stage's ranking adds about 290 MB of process RSS at 256MB and 200 MB at
 # 128MB; 64MB fails (DuckDB cannot pin its sort blocks).
-MEMORY_LIMIT = "256MB"
+# 128MB since the eighth session: at 256MB a 1M ranking stayed in memory, so the stages' own memory at 1M pairs sat
+# ~250 MiB above a 100k run's (docs/benchmarks/scale.md); a 2M ranking takes the same time at either limit.
+MEMORY_LIMIT = "128MB"
 
 
 def engine(wh: Warehouse, memory_limit: str = MEMORY_LIMIT, threads: int | None = None) -> duckdb.DuckDBPyConnection:
