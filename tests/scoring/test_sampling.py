@@ -33,3 +33,19 @@ def test_smallest_equals_the_full_sort_with_ties_and_a_bound():
     bound = 0.3  # a held sample's worst key: only keys up to it can enter
     got = _smallest(ids, keys, 40, bound)
     assert got.tolist() == [i for i in full if keys[i] <= bound][:40]
+
+
+def test_seeded_unit_is_its_documented_formula():
+    """The key is the first 8 bytes of blake2b over "<seed>\\x1f<pair_id>" (little endian) over 2**64, whatever
+    way the code computes it (the prefix is hashed once and copied per pair): stored subsets depend on these bits."""
+    import hashlib
+
+    import numpy as np
+
+    from chips_core.scoring.identity import seeded_unit
+
+    ids = ["", "a", "é", "0" * 32, "pair-with-a-long-id-" * 8]
+    for seed in (0, 7, -3):
+        want = [int.from_bytes(hashlib.blake2b(f"{seed}\x1f{p}".encode(), digest_size=8).digest(), "little") / 2.0**64
+                for p in ids]
+        assert np.array_equal(seeded_unit(ids, seed), np.array(want))
