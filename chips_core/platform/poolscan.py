@@ -62,7 +62,6 @@ class PoolScan:
         con = engine(self.wh)
         try:
             con.execute("create temp table pool_sources as select unnest(?::varchar[]) as source", [self.sources])
-            glob = lambda t: self.wh.url_of(posixpath.join(self.wh.table_dir(t), "**", "*.parquet"))  # noqa: E731
             # every pair has one ``pairs`` row, so "not kept under a pool source" is "kept under another one": the
             # join's build side is the pairs outside the pool (the target sets, usually), not the whole pool
             return [r[0] for r in con.execute(
@@ -70,7 +69,7 @@ class PoolScan:
                 "where ps.source in (select source from pool_sources) and ps.pair_id in ("
                 "  select p.pair_id from read_parquet(?, hive_partitioning = false, union_by_name = true) p "
                 "  where p.source is null or p.source not in (select source from pool_sources))",
-                [glob("pair_sources"), glob("pairs")]).fetchall()]
+                [_rows_glob(self.wh, "pair_sources"), _rows_glob(self.wh, "pairs")]).fetchall()]
         finally:
             con.close()
 
@@ -152,8 +151,8 @@ class PoolScan:
         return pa.Table.from_pylist([got[p] for p in want])
 
 
-
 def _rows_glob(wh: Warehouse, table: str) -> str:
+    """Every Parquet part of ``table``, all partitions, as a URL DuckDB reads through the warehouse's filesystem."""
     return wh.url_of(posixpath.join(wh.table_dir(table), "**", "*.parquet"))
 
 
