@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -335,9 +335,16 @@ class FeatureBatch:
     clipscore: np.ndarray
     loss: np.ndarray
     identity: FeatureIdentity
+    # the stored pair_id column when read by from_arrow (take and concat drop it): see pair_id_array
+    stored_ids: pa.Array | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.pair_id)
+
+    def pair_id_array(self) -> pa.Array:
+        """``pair_id`` as an Arrow string array; for a batch read from storage, the stored column itself (writing
+        scores back does not convert a part's ids from Python strings again)."""
+        return self.stored_ids if self.stored_ids is not None else pa.array(self.pair_id, pa.string())
 
     @classmethod
     def concat(cls, batches: Sequence["FeatureBatch"]) -> "FeatureBatch":
@@ -406,11 +413,14 @@ class FeatureBatch:
                 v = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
             return v if dtype is None else v.astype(dtype)
 
+        ids = table.column("pair_id")
+        ids = ids.chunk(0) if ids.num_chunks == 1 else ids.combine_chunks()
         return cls(
-            pair_id=table.column("pair_id").to_pylist(),
+            pair_id=ids.to_pylist(),
             x=mat("x"), y=mat("y"), g=mat("g"),
             **{f: table.column(f).to_numpy().astype(np.float32) for f in FEATURE_SCALARS},
             identity=FeatureIdentity.from_json(meta[b"chips.identity"]),
+            stored_ids=ids if ids.type == pa.string() else None,
         )
 
 

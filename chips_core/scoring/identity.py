@@ -70,15 +70,24 @@ class StreamSample:
         self.keys = np.empty(0, dtype=np.float64)
         self.payload = None
 
-    def offer(self, pair_ids, payload=None, keys: np.ndarray | None = None) -> None:
-        """``keys``: ``seeded_unit(pair_ids, seed)`` when the caller has it already (it is not recomputed)."""
+    @property
+    def worst(self) -> float | None:
+        """The largest key held once the sample is full (no pair with a larger key can enter), else None."""
+        keys = self.keys  # one read: a thread may ask while another offers
+        return float(keys[-1]) if len(keys) >= self.n > 0 else None
+
+    def offer(self, pair_ids, payload=None, keys: np.ndarray | None = None, below: float | None = None) -> None:
+        """``keys``: ``seeded_unit(pair_ids, seed)`` when the caller has it already (it is not recomputed).
+        ``below``: pairs with a larger key are not taken; a batch's own sample that will be offered to a larger
+        one passes that one's :attr:`worst` (those pairs could never enter it, so the result is the same)."""
         ids = list(pair_ids)
         if not ids or self.n <= 0:
             return
         keys = seeded_unit(ids, self.seed) if keys is None else np.asarray(keys, dtype=np.float64)
         if len(keys) != len(ids):
             raise ValueError(f"{len(keys)} keys offered for {len(ids)} pair ids")
-        local = _smallest(ids, keys, self.n, self.keys[-1] if len(self.ids) >= self.n else None)
+        bound = min((b for b in (self.worst, below) if b is not None), default=None)
+        local = _smallest(ids, keys, self.n, bound)
         ids, keys = self.ids + [ids[i] for i in local], np.concatenate([self.keys, keys[local]])
         keep = _key_order(ids, keys)[:self.n]
         if len(set(ids[i] for i in keep)) != len(keep):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import torch
 
 from ..errors import check
 from .featurize import FeatureBatch
@@ -94,16 +95,35 @@ def row_dots(a: np.ndarray, vectors, squares: bool = False) -> np.ndarray:
     m, n = V.shape[1], len(a)
     out = np.empty((m + int(squares), n), dtype=np.float64)
     block = np.zeros((ROW_BLOCK, a.shape[1]), dtype=np.float64)
+    widen = _Float16Widener(a) if a.dtype == np.float16 else None
     for s in range(0, n, ROW_BLOCK):
         rows = a[s:s + ROW_BLOCK]
         r = len(rows)
         if r < ROW_BLOCK:
             block[r:] = 0.0
-        np.copyto(block[:r], rows)
+        if widen is None:
+            np.copyto(block[:r], rows)
+        else:
+            widen(s, r, block)
         out[:m, s:s + r] = (block @ V)[:r].T
         if squares:
             out[m, s:s + r] = np.einsum("ij,ij->i", block[:r], block[:r])
     return out
+
+
+class _Float16Widener:
+    """Stored float16 rows into a float64 block, exactly and ~3x faster than NumPy's float16 cast (which widens one
+    element at a time; it was half of a rescore's arithmetic): torch's vectorised float16 -> float32, then NumPy's
+    float32 -> float64. Both steps are exact, so the block holds the very values ``np.copyto`` gives."""
+
+    def __init__(self, a: np.ndarray):
+        self.src = torch.from_dlpack(a)  # zero copy; unlike from_numpy, no warning for a read-only (memory-mapped) array
+        self.f32 = torch.empty((ROW_BLOCK, a.shape[1]), dtype=torch.float32)
+        self.f32_np = self.f32.numpy()
+
+    def __call__(self, start: int, r: int, block: np.ndarray) -> None:
+        self.f32[:r].copy_(self.src[start:start + r])  # on torch's threads: see the score stage's ``torch_threads``
+        np.copyto(block[:r], self.f32_np[:r])
 
 
 def _cos(v: np.ndarray, mu: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ part, whatever the pool's size; a part already scored is skipped on a rerun), an
 into the run's ``scores`` part out of core (``platform/selection.py``)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -17,6 +18,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from ..platform.features import feature_parts, load_bank, load_curvature, read_feature_part
 from ..platform.provenance import new_run_id, recorded_run
@@ -28,7 +30,7 @@ from ..scoring.identity import StreamSample
 from ..scoring.premise import premise_checks
 from ..scoring.score import Preconditioners, score_features, select_top
 from ..util import progress as progress_bar
-from ..util import release_memory
+from ..util import gc_frozen, release_memory
 from .check import target_and_eval_features
 from .common import endpoint_for, model_fields, require_bank_model, require_pairs
 from .runconfig import RunConfig
@@ -38,8 +40,10 @@ UNRANKED = pa.schema([f for f in SCHEMAS["scores"] if f.name != "rank"])
 
 
 def unranked_table(pair_ids, scores: dict, run_id: str) -> pa.Table:
-    """One row per pair of a scoring run, every score; ``utility`` is the CHIPS score."""
-    cols = {"pair_id": list(pair_ids), "run_id": [run_id] * len(pair_ids)}
+    """One row per pair of a scoring run, every score; ``utility`` is the CHIPS score. ``pair_ids``: a sequence
+    of strings or an Arrow string array (used as it is)."""
+    ids = pair_ids if isinstance(pair_ids, pa.Array) else pa.array(list(pair_ids), pa.string())
+    cols = {"pair_id": ids, "run_id": pa.repeat(pa.scalar(run_id, pa.string()), len(ids))}
     cols.update({name: np.asarray(scores[name], dtype=np.float64) for name in UNRANKED.names if name in scores})
     cols["utility"] = np.asarray(scores["chips"], dtype=np.float64)
     return pa.table(cols, schema=UNRANKED)
@@ -59,9 +63,10 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
     """Every score for every pool pair of ``featurize_run_id`` against the config's target set."""
     run_id = run_id or new_run_id("score")
     eval_ids = require_pairs(wh, cfg.target, "target")
-    with recorded_run(wh, "score", cfg, run_id=run_id, parent_run_id=parent_run_id,
-                      inputs={"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)},
-                      **model_fields(cfg, loaded)) as row:
+    # gc_frozen: the collections of release_memory (and the interpreter's) skip the libraries' and model's objects
+    with gc_frozen(), recorded_run(wh, "score", cfg, run_id=run_id, parent_run_id=parent_run_id,
+                                   inputs={"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)},
+                                   **model_fields(cfg, loaded)) as row:
         bank = load_bank(wh, featurize_run_id)
         require_bank_model(loaded, bank, featurize_run_id)
         feat = Featurizer(endpoint_for(cfg, loaded), bank, cfg.sketch, cfg.featurize)
@@ -81,18 +86,19 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
             keys = None
             if not wh.fs.exists(out):
                 scores = score_features(features, tstats, curv, cfg.curvature, cfg.score, pre)
-                _write_unranked(wh, out, unranked_table(features.pair_id, scores, run_id))
+                _write_unranked(wh, out, unranked_table(features.pair_id_array(), scores, run_id))
                 # the `random` method's keys are the sample's when the two seeds agree (the default): hashed once
                 keys = scores["random"] if cfg.score.random_seed == sample.seed else None
             local = StreamSample(sample.n, sample.seed, FeatureBatch.concat)
-            local.offer(features.pair_id, features, keys)
+            local.offer(features.pair_id, features, keys, below=sample.worst)  # only pairs that can still enter
             return local
 
         parts = feature_parts(wh, featurize_run_id)
-        done = bounded_map(score_part, list(enumerate(parts)), cfg.score_threads or os.cpu_count() or 1)
-        for local in progress_bar(done, enabled=progress, desc="score", unit="part", total=len(parts)):
-            if local.ids:
-                sample.offer(local.ids, local.payload, local.keys)  # the part's keys, not hashed again
+        with torch_threads(1):  # the parts run on score_threads threads: torch's pool under each would oversubscribe
+            done = bounded_map(score_part, list(enumerate(parts)), cfg.score_threads or os.cpu_count() or 1)
+            for local in progress_bar(done, enabled=progress, desc="score", unit="part", total=len(parts)):
+                if local.ids:
+                    sample.offer(local.ids, local.payload, local.keys)  # the part's keys, not hashed again
         release_memory()  # the parts' freed buffers (Arrow's pool, the threads' heaps): the ranking does not stack on them
         n = write_ranked_scores(wh, run_id, cfg.duckdb_memory_limit)
         premise = premise_checks(eval_features, tstats.eval_loss, sample.payload, len(bank.pair_ids), cfg.check)
@@ -117,6 +123,17 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> Itera
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` within (``row_dots`` widens float16 with torch), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _write_unranked(wh: Warehouse, path: str, table: pa.Table) -> None:

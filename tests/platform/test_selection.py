@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -38,6 +39,13 @@ def _write_unranked(wh: Warehouse, ids, scores, run_id: str, parts: int) -> None
         buf = io.BytesIO()
         pq.write_table(unranked_table(ids[a:b], {m: v[a:b] for m, v in scores.items()}, run_id), buf)
         wh.write_bytes(f"{unranked_dir(wh, run_id)}/shard-{k:05d}.parquet", buf.getvalue())
+
+
+def test_unranked_table_takes_a_stored_id_column_as_it_is():
+    ids, scores = _scores(50, 1)
+    want = unranked_table(ids, scores, "score-1")
+    assert unranked_table(pa.array(ids, pa.string()), scores, "score-1").equals(want)
+    assert want.column("run_id").to_pylist() == ["score-1"] * 50 and want.column("pair_id").to_pylist() == ids
 
 
 @pytest.mark.parametrize("n,parts,budgets", [(10, 1, BUDGETS), (97, 3, BUDGETS + [1.0]), (1000, 7, BUDGETS)])

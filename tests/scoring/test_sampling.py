@@ -23,6 +23,25 @@ def test_stream_sample_equals_the_sample_over_everything(n):
         assert [ids[i] for i in s.payload] == want  # the payload rows follow their ids
 
 
+def test_batch_samples_bounded_by_the_merged_ones_worst_key_merge_to_the_same_sample():
+    """The score stage samples each part on a worker thread, passing the merged sample's worst key so far as
+    ``below`` (a part then keeps only the pairs that can still enter), and merges the parts' samples in order."""
+    rng = np.random.default_rng(5)
+    ids = [f"pair-{rng.integers(1e12):012d}-{i}" for i in range(3000)]
+    want = seeded_sample(ids, 40, seed=3)
+    merged, kept = StreamSample(40, 3, concat=lambda ps: np.concatenate(ps)), []
+    assert merged.worst is None
+    for a in range(0, 3000, 250):
+        local = StreamSample(40, 3, concat=lambda ps: np.concatenate(ps))
+        local.offer(ids[a:a + 250], np.arange(a, a + 250), below=merged.worst)
+        kept.append(len(local.ids))
+        if local.ids:
+            merged.offer(local.ids, local.payload, local.keys)
+    assert merged.ids == want and [ids[i] for i in merged.payload] == want
+    assert merged.worst == max(merged.keys)
+    assert sum(kept[4:]) < 40 * len(kept[4:]) / 2  # the later parts hand over far fewer than a full sample each
+
+
 def test_smallest_equals_the_full_sort_with_ties_and_a_bound():
     rng = np.random.default_rng(0)
     ids = [f"p{i:04d}" for i in rng.permutation(500)]

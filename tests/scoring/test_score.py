@@ -94,6 +94,19 @@ def test_row_dots_give_a_row_the_same_bits_whatever_rows_share_its_part():
     assert np.array_equal(row_dots(a[order], vs, squares=True), whole[:, order])
 
 
+def test_row_dots_widen_float16_exactly():
+    """Stored float16 rows are widened through float32 (torch, then NumPy): the same float64 values, so the same
+    bits, as NumPy's own cast, over every float16 value there is (subnormals, signed zeros, the largest)."""
+    every = np.arange(65536, dtype=np.uint16).view(np.float16)
+    a = every[np.isfinite(every)].reshape(-1, 512)  # 124 rows of 512: every finite value once
+    vs = [np.random.default_rng(1).standard_normal(a.shape[1]) * 1e-3]
+    got = row_dots(a, vs, squares=True)
+    assert np.array_equal(got, row_dots(a.astype(np.float64), vs, squares=True))
+    frozen = np.frombuffer(a.tobytes(), dtype=np.float16).reshape(a.shape)  # read-only, as a memory-mapped part
+    assert not frozen.flags.writeable
+    assert np.array_equal(row_dots(frozen, vs, squares=True), got)
+
+
 def test_select_top_budget_and_ties():
     ids = [f"p{i:02d}" for i in range(10)]
     scores = np.array([1, 5, 5, 5, 0, 2, 2, 9, 3, 5], dtype=float)
@@ -123,6 +136,8 @@ def test_arrow_roundtrip_float16(scored):
     assert table.schema.field("g").metadata == {b"chips.dtype": b"float16", b"chips.dim": b"64"}
     back = FeatureBatch.from_arrow(table)
     assert back.identity == features.identity and back.pair_id == features.pair_id
+    assert back.pair_id_array() is back.stored_ids and back.stored_ids.equals(pa.array(features.pair_id, pa.string()))
+    assert back.take([1, 0]).stored_ids is None and back.take([1, 0]).pair_id_array().to_pylist() == features.pair_id[1::-1]
     np.testing.assert_allclose(back.g, features.g, rtol=2e-3, atol=1e-3 * np.abs(features.g).max())
     exact = score_features(features, tgt, curv, ccfg)["chips"]
     stored = score_features(back, tgt, curv, ccfg)["chips"]
