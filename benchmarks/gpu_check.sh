@@ -38,9 +38,10 @@ print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, open_clip {o
 if dev.startswith("cuda") and not torch.cuda.is_available():
     sys.exit("gpu_check.sh: --device cuda but torch sees no CUDA device")
 EOF
-# the tests: on CUDA the gpu-marked ones (CUDA featurize = CPU featurize, bf16 on CUDA); on CPU the same files,
-# where the gpu-marked tests skip and the CPU ones (bf16 identity and refusal, batch invariance) run
-TESTS="tests/scoring/test_invariance.py tests/scoring/test_precision.py"
+# the tests: on CUDA the gpu-marked ones (CUDA featurize = CPU featurize, bf16 on CUDA, mixing precisions
+# refused, the featurize stage resumed at its precision); on CPU the same files, where the gpu-marked tests skip
+# and their CPU twins run
+TESTS="tests/scoring/test_invariance.py tests/scoring/test_precision.py tests/stages/test_precision_stage.py"
 MARK="gpu"
 [ "$DEVICE" = cpu ] && MARK="not gpu"
 set +e

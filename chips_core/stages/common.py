@@ -3,6 +3,7 @@ a set of sources' pairs as model inputs."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import pyarrow as pa
@@ -27,6 +28,30 @@ def local_map(fn: ShardFn, shards: Sequence[Sequence[str]]) -> Iterable[T]:
     """The default executor: shard ``n`` is ``fn(n, shards[n])``, one after another in this process.
     An orchestrator passes its own (the Prefect flows pass a mapped task), yielding results in order."""
     return (fn(n, shard) for n, shard in enumerate(shards))
+
+
+class WriteBehind:
+    """Writes on one background thread while the caller goes on (featurize: shard ``n``'s part is written while
+    shard ``n + 1`` is read, decoded and forwarded). At most one write waits: :meth:`submit` first finishes the
+    previous one, so memory holds one shard's outputs, and a failed write is raised there or by :meth:`wait`."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="chips-writer")
+        self._pending: Future | None = None
+
+    def submit(self, fn: Callable[[], object]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn)
+
+    def wait(self) -> None:
+        """Until the submitted write is done; its error, if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Finish the last write (its error is not raised: call :meth:`wait` first to see it) and stop the thread."""
+        self._pool.shutdown(wait=True)
 
 
 def model_fields(cfg: RunConfig, loaded: LoadedModel) -> dict:

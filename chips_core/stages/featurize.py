@@ -25,8 +25,8 @@ from ..scoring.featurize import Featurizer, ReferenceBank, ScoringContext, forwa
 from ..scoring.identity import StreamSample
 from ..scoring.target import curvature_stats_pre
 from ..util import progress as progress_bar, usable_cores
-from .common import (MapShards, endpoint_for, featurize_workers, input_batches, load_pairs, local_map, model_fields,
-                     model_inputs, require_bank_model, require_pairs)
+from .common import (MapShards, WriteBehind, endpoint_for, featurize_workers, input_batches, load_pairs, local_map,
+                     model_fields, model_inputs, require_bank_model, require_pairs)
 from .runconfig import RunConfig
 
 log = logging.getLogger("chips")
@@ -126,8 +126,8 @@ def _reusable(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, reuse: str | N
         why = f"featurize run {reuse!r} kept no shard plan (made before refreshes reused features)"
     elif bank is not None:
         stored = read_feature_part(wh, feature_parts(wh, reuse)[0]).identity
-        ours = Featurizer(endpoint_for(cfg, loaded), bank, cfg.sketch, cfg.featurize).identity
-        try:
+        try:  # another precision is refused by the bank itself, other settings by the identities
+            ours = Featurizer(endpoint_for(cfg, loaded), bank, cfg.sketch, cfg.featurize).identity
             ours.require_same(stored, f"featurize run {reuse!r}")
         except IncompatibleFeaturesError as e:
             why = f"the feature settings changed: {e}"
@@ -138,9 +138,9 @@ def _reusable(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, reuse: str | N
 
 
 def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str, plan: FeaturizePlan, n: int,
-                    shard: PoolShard) -> bool:
+                    shard: PoolShard, writer: WriteBehind | None = None) -> bool:
     """Map step: one shard's features (and its curvature-sample pairs' trunk outputs); skipped (False) when
-    its part already exists."""
+    its part already exists. With ``writer`` the outputs are written on its thread (the call returns first)."""
     name = f"shard-{n:05d}"
     if n in plan.reused or wh.has_part("features", {"run": run_id}, name):
         return False
@@ -154,9 +154,18 @@ def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
     del rows
     wanted = set(plan.curvature_ids)
     keep = [i for i, p in enumerate(ids) if p in wanted]
-    save_pre(wh, run_id, name, [ids[i] for i in keep], h_v[keep], h_t[keep])
-    # the features part goes last: its presence marks the shard complete
-    write_features(wh, feat.featurize_pre(h_v, h_t, ids), run_id, name)
+    pre = ([ids[i] for i in keep], h_v[keep], h_t[keep])
+    features = feat.featurize_pre(h_v, h_t, ids)
+    del h_v, h_t
+
+    def write() -> None:
+        save_pre(wh, run_id, name, *pre)
+        write_features(wh, features, run_id, name)  # last: the features part's presence marks the shard complete
+
+    if writer is None:
+        write()
+    else:
+        writer.submit(write)
     return True
 
 
@@ -216,8 +225,17 @@ def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
         plan = featurize_prepare(cfg, wh, loaded, run_id, reuse)
         shards = plan.shards
         _warn_oversubscribed(featurize_workers(cfg, loaded), loaded)
-        results = map_shards(partial(featurize_shard, cfg, wh, loaded, run_id, plan), shards)
-        written = sum(bool(r) for r in progress_bar(results, enabled=progress, desc="featurize", total=len(shards)))
+        # in this process a shard's part is written while the next shard runs; an orchestrator's shard task
+        # writes its own before it returns (its retries and the run's resume count on the part being there)
+        writer = WriteBehind() if map_shards is local_map else None
+        try:
+            results = map_shards(partial(featurize_shard, cfg, wh, loaded, run_id, plan, writer=writer), shards)
+            written = sum(bool(r) for r in progress_bar(results, enabled=progress, desc="featurize", total=len(shards)))
+            if writer is not None:
+                writer.wait()  # every part written before the curvature reads them
+        finally:
+            if writer is not None:
+                writer.close()
         featurize_curvature(cfg, wh, loaded, run_id, plan)
         bank = load_bank(wh, run_id)
         bank_size, n = len(bank.pair_ids), plan.pairs

@@ -74,18 +74,20 @@ def test_bf16_features_are_batch_invariant(demo_model, pairs):
         assert np.array_equal(getattr(whole, name), getattr(parts, name)), name
 
 
-def test_mixing_precisions_is_refused(demo_model, pairs, eval_pairs):
-    f32, b16 = featurizer(demo_model, pairs, "fp32"), featurizer(demo_model, pairs, "bf16")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mixing_precisions_is_refused(demo_model, pairs, eval_pairs, device):
+    f32, b16 = featurizer(demo_model, pairs, "fp32", device), featurizer(demo_model, pairs, "bf16", device)
     with pytest.raises(IncompatibleFeaturesError, match="bank was forwarded in fp32 but this model runs in bf16"):
-        Featurizer(EndpointModel(demo_model, "bf16"), f32.ctx.bank_rules, SketchConfig(k=128))
-    images, texts, ids = pairs
+        Featurizer(EndpointModel(b16.endpoint.model, "bf16"), f32.ctx.bank_rules, SketchConfig(k=128))
+    images, texts, ids = (pairs[0].to(device), pairs[1].to(device), pairs[2])
+    ei, et, eids = (eval_pairs[0].to(device), eval_pairs[1].to(device), eval_pairs[2])
     ccfg = CurvatureConfig(n_curv=40, hard_negatives=4)
     sample = curvature_sample(ids, ccfg)
     idx = [ids.index(p) for p in sample]
     curv = curvature_stats(f32.ctx, images[idx], texts[idx], sample, ccfg)
-    tgt = target_stats(f32.ctx, *eval_pairs)
+    tgt = target_stats(f32.ctx, ei, et, eids)
     with pytest.raises(IncompatibleFeaturesError, match=r"precision: 'fp32' != 'bf16'|bank_id"):
         score_features(b16.featurize(images, texts, ids), tgt, curv, ccfg, ScoreConfig())
-    tgt16 = target_stats(b16.ctx, *eval_pairs)
+    tgt16 = target_stats(b16.ctx, ei, et, eids)
     with pytest.raises(IncompatibleFeaturesError, match=r"precision: 'bf16' != 'fp32'"):
         score_features(f32.featurize(images, texts, ids), tgt16, curv, ccfg, ScoreConfig())

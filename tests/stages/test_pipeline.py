@@ -79,6 +79,61 @@ def test_featurize_resume_writes_the_same_bytes(run, tmp_path):
     assert {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in parts} == digest
 
 
+def test_write_behind_keeps_order_holds_one_write_and_raises_a_failed_one():
+    import threading
+
+    from chips_core.stages.common import WriteBehind
+
+    done, gate, w = [], threading.Event(), WriteBehind()
+    w.submit(lambda: (gate.wait(5), done.append(0)))
+    assert done == []  # submit returned while the write waits on its thread
+    gate.set()
+    w.submit(lambda: done.append(1))  # finishes the first write before queueing the second
+    assert done[:1] == [0]
+    w.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        w.submit(lambda: done.append(3))  # the failed write surfaces at the next submit; the new one is not queued
+    w.wait()
+    w.close()
+    assert done == [0, 1]
+
+
+def test_a_failed_background_write_fails_the_featurize_run_and_a_rerun_finishes_it(run, monkeypatch, tmp_path):
+    """Featurize in this process writes shard n's part while shard n+1 runs: a write that fails fails the stage
+    (its runs row says so) and the parts written before it stay; the rerun writes the rest, the same bytes."""
+    import dataclasses
+    import shutil
+
+    import chips_core.stages.featurize as F
+
+    cfg, loaded, out = run
+    shutil.copytree(cfg.warehouse, tmp_path / "wh")  # the module's warehouse keeps its runs as they were
+    cfg = dataclasses.replace(cfg, warehouse=str(tmp_path / "wh"))
+    wh = Warehouse(cfg.warehouse)
+    good = {p.rsplit("/", 1)[1]: hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in wh.fs.glob(f"{wh.root}/features/run={out['featurize']['run_id']}/*.parquet")}
+    real = F.write_features
+
+    def failing(wh_, batch, run_id, name):
+        if name == "shard-00001":
+            raise OSError("disk full (injected)")
+        return real(wh_, batch, run_id, name)
+
+    monkeypatch.setattr(F, "write_features", failing)
+    with pytest.raises(OSError, match="injected"):
+        featurize_stage(cfg, wh, loaded, run_id="write-fails")
+    con = connect(wh)
+    status = query(con, "select status from stg_runs where run_id = 'write-fails'").to_pylist()
+    assert [r["status"] for r in status] == ["failed: OSError: disk full (injected)"]
+    assert sorted(p.rsplit("/", 1)[1] for p in wh.fs.glob(f"{wh.root}/features/run=write-fails/*.parquet")) == [
+        "shard-00000.parquet"]
+    monkeypatch.setattr(F, "write_features", real)
+    again = featurize_stage(cfg, wh, loaded, run_id="write-fails")
+    assert again["shards_written"] == 2
+    assert {p.rsplit("/", 1)[1]: hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in wh.fs.glob(f"{wh.root}/features/run=write-fails/*.parquet")} == good
+
+
 def test_open_clip_train_reads_a_materialised_csv_and_trains_a_step(run):
     import copy
 
