@@ -117,7 +117,10 @@ class _Float16Widener:
     float32 -> float64. Both steps are exact, so the block holds the very values ``np.copyto`` gives."""
 
     def __init__(self, a: np.ndarray):
-        self.src = torch.from_dlpack(a)  # zero copy; unlike from_numpy, no warning for a read-only (memory-mapped) array
+        try:  # zero copy; unlike from_numpy, no warning for a read-only (memory-mapped) array
+            self.src = torch.from_dlpack(a)
+        except (BufferError, RuntimeError, TypeError):  # a layout DLPack does not carry (negative strides): a copy
+            self.src = torch.from_numpy(np.ascontiguousarray(a))
         self.f32 = torch.empty((ROW_BLOCK, a.shape[1]), dtype=torch.float32)
         self.f32_np = self.f32.numpy()
 

