@@ -84,10 +84,10 @@ def test_decode_workers_do_not_change_a_byte(pool):
     cfg, loaded, n = pool
     wh = Warehouse(cfg.warehouse)
 
-    def run(workers):
-        run_id = f"workers-{workers}"
+    def run(workers, shard_size=PAIRS_ROW_GROUP):
+        run_id = f"workers-{workers}-{shard_size}"
         feat = dataclasses.replace(cfg.featurize, num_workers=workers)
-        featurize_stage(dataclasses.replace(cfg, featurize=feat, shard_size=PAIRS_ROW_GROUP), wh, loaded, run_id=run_id)
+        featurize_stage(dataclasses.replace(cfg, featurize=feat, shard_size=shard_size), wh, loaded, run_id=run_id)
         files = [p for t in ("features", "globals")
                  for p in sorted(glob.glob(f"{wh.root}/{t}/run={run_id}/**/*.*", recursive=True))]
         return {os.path.relpath(p, wh.root).replace(run_id, "RUN"): hashlib.sha256(open(p, "rb").read()).hexdigest()
@@ -97,6 +97,16 @@ def test_decode_workers_do_not_change_a_byte(pool):
     assert len(base) >= 8  # three shards' features and trunk outputs, the bank and the curvature
     assert run(2) == base
     assert run(40) == base
+    # workers and other shards at once: two parts instead of three, the same rows in them, and the same bank and
+    # curvature files
+    other = run(2, 2 * PAIRS_ROW_GROUP)
+    run_wide = {k for k in base if k.startswith("globals/") and k.count("/") == 2}  # bank, curvature, shard plan
+    assert {k: other[k] for k in run_wide if "shards" not in k} == {k: base[k] for k in run_wide if "shards" not in k}
+    assert any("bank" in k for k in run_wide) and any("curv" in k for k in run_wide), sorted(base)
+    a, b = read_features(wh, f"workers-0-{PAIRS_ROW_GROUP}"), read_features(wh, f"workers-2-{2 * PAIRS_ROW_GROUP}")
+    assert a.pair_id == b.pair_id
+    for name in ("x", "y", "g", "p_corr", "margin", "clipscore", "loss"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
 
 
 def test_streaming_score_and_selection_equal_the_in_memory_path(pool, tmp_path):
