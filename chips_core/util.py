@@ -87,8 +87,10 @@ def release_memory() -> None:
 def gc_frozen():
     """Within it, a full garbage collection (:func:`release_memory`'s, or one the interpreter starts) scans only the
     objects created inside: those alive on entry (the imported libraries, the loaded model: ~475k objects in a score
-    run, 0.2 s a collection) are set aside by :func:`gc.freeze` and handed back on exit. Inside an outer freeze (this
-    one nested, or the application's own) it does nothing: its exit would hand back the outer's objects too."""
+    run, 0.2 s a collection) are set aside by :func:`gc.freeze` and handed back on exit. Enter it just after a full
+    collection (:func:`release_memory`): garbage cycles already dead on entry are set aside too, until the exit.
+    Inside an outer freeze (this one nested, or the application's own) it does nothing: its exit would hand back the
+    outer's objects too."""
     if gc.get_freeze_count():
         yield
         return

@@ -119,8 +119,8 @@ class _Float16Widener:
     def __init__(self, a: np.ndarray):
         try:  # zero copy; unlike from_numpy, no warning for a read-only (memory-mapped) array
             self.src = torch.from_dlpack(a)
-        except (BufferError, RuntimeError, TypeError):  # a layout DLPack does not carry (negative strides): a copy
-            self.src = torch.from_numpy(np.ascontiguousarray(a))
+        except (BufferError, RuntimeError, TypeError):  # negative strides, or a NumPy before read-only DLPack: a copy
+            self.src = torch.from_numpy(np.array(a))  # (a writable one, so no warning either)
         self.f32 = torch.empty((ROW_BLOCK, a.shape[1]), dtype=torch.float32)
         self.f32_np = self.f32.numpy()
 

@@ -32,8 +32,9 @@ def local_map(fn: ShardFn, shards: Sequence[Sequence[str]]) -> Iterable[T]:
 
 class WriteBehind:
     """Writes on one background thread while the caller goes on (featurize: shard ``n``'s part is written while
-    shard ``n + 1`` is read, decoded and forwarded). At most one write waits: :meth:`submit` first finishes the
-    previous one, so memory holds one shard's outputs, and a failed write is raised there or by :meth:`wait`."""
+    shard ``n + 1`` is read, decoded and forwarded). At most one write is in flight: :meth:`submit` first finishes
+    the previous one, and a failed write is raised there or by :meth:`wait`. A caller that calls :meth:`wait`
+    before building its next outputs (featurize does) holds one shard's outputs at a time."""
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="chips-writer")

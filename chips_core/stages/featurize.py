@@ -154,6 +154,8 @@ def featurize_shard(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
     del rows
     wanted = set(plan.curvature_ids)
     keep = [i for i, p in enumerate(ids) if p in wanted]
+    if writer is not None:
+        writer.wait()  # the previous shard's part, written during this shard's forward: one shard's outputs in memory
     pre = ([ids[i] for i in keep], h_v[keep], h_t[keep])
     features = feat.featurize_pre(h_v, h_t, ids)
     del h_v, h_t

@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import posixpath
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -63,10 +64,9 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
     """Every score for every pool pair of ``featurize_run_id`` against the config's target set."""
     run_id = run_id or new_run_id("score")
     eval_ids = require_pairs(wh, cfg.target, "target")
-    # gc_frozen: the collections of release_memory (and the interpreter's) skip the libraries' and model's objects
-    with gc_frozen(), recorded_run(wh, "score", cfg, run_id=run_id, parent_run_id=parent_run_id,
-                                   inputs={"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)},
-                                   **model_fields(cfg, loaded)) as row:
+    with recorded_run(wh, "score", cfg, run_id=run_id, parent_run_id=parent_run_id,
+                      inputs={"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)},
+                      **model_fields(cfg, loaded)) as row:
         bank = load_bank(wh, featurize_run_id)
         require_bank_model(loaded, bank, featurize_run_id)
         feat = Featurizer(endpoint_for(cfg, loaded), bank, cfg.sketch, cfg.featurize)
@@ -94,13 +94,16 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
             return local
 
         parts = feature_parts(wh, featurize_run_id)
-        with torch_threads(1):  # the parts run on score_threads threads: torch's pool under each would oversubscribe
-            done = bounded_map(score_part, list(enumerate(parts)), cfg.score_threads or os.cpu_count() or 1)
+        # from here the collections skip what was alive after the full one above (libraries, model: 0.2 s each),
+        # and torch's own threads are off: the parts run on score_threads threads, its pool under each would
+        # oversubscribe the cores (row_dots widens float16 with torch)
+        with gc_frozen(), torch_threads(1), contextlib.closing(
+                bounded_map(score_part, list(enumerate(parts)), cfg.score_threads or os.cpu_count() or 1)) as done:
             for local in progress_bar(done, enabled=progress, desc="score", unit="part", total=len(parts)):
                 if local.ids:
                     sample.offer(local.ids, local.payload, local.keys)  # the part's keys, not hashed again
-        release_memory()  # the parts' freed buffers (Arrow's pool, the threads' heaps): the ranking does not stack on them
-        n = write_ranked_scores(wh, run_id, cfg.duckdb_memory_limit)
+            release_memory()  # the parts' freed buffers (Arrow's pool, the threads' heaps): the ranking does not stack on them
+            n = write_ranked_scores(wh, run_id, cfg.duckdb_memory_limit)
         premise = premise_checks(eval_features, tstats.eval_loss, sample.payload, len(bank.pair_ids), cfg.check)
         row.update(bank_id=bank.bank_id, rows_in=n, rows_out=n, rows_quarantined=0,
                    diagnostics_json=premise.to_json())
@@ -117,23 +120,39 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> Itera
         return
     with ThreadPoolExecutor(threads) as pool:
         pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * threads:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * threads:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        finally:  # closed early (the consumer failed) or an item failed: the items not started are not run
+            for f in pending:
+                f.cancel()
+
+
+_TORCH_THREADS = {"lock": threading.Lock(), "users": 0, "before": 1}
 
 
 @contextlib.contextmanager
 def torch_threads(n: int):
-    """torch's intra-op threads set to ``n`` within (``row_dots`` widens float16 with torch), restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    """torch's intra-op threads set to ``n`` within, restored when the last such block ends. torch keeps the
+    setting per thread, taken from the process's default when a thread first uses torch: the calling thread and the
+    threads started within (the score stage's pool) run on ``n``, and so does other torch work started meanwhile."""
+    state = _TORCH_THREADS
+    with state["lock"]:
+        if state["users"] == 0:
+            state["before"] = torch.get_num_threads()
+            torch.set_num_threads(n)
+        state["users"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with state["lock"]:
+            state["users"] -= 1
+            if state["users"] == 0:
+                torch.set_num_threads(state["before"])
 
 
 def _write_unranked(wh: Warehouse, path: str, table: pa.Table) -> None:

@@ -98,7 +98,7 @@ def test_row_dots_widen_float16_exactly():
     """Stored float16 rows are widened through float32 (torch, then NumPy): the same float64 values, so the same
     bits, as NumPy's own cast, over every float16 value there is (subnormals, signed zeros, the largest)."""
     every = np.arange(65536, dtype=np.uint16).view(np.float16)
-    a = every[np.isfinite(every)].reshape(-1, 512)  # 124 rows of 512: every finite value once
+    a = every[np.isfinite(every)].reshape(-1, 64)  # 992 rows of 64 (four blocks): every finite value once
     vs = [np.random.default_rng(1).standard_normal(a.shape[1]) * 1e-3]
     got = row_dots(a, vs, squares=True)
     assert np.array_equal(got, row_dots(a.astype(np.float64), vs, squares=True))
@@ -106,6 +106,7 @@ def test_row_dots_widen_float16_exactly():
     assert not frozen.flags.writeable
     assert np.array_equal(row_dots(frozen, vs, squares=True), got)
     assert np.array_equal(row_dots(frozen[::-1], vs, squares=True), got[:, ::-1])  # negative strides: copied
+    assert np.array_equal(row_dots(frozen[1::3], vs, squares=True), got[:, 1::3])  # strided rows, in place
 
 
 def test_select_top_budget_and_ties():

@@ -134,6 +134,31 @@ def test_a_failed_background_write_fails_the_featurize_run_and_a_rerun_finishes_
             for p in wh.fs.glob(f"{wh.root}/features/run=write-fails/*.parquet")} == good
 
 
+def test_a_shard_failing_after_its_predecessors_leaves_their_parts_written(run, monkeypatch, tmp_path):
+    """Shard 1's part is still being written (behind) when shard 2 fails: the failure does not lose it."""
+    import dataclasses
+    import shutil
+
+    import chips_core.stages.featurize as F
+
+    cfg, loaded, _ = run
+    shutil.copytree(cfg.warehouse, tmp_path / "wh")
+    cfg = dataclasses.replace(cfg, warehouse=str(tmp_path / "wh"))
+    wh = Warehouse(cfg.warehouse)
+    real = F.featurize_shard
+
+    def shard(*args, **kw):
+        if args[5] == 2:  # (cfg, wh, loaded, run_id, plan, n, shard)
+            raise RuntimeError("forward failed (injected)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(F, "featurize_shard", shard)
+    with pytest.raises(RuntimeError, match="injected"):
+        featurize_stage(cfg, wh, loaded, run_id="shard-fails")
+    assert sorted(p.rsplit("/", 1)[1] for p in wh.fs.glob(f"{wh.root}/features/run=shard-fails/*.parquet")) == [
+        "shard-00000.parquet", "shard-00001.parquet"]
+
+
 def test_open_clip_train_reads_a_materialised_csv_and_trains_a_step(run):
     import copy
 
