@@ -225,3 +225,104 @@ def full_parameter_alignment(model: torch.nn.Module, images, texts, pair_ids: Se
         g = torch.autograd.grad(loss, plist, retain_graph=True)
         out.append(sum(float((a * b).sum()) for a, b in zip(g, u)))
     return np.array(out)
+
+
+# -- set-aware selection (scoring/select.py): every step recomputed from scratch -------------------------------
+def _first_max_ref(values, avail) -> int:
+    best, arg = -np.inf, -1
+    for i, (val, ok) in enumerate(zip(values, avail)):
+        if ok and val > best:
+            best, arg = val, i
+    return arg
+
+
+def pursuit_reference(A: np.ndarray, t: np.ndarray, m: int, round_size: int) -> np.ndarray:
+    """Restarted OMP with a fresh least-squares fit (``lstsq``) and fresh correlations at every step."""
+    from .select import DEPENDENT, TOL
+
+    avail = [True] * len(A)
+    chosen: list[int] = []
+    while len(chosen) < m:
+        S: list[int] = []
+        r = t.copy()
+        while len(chosen) < m and len(S) < round_size:
+            c = [float(a @ r) for a in A]
+            j = _first_max_ref(c, avail)
+            if j < 0 or not c[j] > TOL:
+                break
+            if S:  # the atom's squared distance to the span of this round's atoms
+                coef = np.linalg.lstsq(A[S].T, A[j], rcond=None)[0]
+                if float(np.sum((A[j] - A[S].T @ coef) ** 2)) <= DEPENDENT:
+                    avail[j] = False
+                    continue
+            S.append(j)
+            chosen.append(j)
+            avail[j] = False
+            w = np.linalg.lstsq(A[S].T, t, rcond=None)[0]
+            r = t - A[S].T @ w
+        if not S:
+            break
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def knn_graph_reference(A: np.ndarray, neighbours: int) -> np.ndarray:
+    """Dense symmetric weights: each row's ``neighbours`` most similar other rows (ties: smaller index), weight
+    ``max(0, cos)``, then ``W = max(W, W^T)``."""
+    n = len(A)
+    W = np.zeros((n, n))
+    for i in range(n):
+        sims = [(-float(A[i] @ A[j]), j) for j in range(n) if j != i]
+        for negsim, j in sorted(sims)[:neighbours]:
+            W[i, j] = max(0.0, -negsim)
+    return np.maximum(W, W.T)
+
+
+def infomax_reference(A: np.ndarray, t: np.ndarray, m: int, redundancy: float, neighbours: int) -> np.ndarray:
+    """Greedy on ``sum cos(a_i, t) - redundancy * sum_{pairs in S} W_ij``, each gain summed afresh."""
+    W = knn_graph_reference(A, neighbours)
+    s = A @ t
+    avail = [True] * len(A)
+    chosen: list[int] = []
+    for _ in range(min(m, len(A))):
+        gain = [s[i] - redundancy * sum(W[i, j] for j in chosen) for i in range(len(A))]
+        j = _first_max_ref(gain, avail)
+        chosen.append(j)
+        avail[j] = False
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def kmeans_reference(A: np.ndarray, C: int, iters: int) -> np.ndarray:
+    n = len(A)
+    centres = [A[i].copy() for i in np.linspace(0, n - 1, C).round().astype(np.int64)]
+    labels = [0] * n
+    for _ in range(iters):
+        labels = [_first_max_ref([float(a @ c) for c in centres], [True] * C) for a in A]
+        for c in range(C):
+            members = [A[i] for i in range(n) if labels[i] == c]
+            if members:
+                total = np.sum(members, axis=0)
+                if np.linalg.norm(total) > 0:
+                    centres[c] = total / np.linalg.norm(total)
+    return np.asarray(labels, dtype=np.int64)
+
+
+def cluster_balanced_reference(A: np.ndarray, t: np.ndarray, m: int, clusters: int, explore: float,
+                               iters: int) -> np.ndarray:
+    """Each step: every cluster's priority recomputed, then the best remaining pair of the best cluster."""
+    from .select import n_clusters
+
+    s = A @ t
+    C = n_clusters(len(A), clusters)
+    labels = kmeans_reference(A, C, iters)
+    members = {c: [i for i in range(len(A)) if labels[i] == c] for c in range(C)}
+    value = {c: (sum(s[i] for i in members[c]) / len(members[c]) if members[c] else 0.0) for c in range(C)}
+    taken = {c: [] for c in range(C)}
+    chosen: list[int] = []
+    for step in range(min(m, len(A))):
+        pri = [value[c] + explore * math.sqrt(2.0 * math.log(1.0 + step) / (1.0 + len(taken[c]))) for c in range(C)]
+        c = _first_max_ref(pri, [len(taken[c]) < len(members[c]) for c in range(C)])
+        rest = [i for i in members[c] if i not in taken[c]]
+        i = min(rest, key=lambda i: (-s[i], i))
+        taken[c].append(i)
+        chosen.append(i)
+    return np.asarray(chosen, dtype=np.int64)
