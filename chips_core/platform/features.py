@@ -60,6 +60,23 @@ def load_curvature(wh: Warehouse, run_id: str) -> CurvatureStats:
                           meta["sample_seed"], FeatureIdentity.from_json(meta["identity"]))
 
 
+def save_direction(wh: Warehouse, score_run_id: str, v: np.ndarray, featurize_run_id: str) -> None:
+    """What a set-aware selection (scoring/select.py) needs of a score run besides its scores: the preconditioned
+    target direction ``M^-1 u`` and the featurize run whose features it scored."""
+    buf = io.BytesIO()
+    np.savez(buf, v=np.asarray(v, dtype=np.float64), featurize_run_id=np.array(featurize_run_id))
+    wh.write_bytes(_globals(wh, score_run_id, "direction.npz"), buf.getvalue())
+
+
+def load_direction(wh: Warehouse, score_run_id: str) -> tuple[np.ndarray, str]:
+    path = _globals(wh, score_run_id, "direction.npz")
+    if not wh.fs.exists(path):
+        raise FileNotFoundError(f"score run {score_run_id!r} has no stored target direction ({path}); it predates "
+                                "the set-aware selectors: score again to use them")
+    z = np.load(io.BytesIO(wh.read_bytes(path)))
+    return z["v"], str(z["featurize_run_id"])
+
+
 def save_pre(wh: Warehouse, run_id: str, shard: str, pair_ids: list[str], h_v: torch.Tensor, h_t: torch.Tensor) -> None:
     """A shard's curvature-sample pairs' trunk outputs (float32, exact), for the curvature reduce: the sample is
     forwarded once, inside its shards, not read again."""

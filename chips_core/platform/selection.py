@@ -18,8 +18,11 @@ from typing import Iterable, Iterator, Sequence
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..scoring.select import SET_METHODS, SelectConfig, select_set
+from .features import feature_parts, load_direction, read_feature_part
 from .images import ImageSources
 from .query import spill_dir
 from .warehouse import SCHEMAS, Warehouse
@@ -148,21 +151,32 @@ def ranked(con: duckdb.DuckDBPyConnection, method: str | None, limit: int) -> It
 
 
 def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budgets: Sequence[float], run_id: str,
-                  full: bool = False, memory_limit: str = MEMORY_LIMIT) -> dict:
-    """The ``subsets`` parts of one materialize run (one part per method, budgets as rank prefixes; and
-    ``full@1``), streamed from DuckDB. Returns ``{"scored": N, "rows": rows written, "subsets": [ids]}``.
+                  full: bool = False, memory_limit: str = MEMORY_LIMIT, select: SelectConfig = SelectConfig()) -> dict:
+    """The ``subsets`` parts of one materialize run (one part per method; and ``full@1``), streamed from DuckDB.
+    Returns ``{"scored": N, "rows": rows written, "subsets": [ids]}``.
 
-    Each method is sorted once: its best ``ceil(max budget * N)`` pairs go to a local temporary Parquet file in
-    rank order, and each budget's rows are a prefix of that file."""
+    A per-pair method is sorted once: its best ``ceil(max budget * N)`` pairs go to a local temporary Parquet file
+    in rank order, and each budget's rows are a prefix of that file. A set-aware method (``SET_METHODS``) selects
+    each budget's set on its own (:func:`set_ranking`): its 10% set need not be a prefix of its 20% set."""
     con = engine(wh, memory_limit)
     try:
         taken_down = _scores(con, wh, score_run_id)
-        n = count_scored(con, methods)
+        n = count_scored(con, [m for m in methods if m not in SET_METHODS])
         rows, ids = 0, []
         plan = ([(None, [1.0])] if full else []) + [(m, sorted(budgets)) for m in methods]
+        candidates = None
         for method, bs in plan:
             keeps = {b: n_keep(b, n) for b in bs}
             label = method or "full"
+            if method in SET_METHODS:
+                candidates = candidates or EligibleGradients.load(con, wh, score_run_id)
+                sids = [f"{score_run_id}:{label}@{b:g}" for b in keeps]
+                for sid, (b, k) in zip(sids, keeps.items()):
+                    with _spooled(set_ranking(con, candidates, method, k, select), TOP_SCHEMA) as top:
+                        rows += _write_part(wh, "subsets", {"run": run_id}, f"{label}@{b:g}", [
+                            _subset_rows(top, k, sid, run_id, score_run_id, b, label)])
+                ids += sids
+                continue
             with _spooled(ranked(con, method, max(keeps.values())), TOP_SCHEMA) as top:
                 sids = [f"{score_run_id}:{label}@{b:g}" for b in keeps]
                 rows += _write_part(wh, "subsets", {"run": run_id}, label, [
@@ -175,6 +189,45 @@ def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budg
 
 
 TOP_SCHEMA = pa.schema([("pair_id", pa.string()), ("rank", pa.int64())])
+
+
+class EligibleGradients:
+    """The sketched gradients of the pairs in ``chips_plus``'s eligible tier (both gates passed; takedowns left
+    out), read once from the score run's featurize run, and the run's preconditioned target direction."""
+
+    def __init__(self, pair_ids: list[str], g: np.ndarray, v: np.ndarray):
+        self.pair_ids, self.g, self.v = pair_ids, g, v
+
+    @classmethod
+    def load(cls, con: duckdb.DuckDBPyConnection, wh: Warehouse, score_run_id: str) -> "EligibleGradients":
+        v, featurize_run_id = load_direction(wh, score_run_id)
+        eligible = con.sql("select pair_id from run_scores where chips_plus >= 2").to_arrow_table().column(0)
+        ids, gs = [], []
+        for path in feature_parts(wh, featurize_run_id):
+            part = read_feature_part(wh, path)
+            keep = np.flatnonzero(pc.is_in(part.pair_id_array(), value_set=eligible).to_numpy(zero_copy_only=False))
+            ids += [part.pair_id[i] for i in keep]
+            gs.append(np.array(part.g[keep]))  # as stored (float16): a copy, so the part's mapping can close
+        g = np.concatenate(gs) if gs else np.zeros((0, len(v)), dtype=np.float16)
+        return cls(ids, g, v)
+
+
+def set_ranking(con: duckdb.DuckDBPyConnection, candidates: EligibleGradients, method: str, k: int,
+                select: SelectConfig) -> Iterator[pa.RecordBatch]:
+    """``(pair_id, rank)`` of a set-aware method's ``k`` pairs: the selector's picks among the eligible pairs in
+    its order, then (when it picks fewer, or the tier is smaller than ``k``) ``chips_plus``'s order of the rest."""
+    picked = select_set(method, candidates.pair_ids, candidates.g, candidates.v, k, select)
+    yield pa.record_batch([pa.array(picked, pa.string()), pa.array(np.arange(1, len(picked) + 1), pa.int64())],
+                          schema=TOP_SCHEMA)
+    need, rank, chosen = k - len(picked), len(picked) + 1, set(picked)
+    if need <= 0:
+        return
+    for batch in ranked(con, "chips_plus", k):
+        rest = [p for p in batch.column("pair_id").to_pylist() if p not in chosen][:need]
+        if rest:
+            yield pa.record_batch([pa.array(rest, pa.string()), pa.array(np.arange(rank, rank + len(rest)), pa.int64())],
+                                  schema=TOP_SCHEMA)
+        need, rank = need - len(rest), rank + len(rest)
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ def materialize_stage(cfg: RunConfig, wh: Warehouse, score_run_id: str, run_id: 
     with recorded_run(wh, "materialize", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       inputs={"score_run_id": score_run_id}) as row:
         written = write_subsets(wh, score_run_id, cfg.methods, cfg.budgets, run_id, full=cfg.outputs.full,
-                                memory_limit=cfg.duckdb_memory_limit)
+                                memory_limit=cfg.duckdb_memory_limit, select=cfg.select)
         files = write_manifests(wh, run_id, written["subsets"], Path(cfg.outputs.dir) / run_id, cfg.outputs.formats,
                                 cfg.duckdb_memory_limit)
         row.update(rows_in=written["scored"], rows_out=written["rows"], rows_quarantined=0,

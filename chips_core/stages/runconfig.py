@@ -31,6 +31,7 @@ from ..scoring.endpoint import ModelSpec
 from ..scoring.featurize import BankConfig, FeaturizeConfig
 from ..scoring.premise import PremiseConfig
 from ..scoring.score import METHODS, ScoreConfig
+from ..scoring.select import SET_METHODS, SelectConfig
 from ..scoring.sketch import SketchConfig
 from ..scoring.target import CurvatureConfig
 from ..train.cpt import CPTConfig
@@ -79,6 +80,7 @@ class RunConfig:
     bank: BankConfig = BankConfig()
     curvature: CurvatureConfig = CurvatureConfig()
     score: ScoreConfig = ScoreConfig()
+    select: SelectConfig = SelectConfig()  # the set-aware selectors' parameters (methods chips_pursuit, ...)
     featurize: FeaturizeConfig = FeaturizeConfig()
     check: PremiseConfig = PremiseConfig()  # premise checks (`chips check`, and every score run)
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
@@ -104,8 +106,8 @@ class RunConfig:
     def __post_init__(self):
         bad = [b for b in self.budgets if not 0 < b <= 1]
         check(not bad, "RunConfig", "budgets", bad, "each must lie in (0, 1]")
-        bad = [m for m in self.methods if m not in METHODS]
-        check(not bad, "RunConfig", "methods", bad, f"not in {METHODS}")
+        bad = [m for m in self.methods if m not in METHODS + SET_METHODS]
+        check(not bad, "RunConfig", "methods", bad, f"not in {METHODS + SET_METHODS}")
         names = [s.name for s in self.pool] + [s.name for s in self.target]
         check(len(set(names)) == len(names), "RunConfig", "pool/target", names, "source names must be distinct")
         suites = [s.name for s in self.eval_suites]

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..platform.features import feature_parts, load_bank, load_curvature, read_feature_part
+from ..platform.features import feature_parts, load_bank, load_curvature, read_feature_part, save_direction
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.selection import unranked_dir, write_ranked_scores
 from ..platform.warehouse import SCHEMAS, Warehouse
@@ -73,6 +73,7 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
         tstats, eval_features = target_and_eval_features(cfg, wh, loaded, feat, eval_ids)
         curv = load_curvature(wh, featurize_run_id)
         pre = Preconditioners.solve(tstats, curv, cfg.curvature)
+        save_direction(wh, run_id, pre.v_chips, featurize_run_id)  # for materialize's set-aware selectors
         release_memory()  # the eval set's activations: the streaming and the ranking should not stack on them
         sample = StreamSample(cfg.check.pool_sample, cfg.check.seed, FeatureBatch.concat)
 
