@@ -21,7 +21,8 @@ from scipy.stats import t as t_dist
 BASELINES = ("random", "clipscore", "dot", "trak")
 ABLATIONS = ("chips_align", "chips_align_learn", "chips")
 INFLUENCE = ("dot", "trak", "chips")
-METHOD_ORDER = ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn", "chips", "chips_plus")
+METHOD_ORDER = ("random", "clipscore", "dot", "trak", "chips_align", "chips_align_learn", "chips", "chips_plus",
+                "chips_pursuit", "chips_infomax", "chips_cluster")
 BEST = "chips_plus"  # the product's best selector, judged against issue 10's goals
 PRIMARY = "zero_shot_top1"
 
@@ -76,6 +77,8 @@ def method_table(agg: dict, target: str, budgets) -> str:
     head = "| method | " + " | ".join(f"{b:.0%}" for b in budgets) + " |\n|---|" + "---:|" * len(budgets) + "\n"
     lines = []
     for m in METHOD_ORDER:
+        if not any((target, m, b) in agg for b in budgets):  # not in this run (e.g. v3 runs fewer methods)
+            continue
         cells = [_fmt(agg.get((target, m, b))) for b in budgets]
         best = [max((agg[(target, mm, b)][0] for mm in METHOD_ORDER if (target, mm, b) in agg), default=None)
                 for b in budgets]
@@ -242,6 +245,8 @@ def retention_table(rows, target: str, budgets) -> str:
     lines = []
     for m in METHOD_ORDER + ("full",):
         bs = [1.0] if m == "full" else budgets
+        if not any((target, m, b) in gen for b in bs):
+            continue
         cells = []
         for b in bs:
             c = gen.get((target, m, b))

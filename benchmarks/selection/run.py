@@ -56,6 +56,7 @@ from chips_core.scoring.endpoint import (OPENAI_MEAN, OPENAI_STD, LoadedModel, M
 from chips_core.scoring.featurize import BankConfig  # noqa: E402
 from chips_core.scoring.premise import fmt_interval  # noqa: E402
 from chips_core.scoring.score import METHODS, ScoreConfig  # noqa: E402
+from chips_core.scoring.select import SET_METHODS, SelectConfig  # noqa: E402
 from chips_core.scoring.sketch import SketchConfig  # noqa: E402
 from chips_core.scoring.target import CurvatureConfig  # noqa: E402
 from chips_core.stages import (check_stage, cpt_stage, eval_stage, featurize_stage, ingest_stage,  # noqa: E402
@@ -100,8 +101,19 @@ V2_MODES = {
                     warm_size=1200, warm_captions="grounded", general_quick=False, pretrain_epochs=25,
                     cpt_steps=150, replay=0.25, replay_size=4000),
 }
+# v3 (issue 27): the set-aware selectors that read the gradients (chips_core/scoring/select.py) beside the paper's
+# `chips`, `chips_plus` and random; no alpha sweep. Their parameters are the SelectConfig defaults, chosen on the
+# target eval set of a v3-quick run (benchmarks/selection/choose_v3.py), never per target.
+V3_METHODS = ("random", "chips", "chips_plus", *SET_METHODS)
+V3_MODES = {
+    "v3-quick": {**V2_MODES["v2-quick"], "methods": V3_METHODS},
+    "v3-full": {**V2_MODES["v2-full"], "methods": V3_METHODS, "alphas": [], "sweep_seeds": []},
+}
 MODES.update(V2_MODES)
+MODES.update(V3_MODES)
 DEFAULT_ALPHA, DEFAULT_K = CurvatureConfig().alpha, SketchConfig().k
+KINDS = ("clean", "mismatched", "partly_wrong", "off_domain", "near_duplicate")
+POOL_CLUSTERS = 200  # image-embedding clusters of a target's pool, for the subsets' coverage (v3)
 
 
 def log(msg: str) -> None:
@@ -136,7 +148,10 @@ def write_parquet(pairs: PairSet, path: Path) -> None:
 class Bench:
     def __init__(self, mode: str, workdir: Path, seed_limit: int | None = None):
         self.mode, self.p = mode, dict(MODES[mode])
-        self.v2 = mode in V2_MODES
+        self.v3 = mode in V3_MODES
+        self.v2 = mode in V2_MODES or self.v3  # v3 keeps every v2 rule (replay, fixed steps, planted check)
+        self.methods = tuple(self.p.get("methods", METHODS))
+        self.select_config = SelectConfig()
         if seed_limit:
             self.p["seeds"] = self.p["seeds"][:seed_limit]
             self.p["sweep_seeds"] = self.p["sweep_seeds"][:seed_limit]
@@ -205,7 +220,7 @@ class Bench:
 
     # -- per target ---------------------------------------------------------------------------
     def run_config(self, target: str, seed: int, k: int = DEFAULT_K, alpha: float = DEFAULT_ALPHA,
-                   budgets=None, methods=METHODS) -> RunConfig:
+                   budgets=None, methods=METHODS, select: SelectConfig | None = None) -> RunConfig:
         d = self.work / target
         return RunConfig(
             warehouse=str(d / "wh"),
@@ -214,6 +229,7 @@ class Bench:
             model=ModelSpec(config=BENCH_MODEL, checkpoint=str(self.work / "general" / "final.pt")),
             sketch=SketchConfig(k=k, seed=seed), bank=BankConfig(seed=seed), curvature=CurvatureConfig(alpha=alpha, seed=seed),
             score=ScoreConfig(random_seed=seed), budgets=tuple(budgets or self.p["budgets"]), methods=tuple(methods),
+            select=select or self.select_config,
             shard_size=4096, outputs=OutputConfig(dir=str(d / "out"), formats=(), full=False),
             cpt=CPTConfig(**TARGET_CPT, seed=seed,
                           replay=ReplayConfig("replay", self.p["replay"]) if self.v2 else ReplayConfig()))
@@ -269,13 +285,15 @@ class Bench:
         return self.state[key]
 
     def select(self, name: str, loaded: LoadedModel, seed: int, k: int = DEFAULT_K, alpha: float = DEFAULT_ALPHA,
-               budgets=None, methods=METHODS) -> dict[tuple[str, float], tuple[str, list[int]]]:
-        """``{(method, budget): (subset_id, pool row indices)}`` through score and materialize."""
+               budgets=None, methods=METHODS, select: SelectConfig | None = None,
+               score_run_id: str | None = None) -> dict[tuple[str, float], tuple[str, list[int]]]:
+        """``{(method, budget): (subset_id, pool row indices)}`` through score and materialize (an existing score
+        run ``score_run_id`` is materialized again, e.g. with other selector parameters)."""
         feat = self.featurize(name, loaded, seed, k)
-        cfg = self.run_config(name, seed, k=k, alpha=alpha, budgets=budgets, methods=methods)
+        cfg = self.run_config(name, seed, k=k, alpha=alpha, budgets=budgets, methods=methods, select=select)
         wh = Warehouse(cfg.warehouse)
-        score = score_stage(cfg, wh, loaded, feat)
-        mat = materialize_stage(cfg, wh, score["run_id"])
+        score_run_id = score_run_id or score_stage(cfg, wh, loaded, feat)["run_id"]
+        mat = materialize_stage(cfg, wh, score_run_id)
         sub = wh.read("subsets", columns=["subset_id", "method", "budget", "pair_id"],
                       filter=pc.field("run_id") == mat["run_id"])
         out: dict = {}
@@ -328,7 +346,13 @@ class Bench:
     def composition(self, name: str, idx) -> dict:
         idx = np.asarray(idx, dtype=np.int64)
         kinds = self.targets[name].pool.kind[idx]
-        out = {k: float(np.mean(kinds == k)) for k in ("clean", "mismatched", "partly_wrong", "off_domain", "near_duplicate")}
+        out = {k: float(np.mean(kinds == k)) for k in KINDS}
+        clusters = self.pool_clusters(name)
+        if clusters is not None:  # diversity: how many of the pool's image clusters the subset reaches, how evenly
+            counts = np.bincount(clusters[idx], minlength=clusters.max() + 1)
+            out["cluster_coverage"] = float(np.mean(counts > 0))
+            share = counts[counts > 0] / counts.sum()
+            out["cluster_entropy"] = float(-(share * np.log(share)).sum() / np.log(len(counts)))
         labels = np.asarray(self.targets[name].pool.labels)[idx]
         labels = labels[labels >= 0]
         item_classes = self.targets[name].recipe.get("item_classes")
@@ -340,6 +364,24 @@ class Bench:
         share = counts[counts > 0] / max(1, counts.sum())
         out["class_entropy"] = float(-(share * np.log(share)).sum() / np.log(max(2, len(counts))))  # 1 = balanced
         return out
+
+    def pool_clusters(self, name: str) -> np.ndarray | None:
+        """A cluster label per pool row: spherical k-means (chips_core.scoring.select) of the general model's image
+        embeddings from the seed-0 featurize run, ``POOL_CLUSTERS`` clusters; computed once per target (v3)."""
+        if not self.v3:
+            return None
+        if name not in getattr(self, "_clusters", {}):
+            from chips_core.platform.features import read_features
+            from chips_core.scoring.select import spherical_kmeans, unit_rows
+
+            feat = self.state.get(f"featurize:{name}:0:{DEFAULT_K}")
+            if feat is None:
+                return None
+            f = read_features(Warehouse(self.run_config(name, 0).warehouse), feat)
+            labels = np.full(len(self.targets[name].pool), -1, dtype=np.int64)
+            labels[[self.index[name][p] for p in f.pair_id]] = spherical_kmeans(unit_rows(f.x), POOL_CLUSTERS, 20)
+            self._clusters = {**getattr(self, "_clusters", {}), name: np.maximum(labels, 0)}
+        return self._clusters[name]
 
     def set_target_suites(self, name: str) -> None:
         """What every CPT of this target is evaluated on: its held-out test, its eval set, the general suites."""
@@ -363,12 +405,16 @@ class Bench:
                    "metrics": _metrics(e["metrics"])}
             self.record(row)
         for seed in self.p["seeds"]:
-            keys = [f"{name}:main:{m}:{b}:{seed}" for m in METHODS for b in self.p["budgets"]]
+            keys = [f"{name}:main:{m}:{b}:{seed}" for m in self.methods for b in self.p["budgets"]]
             if all(k in self.done for k in keys + [f"{name}:main:full:1.0:{seed}"]):
                 self.noise_auc(name, loaded, seed)  # recorded already, or scored once more (an older workdir)
                 continue  # resumed: this seed's selection and training are already in results.jsonl
-            picks = self.select(name, loaded, seed)
-            self.noise_auc(name, loaded, seed, score_run_id=next(iter(picks.values()))[0].split(":", 1)[0])
+            picks = self.select(name, loaded, seed, methods=self.methods)
+            score_run_id = next(iter(picks.values()))[0].split(":", 1)[0]
+            self.state[f"score_run:{name}:{seed}"] = score_run_id
+            self.noise_auc(name, loaded, seed, score_run_id=score_run_id)
+            if self.v3:
+                self.gate_effect(name, seed, score_run_id)
             for (method, budget), (sid, idx) in sorted(picks.items()):
                 meta = {"target": name, "variant": "main", "method": method, "budget": budget, "seed": seed}
                 self.train_and_eval(name, f"{name}:main:{method}:{budget}:{seed}", meta, idx, sid, seed)
@@ -401,7 +447,26 @@ class Bench:
             st = wh.read("scores", filter=pc.field("run_id") == score_run_id)
             kinds = self.targets[name].pool.kind[[self.index[name][p] for p in st.column("pair_id").to_pylist()]]
             self.state[key] = {m: rep.auc(st.column(m).to_numpy()[kinds == "clean"],
-                                          st.column(m).to_numpy()[kinds == "mismatched"]) for m in METHODS}
+                                          st.column(m).to_numpy()[kinds == "mismatched"])
+                               for m in METHODS if m in self.methods}
+            self.save_state()
+        return self.state[key]
+
+    def gate_effect(self, name: str, seed: int, score_run_id: str) -> dict:
+        """What each of chips_plus's gates leaves (the pool's ground-truth kinds, which only the benchmark has):
+        the share of each kind in the whole pool, among pairs past the relevance gate (tier >= 1) and past both
+        (tier 2, the set-aware selectors' candidates)."""
+        key = f"gates:{name}:{seed}"
+        if key not in self.state:
+            wh = Warehouse(self.run_config(name, seed).warehouse)
+            st = wh.read("scores", columns=["pair_id", "chips_plus"], filter=pc.field("run_id") == score_run_id)
+            kinds = self.targets[name].pool.kind[[self.index[name][p] for p in st.column("pair_id").to_pylist()]]
+            tier = np.floor(st.column("chips_plus").to_numpy())
+            out = {}
+            for label, mask in (("pool", tier >= 0), ("relevance gate", tier >= 1), ("both gates", tier >= 2)):
+                out[label] = {"pairs": int(mask.sum()), **{k: float(np.mean(kinds[mask] == k)) if mask.any() else 0.0
+                                                           for k in KINDS}}
+            self.state[key] = out
             self.save_state()
         return self.state[key]
 
@@ -452,7 +517,8 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
          f"(pre-training {rep.fmt_seconds(bench.state.get('pretrain_seconds', 0))} when it ran). "
          f"{n_seeds} seed(s) per cell: selection (sketch, bank, curvature sample, random baseline) and CPT data order. "
          "Cells are mean ± sample std over seeds, in % (bold: best method at that budget).", "",
-         *(_summary(rows, targets, p["budgets"]) if bench.v2 else []),
+         *(_summary_v3(bench, rows, targets, p["budgets"]) if bench.v3 else
+           _summary(rows, targets, p["budgets"]) if bench.v2 else []),
          "## Verdicts on the paper's claims", "",
          "Primary metric: the held-out target test set's headline metric — zero-shot top-1 where the target "
          "has classes, retrieval R@5 where it has none (sheets) — means over seeds. "
@@ -479,9 +545,9 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
           "Mann-Whitney AUC of each method's score, clean vs mismatched in-domain pairs of the whole scored pool "
           "(0.5: blind to caption noise; mean ± std over seeds).", "",
           rep.noise_auc_table({t_: [bench.state[k] for k in sorted(bench.state) if k.startswith(f"noise_auc:{t_}:")]
-                               for t_ in targets}, METHODS), ""]
+                               for t_ in targets}, [m for m in METHODS if m in bench.methods]), ""]
     if bench.v2:
-        L += _v2_section(rows, targets, p["budgets"])
+        L += _v2_section(rows, targets, p["budgets"], bench.methods)
     L += ["", f"![target metric vs budget]({rel}/budget_curves.png)", "", "## Observations (computed from the rows)", ""]
     L += _observations(rows, targets, p["budgets"], agg, bench.targets) + [""]
     for t in targets:
@@ -606,12 +672,60 @@ def _summary(rows, targets, budgets) -> list[str]:
     return L + [""]
 
 
+def _summary_v3(bench: Bench, rows, targets, budgets) -> list[str]:
+    """Issue 27's goals: the best gradient-using set-aware selector against chips_plus, paired by seed. "Best" is
+    chosen on the target *eval set* (mean over the budgets up to 20%), never on the held-out test."""
+    ev = lambda r: rep.headline(r["metrics"][f"{r['target']}_evalset"])  # noqa: E731
+    agg_e = rep.aggregate(rows, ev)
+    agg = rep.aggregate(rows)
+    L = ["## Summary", "",
+         "The set-aware selectors (`" + "`, `".join(SET_METHODS) + "`; chips_core/scoring/select.py) read the "
+         "sketched gradients and choose jointly inside `chips_plus`'s eligible tier. `chips_plus` reads no gradient "
+         "(two embedding gates, then a seeded random order). Goals (issue 27), paired by seed; the best gradient "
+         "selector per target is the one with the highest *eval-set* metric at 10–20%:", ""]
+    small = [b for b in budgets if b <= 0.2 + 1e-9]
+    for t in targets:
+        have = [m for m in SET_METHODS if all((t, m, b) in agg_e for b in small)]
+        if not have:
+            continue
+        best = max(have, key=lambda m: np.mean([agg_e[(t, m, b)][0] for b in small]))
+        L.append(f"- **{t}**: best gradient selector on the eval set: `{best}`")
+        for b in small:
+            p = rep.paired(rows, t, best, "chips_plus", b)
+            met = p["half"] is not None and p["mean"] >= 0.02 and p["mean"] - p["half"] > 0
+            L.append(f"  - {'**met**' if met else '**not met**'}: {b:.0%}: {best} − chips_plus = {rep.fmt_paired(p)} "
+                     "points (goal ≥ +2 with the interval above 0)")
+            g = rep.paired(rows, t, best, "random", b, rep.general_score)
+            met = g["half"] is not None and abs(g["mean"]) <= 0.02
+            L.append(f"  - {'**met**' if met else '**not met**'}: {b:.0%}: general retention, {best} − random = "
+                     f"{rep.fmt_paired(g)} points (goal: within 2)")
+        c30, full = agg.get((t, best, 0.3)), agg.get((t, "full", 1.0))
+        if c30 and full:
+            L.append(f"  - {'**met**' if c30[0] >= 0.95 * full[0] else '**not met**'}: claim (2), {best} at 30% "
+                     f"reaches {c30[0] / full[0]:.1%} of full-pool CPT ({100 * c30[0]:.1f} / {100 * full[0]:.1f}; goal ≥ 95%)")
+        c10, r50 = agg.get((t, best, 0.1)), agg.get((t, "random", 0.5))
+        if c10 and r50:
+            L.append(f"  - {'**met**' if c10[0] > r50[0] else '**not met**'}: claim (3), {best} at 10% "
+                     f"{100 * c10[0]:.1f} vs random at 50% {100 * r50[0]:.1f}")
+        for m in SET_METHODS:
+            cells = [f"{b:.0%} {rep.fmt_paired(rep.paired(rows, t, m, 'chips_plus', b))}" for b in budgets]
+            L.append(f"  - {m} − chips_plus (held-out test): " + "; ".join(cells))
+    L += ["", "What each of `chips_plus`'s gates leaves (seed 0; shares of the ground-truth kinds, which only the "
+          "benchmark knows). The set-aware selectors choose among the pairs past both gates:", "",
+          "| target | stage | pairs | " + " | ".join(k.replace("_", "-") for k in KINDS) + " |",
+          "|---|---|---:|" + "---:|" * len(KINDS)]
+    for t in targets:
+        for stage, row in bench.state.get(f"gates:{t}:0", {}).items():
+            L.append(f"| {t} | {stage} | {row['pairs']} | " + " | ".join(f"{row[k]:.1%}" for k in KINDS) + " |")
+    return L + [""]
+
+
 def _planted_ok(pc: dict) -> bool:
     """The oracle beats random-in-domain by more than 2 sd of the paired (per-seed) differences."""
     return pc["sd"] is not None and pc["mean"] > 2 * pc["sd"]
 
 
-def _v2_section(rows, targets, budgets) -> list[str]:
+def _v2_section(rows, targets, budgets, methods=METHODS) -> list[str]:
     """The planted check (an oracle over clean in-domain pairs must beat random over in-domain pairs by more than
     2 sd of the paired differences, or no verdicts) and every method against both random baselines, paired by
     seed with 95% t-intervals, in target-metric points (✓: interval above 0)."""
@@ -629,7 +743,7 @@ def _v2_section(rows, targets, budgets) -> list[str]:
         L += ["", f"Paired differences on {t} (points, mean [95% interval] over seeds):", "",
               "| method | " + " | ".join(f"vs random_in_domain {b:.0%} | vs random {b:.0%}" for b in budgets) + " |",
               "|---|" + "---|---|" * len(budgets)]
-        for m in METHODS:
+        for m in methods:
             cells = [c for b in budgets for c in (rep.fmt_paired(rep.paired(rows, t, m, "random_in_domain", b)),
                                                   rep.fmt_paired(rep.paired(rows, t, m, "random", b)))]
             L.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -694,6 +808,9 @@ def _composition_table(rows, target: str, labelled: bool = True) -> str:
     kinds = [k for k in kinds if any(k in r["composition"] for r in picked)]
     extra = [("largest_class_share", "largest class (of in-domain)", "{:.0%}"),
              ("class_entropy", "class entropy (1 = balanced)", "{:.3f}")] if labelled else []
+    if any("cluster_coverage" in r["composition"] for r in picked):
+        extra += [("cluster_coverage", f"pool clusters reached (of {POOL_CLUSTERS})", "{:.0%}"),
+                  ("cluster_entropy", "cluster entropy (1 = even)", "{:.3f}")]
     cols = [k.replace("_", "-") for k in kinds] + [name for _, name, _ in extra]
     head = "| method | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
     lines = [f"| {r['method']} | " + " | ".join(f"{r['composition'][k]:.0%}" for k in kinds)
@@ -732,11 +849,15 @@ def main() -> None:
     ap.add_argument("--premise-only", action="store_true",
                     help="pre-train the base model and run the premise check on each target, nothing else (choose a "
                          "warm-up by the check, which reads the eval set and the pool, never the test set)")
+    ap.add_argument("--v3", action="store_true", help="benchmark v3 (issue 27): v2's targets and rules with the "
+                                                       "set-aware gradient selectors beside chips, chips_plus, random")
     ap.add_argument("--v2", action="store_true", help="benchmark v2 (issue 10): the catalogue-sheets target, warmed "
                                                        "base model, replay, fixed CPT steps, 3 seeds, planted check")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if os.cpu_count() and os.cpu_count() <= 2 else None
-    mode = ("v2-" if args.v2 else "") + ("quick" if args.quick else "full")
+    if args.v3:
+        args.v2 = True  # v3 keeps every v2 rule
+    mode = ("v3-" if args.v3 else "v2-" if args.v2 else "") + ("quick" if args.quick else "full")
     t0 = time.perf_counter()
     bench = Bench(mode, args.workdir, args.seeds)
     if args.warm_size is not None:
@@ -744,7 +865,7 @@ def main() -> None:
     if args.warm_captions is not None:
         bench.p["warm_captions"] = args.warm_captions
     bench.load_data()
-    docs = {"full": "selection.md", "v2-full": "selection_v2.md"}
+    docs = {"full": "selection.md", "v2-full": "selection_v2.md", "v3-full": "selection_v3.md"}
     out = args.out or (ROOT / "docs/benchmarks" / docs[mode] if mode in docs else bench.work / "selection.md")
     if args.report_only:
         write_report(bench, out, sum(bench.state.get("invocations", [])), bench.state.get(
