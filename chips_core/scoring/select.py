@@ -52,15 +52,15 @@ BLOCK = 1024  # rows of a similarity block (the kNN graph, k-means): memory BLOC
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """Parameters of the set-aware selectors (chosen on the target eval set only:
-    docs/benchmarks/selection_v3.md)."""
+    """Parameters of the set-aware selectors. ``pursuit_round``, ``redundancy`` and ``explore`` were chosen on the
+    ``sheets`` target's *eval set* only (docs/benchmarks/select_defaults.md), then frozen for every target."""
 
     partition: int = 16384  # candidates per partition: bounds the superlinear work (kNN graph, pursuit rounds)
-    pursuit_round: int = 64  # atoms before the pursuit's residual restarts at the target direction
+    pursuit_round: int = 256  # atoms before the pursuit's residual restarts at the target direction
     redundancy: float = 1.0  # infomax's lambda: the price of similarity to a pair already chosen
     neighbours: int = 10  # infomax's graph degree before symmetrising
     clusters: int = 0  # chips_cluster's k-means clusters per partition; 0: round(sqrt(n / 2))
-    explore: float = 1.0  # chips_cluster's gamma: weight of the bonus for clusters chosen less often
+    explore: float = 0.25  # chips_cluster's gamma: weight of the bonus for clusters chosen less often
     kmeans_iters: int = 10
     seed: int = 0  # the partition hash's seed
 
