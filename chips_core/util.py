@@ -8,6 +8,7 @@ import gc
 import io
 import os
 import posixpath
+import re
 import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -139,3 +140,37 @@ def read_pair_table(path: str | Path, what: str) -> pa.Table:
     if path.suffix == ".parquet":
         return pq.read_table(path)
     return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ","))
+
+
+# -- secrets: never at rest -----------------------------------------------------------------------------------
+_SECRETS: dict[str, str] = {}  # value -> what to write instead (e.g. "${ENV:NAME}")
+_URI_PASSWORD = re.compile(r"(?P<pre>\b[a-z][a-z0-9+.-]*://[^\s:/@'\"]*:)(?P<pw>[^\s@/'\"]+)(?=@)", re.I)
+_QUERY_SECRET = re.compile(r"(?P<pre>[?&;](?P<name>[^=&;\s'\"]+)=)(?P<val>[^&;\s'\"]+)")
+_CREDENTIAL_WORDS = {"password", "passwd", "pwd", "secret", "token", "key", "credential", "credentials", "auth",
+                     "apikey", "signature", "sig", "sas"}
+
+
+def register_secret(value: str, replacement: str = "<secret>") -> None:
+    """Remember a secret value (resolved from the environment, or named in a config's ``secrets:``), so that
+    :func:`scrub` replaces it wherever it would be written: run rows, published tables, logs."""
+    if isinstance(value, str) and len(value) >= 4:
+        _SECRETS[value] = replacement
+
+
+def is_credential_name(name: str) -> bool:
+    """A mapping key named like a credential: one of its words (split at ``_``, ``-``, ``.`` and camelCase) is
+    password, secret, token, key, auth, ... (``tokenizer`` or ``keys_file`` are not)."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower()
+    return any(w in _CREDENTIAL_WORDS for w in re.split(r"[_\-.\s]+", words))
+
+
+def scrub(text: str) -> str:
+    """``text`` without the secrets it may carry: the password of any ``scheme://user:password@host`` URI, the value
+    of any URL query parameter named like a credential, and every registered secret value."""
+    if not isinstance(text, str) or not text:
+        return text
+    for value, replacement in sorted(_SECRETS.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(value, replacement)
+    text = _URI_PASSWORD.sub(lambda m: m.group("pre") + "<redacted>", text)
+    return _QUERY_SECRET.sub(lambda m: m.group("pre") + ("<redacted>" if is_credential_name(m.group("name"))
+                                                          else m.group("val")), text)

@@ -34,6 +34,7 @@ from chips_core.platform.query import connect
 from chips_core.platform.query import query as run_query
 from chips_core.platform.report import write_report
 from chips_core.platform.warehouse import Warehouse
+from chips_core.util import scrub
 
 # The stages, the model code and the demo import torch (seconds): each command imports them when it needs them,
 # so the read commands (`sql`, `runs`, `report`) start in about a second.
@@ -53,7 +54,8 @@ def _log_traceback(exc: BaseException) -> Path:
     folder = Path(os.environ.get("CHIPS_LOG_DIR") or tempfile.gettempdir())
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"chips-error-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
-    path.write_text(f"chips {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc)))
+    # at rest, so without secrets (URI passwords, ${ENV:} values: chips_core.util.scrub)
+    path.write_text(scrub(f"chips {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc))))
     return path
 
 

@@ -16,6 +16,7 @@ import fsspec
 import pyarrow as pa
 
 from .. import __version__
+from ..util import is_credential_name, register_secret, scrub
 from .warehouse import SCHEMAS, Warehouse
 
 
@@ -57,18 +58,55 @@ def input_fingerprint(path: str, storage_options: dict | None = None) -> str:
 
 
 def config_json(config) -> str:
-    """A config (a dataclass, possibly nested, or a mapping) as canonical JSON; ``storage_options`` (credentials,
-    endpoints) are left out at any depth, so they never reach the runs table or the config hash."""
+    """A config (a dataclass, possibly nested, or a mapping) as canonical JSON with no secret in it, so none reaches
+    the runs table, the published tables or the config hash: ``storage_options`` (credentials, endpoints) are left
+    out at any depth; a value under a key named like a credential (password, secret, token, key, ...) and every
+    value a ``secrets:`` entry names (dotted paths, e.g. ``publish.iceberg_catalog_uri``) becomes ``<secret>``;
+    strings lose URI passwords and credential query parameters, and values resolved from ``${ENV:NAME}`` read
+    ``${ENV:NAME}`` again (:func:`chips_core.util.scrub`)."""
     data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    data = json.loads(json.dumps(data, default=str))  # plain dicts and lists (the same JSON as before)
+    for path in data.get("secrets") or ():
+        _redact_path(data, str(path).split("."))
     return json.dumps(_without_secrets(data), sort_keys=True, default=str)
+
+
+def _redact_path(data, keys: list[str]) -> None:
+    """Replace the value at a dotted path (list indices as numbers; ``*`` for every item) by ``<secret>``."""
+    key, rest = keys[0], keys[1:]
+    items = (list(data.items()) if isinstance(data, dict) else list(enumerate(data))
+             if isinstance(data, (list, tuple)) else [])
+    for k, v in items:
+        if key != "*" and str(k) != key:
+            continue
+        if rest:
+            _redact_path(v, rest)
+        elif v is not None:
+            for leaf in _leaves(v):
+                register_secret(leaf)
+            data[k] = "<secret>"
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, str):
+        yield value
 
 
 def _without_secrets(value):
     if isinstance(value, dict):
-        return {k: ("<set>" if v else None) if k == "storage_options" else _without_secrets(v)
-                for k, v in value.items()}
+        return {k: ("<set>" if v else None) if k == "storage_options"
+                else ("<secret>" if v not in (None, "", {}, []) else v) if is_credential_name(k)
+                else _without_secrets(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_without_secrets(v) for v in value]
+    if isinstance(value, str):
+        return scrub(value)
     return value
 
 
@@ -94,5 +132,7 @@ def recorded_run(wh: Warehouse, stage: str, config=None, *, run_id: str | None =
         raise
     finally:
         row["ended_at"] = dt.datetime.now(dt.timezone.utc)
-        full = {name: row.get(name) for name in SCHEMAS["runs"].names}
+        # no secret at rest: an error message or an input path may carry a URI password or an ${ENV:} value
+        full = {name: scrub(row.get(name)) if isinstance(row.get(name), str) else row.get(name)
+                for name in SCHEMAS["runs"].names}
         wh.write("runs", pa.Table.from_pylist([full], schema=SCHEMAS["runs"]), {"kind": stage}, row["run_id"])

@@ -15,6 +15,7 @@ Example (``configs/example.yaml`` layout)::
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -36,6 +37,7 @@ from ..scoring.sketch import SketchConfig
 from ..scoring.target import CurvatureConfig
 from ..train.cpt import CPTConfig
 from ..train.evaluate import SuiteSpec
+from ..util import register_secret
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,10 @@ class RunConfig:
     storage_options: dict | None = field(default=None, hash=False)
     # DuckDB's working memory when score ranks and materialize selects (spills to disk beyond it)
     duckdb_memory_limit: str = MEMORY_LIMIT
+    # dotted paths of config values that are secret (e.g. publish.iceberg_catalog_uri, pool.0.paths): recorded as
+    # <secret>. Better still, write a secret as ${ENV:NAME}: resolved from the environment when the config loads,
+    # never stored. URI passwords and keys named like credentials are redacted without being listed.
+    secrets: tuple[str, ...] = ()
 
     def __post_init__(self):
         bad = [b for b in self.budgets if not 0 < b <= 1]
@@ -161,7 +167,32 @@ def load_run_config(source: str | Path | dict) -> RunConfig:
         where = str(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
-    return _build(RunConfig, data, where, "")
+    return _build(RunConfig, resolve_env(data, where), where, "")
+
+
+_ENV_REF = re.compile(r"\$\{ENV:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def resolve_env(value, where: str = "run config", key: str = ""):
+    """Every ``${ENV:NAME}`` in the config's strings replaced by that environment variable (a ConfigError naming it
+    when unset). Each resolved value is registered as a secret: wherever it would be written (runs rows, published
+    tables, logs) ``${ENV:NAME}`` is written instead."""
+    if isinstance(value, dict):
+        return {k: resolve_env(v, where, f"{key}{k}.") for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_env(v, where, f"{key}{i}.") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${ENV:" not in value:
+        return value
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{where}: {key.rstrip('.')} refers to ${{ENV:{name}}}, but the environment variable "
+                              f"{name} is not set")
+        register_secret(os.environ[name], f"${{ENV:{name}}}")
+        return os.environ[name]
+
+    return _ENV_REF.sub(sub, value)
 
 
 def _build(cls, data, where: str, prefix: str):
