@@ -6,25 +6,27 @@ Faenza and elementary-xfce). Each of the :data:`ICON_CLASSES` is a list of icon 
 (``printer``, ``document-print``, ``audio-volume-high``, ...) whose pictures were checked by eye, less the files
 of :data:`ICON_EXCLUDE` that show something else (a cheese wedge for ``cheese``, a drive tray for
 ``gnome-dev-cdrom``, ...). Every icon gives up to two *sources*: its large design (the smallest size >= 32 px)
-and its small design (the 16-24 px pixel art, often drawn anew), each composited, cropped to its content and
-fitted to ``res`` x ``res`` with its alpha channel (the ``.npz`` cache holds these RGBA arrays). Files with
-identical pixels are one source.
+and its small design (the 16-24 px pixel art, often drawn anew; ``@small`` in :data:`ICON_EXCLUDE`), each
+cropped to its alpha and fitted to ``res`` x ``res`` with its alpha channel (the ``.npz`` cache holds these RGBA
+arrays). Files with identical pixels are one source.
 
 A pair is one source drawn in one *variant*, all of it true of the pixels: on one of :data:`BACKGROUNDS`,
-``large`` (filling the frame) or ``small`` (~60% of it), in colour or grayscale. Its caption names the class
-with one of its synonyms (:data:`ICON_NOUNS`) in one of :data:`ICON_TEMPLATES` and mentions some of the
-variant's attributes: the background (50%), the size (35%), grayscale (60% of grayscale pairs).
+``large``, ``medium-sized`` or ``small`` (:data:`SIZES`: the icon's side over the frame's), in colour or grayscale.
+Its caption names the class with one of its synonyms (:data:`ICON_NOUNS`) in one of :data:`ICON_TEMPLATES` and
+states some of the variant's attributes (:data:`MENTION`): the background (50%), the size (35%), grayscale (60% of
+grayscale pairs).
 
 Splits: the sources are grouped (:func:`_groups`) so that near-identical art is never on both sides of a split:
 one group holds an icon's two designs, the same name in one theme family (GNOME, MATE and Menta share their art),
 identical pixels, and icons of one class and family that differ by less than :data:`NEAR_DUP_MAD` (an emblem on
 the same folder, a battery at another level). Per class, whole groups go to the test split (~20% of the class's
-sources), the eval split (~10%), the warm-up split (~15%) and the pool (the rest). Pairs are drawn class-balanced
-from their split's sources, every source once before any twice, each source's variants in a seeded order.
+sources), the eval split (~10%), the warm-up split (~15%) and the pool (the rest; :func:`_split`). Pairs are
+drawn class-balanced from their split's sources, every source once before any twice, each source's variants in a
+seeded order (48 variants: no pair repeats another's source and variant up to 48 uses of a source).
 
 The pool's noise (:data:`ICON_NOISE`, the sheets' fractions): ``mismatched`` (the caption of another mismatched
 pair of a different class: a derangement), ``partly_wrong`` (the pair's own caption with the class or one
-mentioned attribute, the background or the size, changed), ``near_duplicate`` (a jittered copy of a clean pool
+stated attribute, the background or the size, changed), ``near_duplicate`` (a jittered copy of a clean pool
 pair with its caption) and ``off_domain`` (pairs of the general set). ``recipe["warm"]`` holds warm-up pairs of
 the disjoint warm-up split captioned in the pool's grammar. The test suite's headline metric is zero-shot top-1
 over :data:`ICON_CLASSNAMES` with :data:`ICON_ZS_TEMPLATES`. Everything depends only on ``seed``.
@@ -104,7 +106,8 @@ ICON_EXCLUDE = {
                 "elementary-xfce:mail-message-new@small",
     "speaker": "Faenza:audio-volume-high Faenza:audio-volume-low Faenza:audio-volume-medium Faenza:audio-volume-muted "
                "Faenza:audio-volume-off elementary-xfce:audio-volume-high elementary-xfce:audio-volume-low "
-               "elementary-xfce:audio-volume-medium elementary-xfce:audio-volume-muted elementary-xfce:audio-volume-off",
+               "elementary-xfce:audio-volume-medium elementary-xfce:audio-volume-muted "
+               "elementary-xfce:audio-volume-off",  # panel glyphs, faint or blank
     "magnifying glass": "nuoveXT2:edit-find nuoveXT2:kfind nuoveXT2:system-search nuoveXT2:search oxygen:edit-find "
                         "oxygen:kfind",  # binoculars
     "compact disc": "Faenza:gnome-dev-cdrom Faenza:media-optical-copy Tango:gnome-dev-cdrom gnome:gnome-dev-cdrom "
@@ -141,12 +144,12 @@ ICON_NOUNS = {
 # {np}: noun phrase with article and adjectives ("a small grayscale printer"); {n}: the noun with adjectives;
 # {bg}: "" or " on a black background"
 ICON_TEMPLATES = ["{np} icon{bg}", "an icon of {np}{bg}", "desktop icon: {n}{bg}", "a toolbar icon showing {np}{bg}",
-                  "{np} symbol from a desktop icon theme{bg}", "the {n} icon{bg}", "a small picture of {np}{bg}",
+                  "{np} symbol from a desktop icon theme{bg}", "the {n} icon{bg}", "a picture of {np}{bg}",
                   "{np}, flat user interface icon{bg}", "icon of {np} for a file manager{bg}", "{n} icon{bg}"]
 ICON_ZS_TEMPLATES = ["an icon of the {c}.", "the {c} icon.", "a desktop icon showing the {c}.", "{c} icon."]
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128), "blue": (40, 70, 170),
-               "green": (40, 125, 60), "yellow": (235, 200, 50)}
-SIZES = {"large": 0.92, "small": 0.6}  # the icon's side over the frame's
+               "green": (40, 125, 60), "yellow": (235, 200, 50), "red": (190, 40, 40), "purple": (110, 50, 150)}
+SIZES = {"large": 0.94, "medium-sized": 0.75, "small": 0.56}  # the icon's side over the frame's
 ICON_NOISE = {"mismatched": 0.10, "partly_wrong": 0.10, "near_duplicate": 0.10, "off_domain": 0.20}
 MENTION = {"background": 0.5, "size": 0.35, "grayscale": 0.6}  # how often a caption states each attribute
 SPLIT_FRACTIONS = {"test": 0.20, "eval": 0.10, "warm": 0.15}  # of each class's sources; the pool has the rest
@@ -207,7 +210,8 @@ def _icons_raw(res: int) -> dict:
         excl = {c: set(s.split()) for c, s in ICON_EXCLUDE.items()}
 
         def matches(theme, name):
-            return [c for c, rx in ICON_CLASSES.items() if re.fullmatch(rx, name) or re.fullmatch(rx, f"{theme}:{name}")]
+            return [c for c, rx in ICON_CLASSES.items()
+                    if re.fullmatch(rx, name) or re.fullmatch(rx, f"{theme}:{name}")]
 
         cand, dropped, seen = [], set(), set()
         for (theme, name), sizes in sorted(by_icon.items()):
@@ -235,7 +239,7 @@ def _icons_raw(res: int) -> dict:
 
 
 def _composite(rgba: np.ndarray, bg, size: str, gray: bool, res: int) -> np.ndarray:
-    """One variant of a source: drawn large or small, centred, on a plain background, in colour or grayscale."""
+    """One variant of a source: drawn at one of SIZES, centred, on a plain background, in colour or grayscale."""
     im = Image.fromarray(rgba, "RGBA")
     side = max(4, int(round(SIZES[size] * res)))
     im = im.convert("RGBa").resize((side, side), Image.LANCZOS).convert("RGBA")
@@ -294,24 +298,33 @@ def _groups(raw: dict) -> np.ndarray:
 
 
 def _split(raw: dict, groups: np.ndarray, seed: int) -> np.ndarray:
-    """Split name per source: per class, whole groups in a seeded order go to test, eval and warm until each
-    holds its fraction of the class's sources (at least one group each), the rest to the pool."""
+    """Split name per source: per class, whole groups, largest first (ties in a seeded order), each to the split
+    furthest below its share of the class's sources (:data:`SPLIT_FRACTIONS`, the pool the rest); a split left
+    without a group then takes the smallest group of the split most over its share."""
+    names = list(SPLIT_FRACTIONS) + ["pool"]
+    share = np.array(list(SPLIT_FRACTIONS.values()) + [1 - sum(SPLIT_FRACTIONS.values())])
     out = np.full(len(groups), "pool", dtype="<U4")
     for c in range(len(ICON_CLASSNAMES)):
         idx = np.flatnonzero(raw["cls"] == c)
-        ug = np.unique(groups[idx])
-        if len(ug) < 4:
-            raise ValueError(f"class {ICON_CLASSNAMES[c]!r} has {len(ug)} source groups; 4 splits need 4")
-        order = ug[_rng(seed, "icons", "split", ICON_CLASSNAMES[c]).permutation(len(ug))]
-        sizes = {g: int((groups[idx] == g).sum()) for g in ug}
-        pos = 0
-        for name, frac in SPLIT_FRACTIONS.items():
-            got = 0
-            while pos < len(order) - (len(SPLIT_FRACTIONS) - list(SPLIT_FRACTIONS).index(name)) and \
-                    (got == 0 or got < frac * len(idx)):
-                out[idx[groups[idx] == order[pos]]] = name
-                got += sizes[order[pos]]
-                pos += 1
+        ug, size = np.unique(groups[idx], return_counts=True)
+        if len(ug) < len(names):
+            raise ValueError(f"class {ICON_CLASSNAMES[c]!r} has {len(ug)} source groups; {len(names)} splits need "
+                             f"{len(names)}")
+        perm = _rng(seed, "icons", "split", ICON_CLASSNAMES[c]).permutation(len(ug))
+        order = perm[np.argsort(-size[perm], kind="stable")]
+        target, have = share * len(idx), np.zeros(len(names))
+        where = np.empty(len(ug), np.int64)
+        for g in order:
+            j = int(np.argmax(target - have))
+            where[g], have[j] = j, have[j] + size[g]
+        for j in range(len(names)):
+            if not (where == j).any():
+                over = int(np.argmax([(have[k] - target[k]) if (where == k).sum() > 1 else -np.inf
+                                      for k in range(len(names))]))
+                g = min(np.flatnonzero(where == over), key=lambda g: (size[g], g))
+                where[g], have[over], have[j] = j, have[over] - size[g], have[j] + size[g]
+        for g, j in enumerate(where):
+            out[idx[groups[idx] == ug[g]]] = names[j]
     return out
 
 
@@ -415,7 +428,10 @@ def load_icons(general: PairSet, res: int = 32, seed: int = 0, pool_size: int = 
     """Target ``icons``: desktop icons of eleven Debian icon themes in 18 classes (see the module's text): a noisy
     pool (:data:`ICON_NOISE`), a clean labelled eval set, a test suite for zero-shot top-1 (classnames and
     :data:`ICON_ZS_TEMPLATES`) and, in ``recipe["warm"]``, warm-up pairs from a disjoint split in the pool's
-    caption grammar. ``recipe["truth"]`` maps each pool pair's key to its true caption."""
+    caption grammar. ``recipe["truth"]`` maps each pool pair's key (a near-duplicate's is its original's +
+    ``#dup1``) to its true caption, ``recipe["caption_classes"]`` to the class its caption names,
+    ``recipe["source_items"]`` lists each split's sources (:func:`source_of` a key) and ``recipe["source_groups"]``
+    maps every source to its group."""
     raw = _icons_raw(res)
     groups = _groups(raw)
     split = _split(raw, groups, seed)
@@ -440,9 +456,10 @@ def load_icons(general: PairSet, res: int = 32, seed: int = 0, pool_size: int = 
     wrong = np.sort(order[cnt["clean"] + cnt["mismatched"]:])
     truth = dict(zip(pool_base.keys.tolist(), pool_base.captions))
     caps, kind = list(pool_base.captions), pool_base.kind.astype("<U16")
+    named = pool_base.labels.copy()  # the class each caption names
     donor = _derangement_by_class(pool_base.labels[mis], _rng(seed, "icons", "mismatch"))
     for a, b in zip(mis, mis[donor]):
-        caps[a] = pool_base.captions[b]
+        caps[a], named[a] = pool_base.captions[b], pool_base.labels[b]
     kind[mis] = "mismatched"
     rw = _rng(seed, "icons", "wrong")
     changed = {}
@@ -458,10 +475,11 @@ def load_icons(general: PairSet, res: int = 32, seed: int = 0, pool_size: int = 
             names = list(BACKGROUNDS)
             bg = names[(names.index(bg) + 1 + rw.integers(len(names) - 1)) % len(names)]
         else:
-            size = "small" if size == "large" else "large"
+            names = list(SIZES)
+            size = names[(names.index(size) + 1 + rw.integers(len(names) - 1)) % len(names)]
         caps[i] = _caption(c, bg, size, gray, int(pmeta["template"][i]), int(pmeta["noun"][i]), say_bg, say_size,
                            bool(pmeta["gray"][i]))
-        changed[str(pool_base.keys[i])] = what
+        changed[str(pool_base.keys[i])], named[i] = what, c
     kind[wrong] = "partly_wrong"
     pool_base.captions, pool_base.kind = caps, kind
     clean = np.flatnonzero(kind == "clean")
@@ -484,7 +502,9 @@ def load_icons(general: PairSet, res: int = 32, seed: int = 0, pool_size: int = 
               "caption_templates": list(ICON_TEMPLATES), "zero_shot_templates": list(ICON_ZS_TEMPLATES),
               "backgrounds": list(BACKGROUNDS), "sizes": dict(SIZES), "mention": dict(MENTION),
               "packages": sorted(set(ICON_PACKAGES.values())), "themes": list(ICON_PACKAGES),
+              "caption_classes": dict(zip(pool_base.keys.tolist(), named.tolist())),
               "sources": int(len(raw["cls"])), "groups": int(groups.max() + 1),
+              "source_groups": {p[:-4]: int(g) for p, g in zip(raw["path"].tolist(), groups)},
               "sources_per_class_and_split": per_class, "source_items": sources,
               "distinct_pool_captions": len(set(pool.captions)),
               "splits": "per class, groups of near-identical icon sources (same name in one theme family, identical "
@@ -493,8 +513,9 @@ def load_icons(general: PairSet, res: int = 32, seed: int = 0, pool_size: int = 
                         "their split, every source once before any twice, in distinct variants" % NEAR_DUP_MAD,
               "mismatched": "the caption of another mismatched pool pair of a different class (a derangement); "
                             "label keeps the image's true class",
-              "partly_wrong": "the pair's own caption with the class (or, half the time when the caption states "
-                              "them, the background or the size) changed, everything else word for word",
+              "partly_wrong": "the pair's own caption with one thing changed, everything else word for word: the "
+                              "class, or a background or size the caption states (the class two times in three "
+                              "when it states one of them, one in two when both, always when neither)",
               "near_duplicate": "a jittered copy of a clean pool pair with its caption",
               "off_domain": "random pairs of the general training set with their own captions (label -1)"}
     return Target(name="icons", pool=pool, eval_set=eval_set, test=Suite("icons_test", test, list(ICON_ZS_TEMPLATES)),
