@@ -46,7 +46,8 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
 
 import report as rep  # noqa: E402
-from datasets import PairSet, load_animal_sheets, load_fashion, load_fashion_sheets, load_general, load_medical  # noqa: E402
+from datasets import (PairSet, load_animal_sheets, load_fashion, load_fashion_sheets, load_general,  # noqa: E402
+                      load_icons, load_medical)
 from datasets.common import _concat  # noqa: E402
 
 from chips_core.platform.readers import SourceSpec  # noqa: E402
@@ -106,8 +107,11 @@ V2_MODES = {
 # target eval set of a v3-quick run (benchmarks/selection/choose_v3.py), never per target.
 V3_METHODS = ("random", "chips", "chips_plus", *SET_METHODS)
 V3_MODES = {
-    "v3-quick": {**V2_MODES["v2-quick"], "methods": V3_METHODS},
-    "v3-full": {**V2_MODES["v2-full"], "methods": V3_METHODS, "alphas": [], "sweep_seeds": []},
+    # v3 adds a third target of another kind (zero-shot classification of desktop icons); its warm-up pairs join the
+    # base model's pre-training mix beside the sheets' (the premise of gradient selection: the model knows the domain)
+    "v3-quick": {**V2_MODES["v2-quick"], "methods": V3_METHODS, "icons_pool": 4000, "icons_warm": 1200},
+    "v3-full": {**V2_MODES["v2-full"], "methods": V3_METHODS, "alphas": [], "sweep_seeds": [],
+                "targets": ["sheets", "animal_sheets", "icons"], "icons_pool": 8000, "icons_warm": 1200},
 }
 MODES.update(V2_MODES)
 MODES.update(V3_MODES)
@@ -185,6 +189,10 @@ class Bench:
             self.targets = {"sheets": sheets, "animal_sheets": animals}
             # the base model sees a few percent of coarse-captioned sheets (a disjoint split), as a web CLIP has
             self.pretrain_set = _concat([self.general, sheets.recipe["warm"]])
+            if self.v3:
+                self.targets["icons"] = load_icons(self.general, seed=0, pool_size=self.p["icons_pool"],
+                                                   test_size=self.p["test_cap"], warm_size=self.p["icons_warm"])
+                self.pretrain_set = _concat([self.pretrain_set, self.targets["icons"].recipe["warm"]])
             self.replay = self.general.subset(np.random.default_rng(17).choice(
                 len(self.general), min(self.p["replay_size"], len(self.general)), replace=False))
         else:
@@ -500,7 +508,7 @@ def _metrics(rows) -> dict:
 
 def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
     rows, p = bench.rows, bench.p
-    targets = [t for t in ("fashion", "medical", "sheets", "animal_sheets") if any(r["target"] == t for r in rows)]
+    targets = [t for t in ("fashion", "medical", "sheets", "animal_sheets", "icons") if any(r["target"] == t for r in rows)]
     img_dir = out_md.parent / out_md.stem
     files = rep.plots(rows, targets, p["budgets"], img_dir)
     rel = img_dir.name
@@ -641,7 +649,8 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
     log(f"report: {out_md} (+ {', '.join(files)})")
 
 
-_RECIPE_DATA = ("warm", "truth", "train_items", "item_classes")  # data the recipe carries for the runner and tests, not prose
+_RECIPE_DATA = ("warm", "truth", "train_items", "item_classes", "partly_wrong_changed", "caption_classes",
+                "source_groups", "source_items")  # data the recipe carries for the runner and tests, not prose
 
 
 def _cpt_settings(bench: Bench, rows, p) -> str:
