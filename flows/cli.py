@@ -31,6 +31,7 @@ import typer
 
 from chips_core.errors import ChipsError
 from chips_core.platform.query import connect
+from chips_core.platform.query import SqlLimits, query_rows
 from chips_core.platform.query import query as run_query
 from chips_core.platform.report import write_report
 from chips_core.platform.warehouse import Warehouse
@@ -311,11 +312,20 @@ def _next_steps(workdir: Path, out: dict) -> None:
 
 @app.command("sql")
 def sql_cmd(query: str = typer.Argument(..., help="one SELECT over the stg_*/mart_*/audit_* views"),
-            warehouse: str = _warehouse_option(), limit: int = typer.Option(50, help="rows to print")) -> None:
-    """Run a read-only SQL query over the warehouse."""
+            warehouse: str = _warehouse_option(),
+            limit: int = typer.Option(50, help="rows to fetch and print (the rest is not fetched)"),
+            timeout: float = typer.Option(SqlLimits.timeout_s, help="seconds before the query is interrupted"),
+            memory_limit: str = typer.Option(SqlLimits.memory_limit, help="DuckDB's working memory for the query "
+                                                                           "(beyond it, it spills; at most 2GiB)")) -> None:
+    """Run a read-only SQL query over the warehouse (bounded: --limit rows, --timeout, --memory-limit)."""
     with _one_line_errors():
-        table = run_query(connect(Warehouse(warehouse, create=False)), query)
+        if limit < 0:
+            raise ValueError(f"--limit {limit}: must be >= 0")
+        con = connect(Warehouse(warehouse, create=False), limits=SqlLimits(memory_limit=memory_limit, timeout_s=timeout))
+        table, more = query_rows(con, query, max_rows=limit)
     _print_table(table, limit)
+    if more:
+        typer.echo(f"(the first {limit} rows; the query has more, not fetched: raise --limit to see them)", err=True)
 
 
 @app.command()

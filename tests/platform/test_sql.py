@@ -165,3 +165,65 @@ def test_the_lock_cannot_be_undone(tmp_path, statement):
         con.execute(statement)
     with pytest.raises(duckdb.PermissionException):
         query(con, "select * from read_csv('/etc/passwd', header=false, sep=':')")
+
+
+@pytest.mark.parametrize("statement", ["set memory_limit = '100GB'", "set max_temp_directory_size = '1TB'",
+                                       "reset memory_limit", "set threads = 64"])
+def test_the_limits_are_set_and_locked(tmp_path, statement):
+    from chips_core.platform.query import SqlLimits
+
+    con = connect(Warehouse(str(tmp_path / "wh")), limits=SqlLimits(memory_limit="300MiB", max_temp="1GiB"))
+    got = con.execute("select current_setting('memory_limit'), current_setting('max_temp_directory_size')").fetchall()
+    assert got == [("300.0 MiB", "1.0 GiB")]
+    with pytest.raises(duckdb.InvalidInputException, match="Cannot change configuration"):
+        con.execute(statement)
+
+
+def test_a_huge_result_is_streamed_to_the_row_cap_and_a_slow_query_is_interrupted(tmp_path):
+    """The issue's query (200M rows) returns its first rows at once, the rest never computed; a query past its time
+    limit is interrupted with a named error."""
+    import time
+
+    from chips_core.platform.query import QueryLimitError, SqlLimits, query_rows
+
+    con = connect(Warehouse(str(tmp_path / "wh")), limits=SqlLimits(timeout_s=3))
+    t0 = time.perf_counter()
+    table, more = query_rows(con, "select range, repeat('x', 50) s from range(200000000)", max_rows=50)
+    assert table.num_rows == 50 and more and table.column("range").to_pylist() == list(range(50))
+    assert query_rows(con, "select * from range(10)", max_rows=50) [1] is False
+    with pytest.raises(QueryLimitError, match="time limit of 3 s"):
+        query(con, "select sum(range) from range(20000000000)")
+    assert time.perf_counter() - t0 < 60
+    with pytest.raises(ValueError, match="max_rows=-1"):
+        query_rows(con, "select 1", max_rows=-1)
+
+
+def _chips(*args, timeout=300):
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("chips")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    p = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout)
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far
+    return p, (peak_mib if resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss > before else None)
+
+
+@pytest.mark.slow
+def test_chips_sql_holds_memory_flat_and_says_what_it_left_out(tmp_path):
+    from chips_core.platform.provenance import recorded_run
+
+    wh = Warehouse(str(tmp_path / "wh"))
+    with recorded_run(wh, "ingest"):  # a warehouse: it has a runs table
+        wh.write("pairs", _pairs(["p1"], ["a"]), {"run": "ingest-1"}, "s0")
+    p, peak = _chips("sql", "-w", str(tmp_path / "wh"), "select range, repeat('x',50) s from range(200000000)",
+                     "--limit", "5")
+    assert p.returncode == 0, p.stderr
+    assert "the first 5 rows; the query has more" in p.stderr and p.stdout.count("x" * 50) == 5
+    assert peak is None or peak < 1.2 * 1024, peak  # MiB (None: an earlier child of this process peaked higher)
+    p, _ = _chips("sql", "-w", str(tmp_path / "wh"), "select sum(range) from range(20000000000)", "--timeout", "2")
+    assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "time limit of 2 s" in p.stderr
+    p, _ = _chips("sql", "-w", str(tmp_path / "wh"), "select 1", "--limit", "-1")
+    assert p.returncode == 1 and p.stderr.strip() == "chips: error: --limit -1: must be >= 0"
