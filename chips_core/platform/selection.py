@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import posixpath
+import shutil
 import tempfile
 from typing import Iterable, Iterator, Sequence
 
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..scoring.select import SET_METHODS, SelectConfig, select_set
+from ..scoring.select import SET_METHODS, SelectConfig, partition_of, select_partitions
 from .features import feature_parts, load_direction, read_feature_part
 from .images import ImageSources
 from .query import spill_dir
@@ -159,17 +160,17 @@ def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budg
     in rank order, and each budget's rows are a prefix of that file. A set-aware method (``SET_METHODS``) selects
     each budget's set on its own (:func:`set_ranking`): its 10% set need not be a prefix of its 20% set."""
     con = engine(wh, memory_limit)
+    candidates = None
     try:
         taken_down = _scores(con, wh, score_run_id)
         n = count_scored(con, [m for m in methods if m not in SET_METHODS])
         rows, ids = 0, []
         plan = ([(None, [1.0])] if full else []) + [(m, sorted(budgets)) for m in methods]
-        candidates = None
         for method, bs in plan:
             keeps = {b: n_keep(b, n) for b in bs}
             label = method or "full"
             if method in SET_METHODS:
-                candidates = candidates or EligibleGradients.load(con, wh, score_run_id)
+                candidates = candidates or EligibleGradients.load(con, wh, score_run_id, select)
                 sids = [f"{score_run_id}:{label}@{b:g}" for b in keeps]
                 for sid, (b, k) in zip(sids, keeps.items()):
                     with _spooled(set_ranking(con, candidates, method, k, select), TOP_SCHEMA) as top:
@@ -185,6 +186,8 @@ def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budg
             ids += sids
         return {"scored": n, "rows": rows, "subsets": ids, "taken_down": taken_down}
     finally:
+        if candidates is not None:
+            candidates.close()
         con.close()
 
 
@@ -193,30 +196,57 @@ TOP_SCHEMA = pa.schema([("pair_id", pa.string()), ("rank", pa.int64())])
 
 class EligibleGradients:
     """The sketched gradients of the pairs in ``chips_plus``'s eligible tier (both gates passed; takedowns left
-    out), read once from the score run's featurize run, and the run's preconditioned target direction."""
+    out), read once from the score run's featurize run and spooled to local files, one per partition of the
+    set-aware selection (``SelectConfig.partition``): memory holds the ids and one partition's gradients, whatever
+    the pool's size. Removed by :meth:`close`."""
 
-    def __init__(self, pair_ids: list[str], g: np.ndarray, v: np.ndarray):
-        self.pair_ids, self.g, self.v = pair_ids, g, v
+    def __init__(self, v: np.ndarray, ids: list[list[str]], files: list[str], k: int, folder: str | None):
+        self.v, self.ids, self.files, self.k, self.folder = v, ids, files, k, folder
 
     @classmethod
-    def load(cls, con: duckdb.DuckDBPyConnection, wh: Warehouse, score_run_id: str) -> "EligibleGradients":
+    def load(cls, con: duckdb.DuckDBPyConnection, wh: Warehouse, score_run_id: str,
+             select: SelectConfig) -> "EligibleGradients":
         v, featurize_run_id = load_direction(wh, score_run_id)
         eligible = con.sql("select pair_id from run_scores where chips_plus >= 2").to_arrow_table().column(0)
-        ids, gs = [], []
-        for path in feature_parts(wh, featurize_run_id):
-            part = read_feature_part(wh, path)
-            keep = np.flatnonzero(pc.is_in(part.pair_id_array(), value_set=eligible).to_numpy(zero_copy_only=False))
-            ids += [part.pair_id[i] for i in keep]
-            gs.append(np.array(part.g[keep]))  # as stored (float16): a copy, so the part's mapping can close
-        g = np.concatenate(gs) if gs else np.zeros((0, len(v)), dtype=np.float16)
-        return cls(ids, g, v)
+        n_parts = max(1, math.ceil(len(eligible) / select.partition))
+        folder = tempfile.mkdtemp(prefix="chips-select-", dir=spill_dir())
+        files = [os.path.join(folder, f"part-{p:06d}.f16") for p in range(n_parts)]
+        ids: list[list[str]] = [[] for _ in range(n_parts)]
+        try:
+            for path in feature_parts(wh, featurize_run_id):
+                part = read_feature_part(wh, path)
+                keep = np.flatnonzero(pc.is_in(part.pair_id_array(), value_set=eligible).to_numpy(zero_copy_only=False))
+                if not len(keep):
+                    continue
+                kept = [part.pair_id[i] for i in keep]
+                where = partition_of(kept, n_parts, select.seed)
+                g = np.ascontiguousarray(part.g[keep], dtype=np.float16)  # as stored: exact
+                for p in np.unique(where):
+                    rows = np.flatnonzero(where == p)
+                    ids[p] += [kept[i] for i in rows]
+                    with open(files[p], "ab") as f:
+                        f.write(g[rows].tobytes())
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return cls(v, ids, files, len(v), folder)
+
+    def partitions(self) -> list[tuple[list[str], object]]:
+        """``(ids, load)`` per partition, for :func:`chips_core.scoring.select.select_partitions`."""
+        return [(ids, (lambda f=f: np.fromfile(f, dtype=np.float16).reshape(-1, self.k) if os.path.exists(f)
+                       else np.zeros((0, self.k), np.float16))) for ids, f in zip(self.ids, self.files)]
+
+    def close(self) -> None:
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 def set_ranking(con: duckdb.DuckDBPyConnection, candidates: EligibleGradients, method: str, k: int,
                 select: SelectConfig) -> Iterator[pa.RecordBatch]:
     """``(pair_id, rank)`` of a set-aware method's ``k`` pairs: the selector's picks among the eligible pairs in
     its order, then (when it picks fewer, or the tier is smaller than ``k``) ``chips_plus``'s order of the rest."""
-    picked = select_set(method, candidates.pair_ids, candidates.g, candidates.v, k, select)
+    picked = select_partitions(method, candidates.partitions(), candidates.v, k, select)
     yield pa.record_batch([pa.array(picked, pa.string()), pa.array(np.arange(1, len(picked) + 1), pa.int64())],
                           schema=TOP_SCHEMA)
     need, rank, chosen = k - len(picked), len(picked) + 1, set(picked)

@@ -267,30 +267,42 @@ def run_selector(method: str, A: np.ndarray, t: np.ndarray, m: int, config: Sele
 def select_set(method: str, pair_ids, g: np.ndarray, v: np.ndarray, m: int,
                config: SelectConfig = SelectConfig(), selector=run_selector) -> list[str]:
     """Up to ``m`` of the candidate pairs (``pair_ids`` with their sketched gradients ``g``, any order), in
-    selection order, by a set-aware selector against the preconditioned target direction ``v``. Partitions
-    select their quota each; the result interleaves them by the fraction of its quota each pick is (ties: the
-    lower partition). Fewer than ``m`` when the pursuit runs out of positively correlated atoms."""
+    selection order, by a set-aware selector against the preconditioned target direction ``v``: the candidates in
+    memory. :func:`select_partitions` is the same selection over partitions held elsewhere (the platform spools
+    them to disk)."""
     check(method in SET_METHODS, "select_set", "method", method, f"not in {SET_METHODS}")
     ids = np.asarray(list(pair_ids), dtype=object)
     if len(ids) == 0 or m <= 0:
         return []
     check(len(set(ids.tolist())) == len(ids), "select_set", "pair_ids", "duplicates", "must be distinct")
-    t = unit(v)
     n_parts = math.ceil(len(ids) / config.partition)
     part = partition_of(ids.tolist(), n_parts, config.seed)
-    sizes = np.bincount(part, minlength=n_parts)
+    rows = [np.flatnonzero(part == p) for p in range(n_parts)]
+    return select_partitions(method, [(ids[r].tolist(), (lambda r=r: g[r])) for r in rows], v, m, config, selector)
+
+
+def select_partitions(method: str, parts, v: np.ndarray, m: int, config: SelectConfig = SelectConfig(),
+                      selector=run_selector) -> list[str]:
+    """The selection over ``parts``: for partition ``p`` (as :func:`partition_of` numbers them), its pair ids and a
+    function returning its gradients (rows in the same order). Each partition selects its quota (largest
+    remainder, in proportion to its size) among its pairs in pair-id order; the result interleaves them by the
+    fraction of its quota each pick is (ties: the lower partition). One partition's gradients are in memory at a
+    time. Fewer than ``m`` when the pursuit runs out of positively correlated atoms."""
+    check(method in SET_METHODS, "select_partitions", "method", method, f"not in {SET_METHODS}")
+    t = unit(v)
+    sizes = np.array([len(ids) for ids, _ in parts], dtype=np.int64)
     share = quotas(sizes, m)
     keys, picked = [], []
-    for p in range(n_parts):
-        rows = np.flatnonzero(part == p)
-        rows = rows[np.argsort(ids[rows].astype(str), kind="stable")]  # pair-id order inside a partition
-        if share[p] == 0 or len(rows) == 0:
+    for p, (ids, load) in enumerate(parts):
+        if share[p] == 0 or len(ids) == 0:
             continue
-        got = selector(method, unit_rows(g[rows]), t, int(share[p]), config)
-        picked.append(ids[rows[got]])
+        ids = np.asarray(ids, dtype=object)
+        order = np.argsort(ids.astype(str), kind="stable")  # pair-id order inside a partition
+        got = selector(method, unit_rows(np.asarray(load())[order]), t, int(share[p]), config)
+        picked.append(ids[order][got])
         keys.append(np.column_stack([(np.arange(len(got)) + 1) / share[p], np.full(len(got), p)]))
     if not picked:
         return []
     key = np.concatenate(keys)
-    order = np.lexsort((key[:, 1], key[:, 0]))
-    return np.concatenate(picked)[order].tolist()
+    merged = np.lexsort((key[:, 1], key[:, 0]))
+    return np.concatenate(picked)[merged].tolist()

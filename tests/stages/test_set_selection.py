@@ -74,6 +74,11 @@ def test_set_subsets_equal_the_in_memory_selection_for_any_layout(scored):
         subs = _subsets(wh, m["run_id"])
         got[shard_size] = subs
         assert len([s for s in m["subsets"] if "full@" not in s]) == len(BUDGETS) * (1 + len(SET_METHODS))
+    import glob
+    import os
+
+    from chips_core.platform.query import spill_dir
+    assert glob.glob(os.path.join(spill_dir(), "chips-select-*")) == []  # the partitions' spool is removed
     a, b = got.values()
     assert a == b  # the same pairs in the same order: shard layout, score threads and BLAS threads do not matter
 
