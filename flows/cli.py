@@ -56,7 +56,8 @@ def _log_traceback(exc: BaseException) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"chips-error-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
     # at rest, so without secrets (URI passwords, ${ENV:} values: chips_core.util.scrub)
-    path.write_text(scrub(f"chips {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc))))
+    path.write_text(scrub(f"chips {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc))),
+                    encoding="utf-8", errors="backslashreplace")  # an argument with undecodable bytes is logged too
     return path
 
 
@@ -345,6 +346,9 @@ def report(run_id: str = typer.Argument(..., help="a score, materialize, pipelin
     """Write an HTML report with PNG plots for a scoring run."""
     with _one_line_errors():
         wh = Warehouse(warehouse, create=False)
+        from chips_core.platform.report import resolve_score_run
+
+        resolve_score_run(connect(wh), run_id)  # a bad id is refused before --out is created
         out = out or Path(f"chips-report-{run_id}")
         _writable_dir(out, "--out")
         page = write_report(wh, run_id, out)

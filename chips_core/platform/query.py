@@ -167,9 +167,15 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None =
 def query_rows(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None = None,
                max_rows: int | None = None, timeout_s: float | None = None) -> tuple[pa.Table, bool]:
     """:func:`query`, and whether the result had more than ``max_rows`` rows (then they were not fetched)."""
+    try:
+        sql.encode("utf-8")
+    except UnicodeEncodeError as e:  # e.g. a shell argument with bytes that are not UTF-8
+        raise ValueError(f"the query is not valid UTF-8 text (at character {e.start}): "
+                         f"{sql.encode('utf-8', 'backslashreplace').decode()[:200]!r}") from None
     statements = con.extract_statements(sql)
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        kinds = [s.type.name for s in statements]
+        # the statement's own first word: DuckDB files INSTALL under LOAD
+        kinds = [(s.query.split() or [s.type.name])[0].upper() for s in statements]
         raise ReadOnlyQueryError(f"only a single SELECT is allowed, got {kinds or 'nothing'}: {sql.strip()[:200]!r}")
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows={max_rows} must be >= 0")

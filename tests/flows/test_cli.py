@@ -155,3 +155,32 @@ def test_debug_prints_the_traceback_instead(tmp_path):
     assert plain.returncode == 1 and plain.stderr.strip().startswith("chips: error: not a chips warehouse")
     assert "Traceback" not in plain.stderr
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr and "WarehouseError" in debug.stderr
+
+
+def test_found_cases_of_issue_28_are_one_line(tmp_path, monkeypatch):
+    """Undecodable bytes in a query, INSTALL named as itself, a bad report id that creates no --out folder: one line,
+    exit 1, no traceback and no empty log file."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from chips_core.platform.provenance import recorded_run
+    from chips_core.platform.warehouse import Warehouse
+
+    wh = Warehouse(str(tmp_path / "wh"))
+    with recorded_run(wh, "ingest"):
+        pass
+    logs = tmp_path / "logs"
+    env = {**os.environ, "CHIPS_LOG_DIR": str(logs)}
+    exe = str(Path(sys.executable).with_name("chips"))
+    cases = [([b"sql", b"-w", str(tmp_path / "wh").encode(), b"select '\xff'"], "the query is not valid UTF-8 text"),
+             ([b"sql", b"-w", str(tmp_path / "wh").encode(), b"INSTALL httpfs"], "got ['INSTALL']"),
+             ([b"report", b"nope", b"-w", str(tmp_path / "wh").encode(), b"--out", str(tmp_path / "rep").encode()],
+              "no scoring run found for 'nope'")]
+    for args, says in cases:
+        p = subprocess.run([exe.encode(), *args], capture_output=True, env=env, timeout=120)
+        err = p.stderr.decode("utf-8", "replace").strip()
+        assert p.returncode == 1 and len(err.splitlines()) == 1 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "rep").exists()
+    assert not logs.exists() or all(f.stat().st_size for f in logs.iterdir())
