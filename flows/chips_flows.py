@@ -17,6 +17,10 @@ from chips_core.stages import (check_stage, cpt_stage, eval_stage, featurize_sta
                                run_rescore, score_stage, subset_data, takedown_stage)
 from chips_core.stages.runconfig import RunConfig
 
+from .prefect_child import tie_ephemeral_api_to_this_process
+
+tie_ephemeral_api_to_this_process()  # the temporary Prefect API dies with this process, even on SIGKILL
+
 
 def _config(config: str | dict) -> tuple[RunConfig, Warehouse]:
     cfg = load_run_config(config)
