@@ -98,7 +98,8 @@ def phases(feat: Featurizer, images, texts, ids, device: str, rounds: int) -> di
     return {key: statistics.median(v[1:]) for key, v in acc.items()}  # the first round warms up
 
 
-def measure(name: str, precision: str, device: str, n: int, batch: int, rounds: int, bank: int, compile_: bool):
+def measure(name: str, precision: str, device: str, n: int, batch: int, rounds: int, bank: int, compile_: bool,
+            want_profile: bool = False, out: Path | None = None):
     model = make_model(name, device)
     images, texts = make_batch(model, n, 1, device)
     ids = [f"p{i}" for i in range(n)]
@@ -118,6 +119,7 @@ def measure(name: str, precision: str, device: str, n: int, batch: int, rounds: 
     row["forward_s"], row["featurize_s"] = timed(forward, device, rounds), timed(featurize, device, rounds)
     row["phases_s"] = phases(feat, images, texts, ids, device, rounds)
     rows = [row]
+    table = profile((model, feat, images, texts, ids), device, out) if want_profile else ""  # before any compile
     if compile_:
         t0 = time.perf_counter()
         model.visual = torch.compile(model.visual)
@@ -136,7 +138,7 @@ def measure(name: str, precision: str, device: str, n: int, batch: int, rounds: 
             r["forward_pairs_s"], r["featurize_pairs_s"] = n / r["forward_s"], n / r["featurize_s"]
             r["ratio"] = r["forward_s"] / r["featurize_s"]
         log(json.dumps(r))
-    return rows, (model, feat, images, texts, ids)
+    return rows, table
 
 
 def profile(objs, device: str, out: Path) -> str:
@@ -231,8 +233,8 @@ def report(rows, decode, table, args, env: str, wall: float) -> str:
               + (f"; nvJPEG on the GPU (`torchvision.io.decode_jpeg(device='cuda')`, batches of 256) "
                  f"{decode['gpu_pairs_s']:,.0f} pairs/s" if "gpu_pairs_s" in decode else "") + ".", ""]
     if table:
-        L += ["Top operators of one featurize micro-batch (torch.profiler; the Chrome trace is `trace.json.gz`):", "",
-              "```", table, "```", ""]
+        L += ["Top operators of one featurize micro-batch of the first bf16 model, not compiled (torch.profiler; the "
+              "Chrome trace is `trace.json.gz`):", "", "```", table, "```", ""]
     return "\n".join(L)
 
 
@@ -262,17 +264,13 @@ def main() -> None:
               f"{torch.backends.cuda.mem_efficient_sdp_enabled()}" if args.device.startswith("cuda") else ""))
     log(env)
     compile_set = {tuple(x.split(":")) for x in args.compile.split(",") if x}
-    rows, table, last = [], "", None
+    rows, table = [], ""
     for name in args.models.split(","):
         for prec in args.precisions.split(","):
-            r, objs = measure(name, prec, args.device, args.pairs, args.batch, args.rounds, 1024 if not args.quick else 64,
-                              (name, prec) in compile_set)
+            r, t = measure(name, prec, args.device, args.pairs, args.batch, args.rounds, 1024 if not args.quick else 64,
+                           (name, prec) in compile_set, want_profile=not table and prec == "bf16", out=out)
             rows += r
-            if prec == "bf16" and not table and (name == "ViT-B-16" or args.quick):
-                table = profile(objs, args.device, out)
-            last = objs
-    if not table and last:
-        table = profile(last, args.device, out)
+            table = table or t
     decode = decode_bench(512 if args.quick else 8192, min(args.decode_workers, os.cpu_count() or 1), args.device)
     (out / "gpu_profile.json").write_text(json.dumps({"rows": rows, "decode": decode, "env": env}, indent=1))
     (out / "gpu_profile.md").write_text(report(rows, decode, table, args, env, time.perf_counter() - t0))
