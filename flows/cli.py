@@ -356,6 +356,19 @@ def report(run_id: str = typer.Argument(..., help="a score, materialize, pipelin
 
 
 @app.command()
+def gc(warehouse: str = _warehouse_option()) -> None:
+    """Account for killed runs and remove what they left: `running` rows whose process is gone become `abandoned`;
+    subset parts of materialize runs that did not succeed (never visible to a reader) are removed."""
+    with _one_line_errors():
+        from chips_core.platform.provenance import mark_abandoned, remove_unfinished
+
+        wh = Warehouse(warehouse, create=False)
+        abandoned = mark_abandoned(wh)
+        removed = remove_unfinished(wh)
+    typer.echo(f"gc: {len(abandoned)} run(s) marked abandoned, {len(removed)} unfinished part folder(s) removed")
+
+
+@app.command()
 def server(port: int = typer.Option(4200, help="port of the local API (127.0.0.1 only)"),
            ui: bool = typer.Option(False, help="serve Prefect's web UI too")) -> None:
     """Keep one local Prefect API running (foreground; Ctrl-C stops it). Commands run with the PREFECT_API_URL it

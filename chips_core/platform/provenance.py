@@ -115,24 +115,101 @@ def config_hash(config) -> str:
     return hashlib.sha256(config_json(config).encode()).hexdigest()[:16]
 
 
+def process_id(pid: int | None = None) -> str:
+    """``"<pid>:<start time>"`` of a process (the start time from ``/proc``, so a reused pid is told apart); the pid
+    alone where ``/proc`` is absent."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return str(pid)
+
+
+def _alive(process: str) -> bool:
+    pid = int(process.split(":", 1)[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return ":" not in process or process_id(pid) == process
+
+
+def mark_abandoned(wh: Warehouse) -> list[str]:
+    """Every ``running`` row of this host whose process is gone (killed, crashed, the machine restarted) becomes
+    ``abandoned``, so that every run is accounted for: succeeded, failed or abandoned. Returns their run ids. Rows
+    of other hosts are left alone (their processes cannot be probed from here)."""
+    if not wh.fs.exists(wh.table_dir("runs")):
+        return []
+    import pyarrow.compute as pc
+
+    runs = wh.read("runs", filter=pc.field("status") == "running")
+    host, out = socket.gethostname(), []
+    for row in runs.to_pylist():
+        proc = row.get("process")
+        if row.get("host") != host or not proc or _alive(proc):
+            continue
+        row = {name: row.get(name) for name in SCHEMAS["runs"].names}
+        row.update(status=f"abandoned: process {proc.split(':')[0]} on {host} ended without recording an outcome",
+                   ended_at=dt.datetime.now(dt.timezone.utc))
+        wh.write("runs", pa.Table.from_pylist([row], schema=SCHEMAS["runs"]), {"kind": row["stage"]}, row["run_id"])
+        out.append(row["run_id"])
+    return out
+
+
+def remove_unfinished(wh: Warehouse, tables=("subsets",)) -> list[str]:
+    """Remove the parts of ``tables`` (partitioned by ``run=<id>``) whose run did not succeed and is not running:
+    what a killed or failed materialize left (already invisible to ``stg_subsets``, ``cpt --subset`` and publish).
+    Called by the next materialize run and by ``chips gc``. Returns the folders removed."""
+    mark_abandoned(wh)
+    import pyarrow.compute as pc
+
+    keep = set()
+    if wh.fs.exists(wh.table_dir("runs")):
+        keep = set(wh.read("runs", columns=["run_id"], filter=pc.field("status").isin(["succeeded", "running"]))
+                   .column("run_id").to_pylist())
+    removed = []
+    for table in tables:
+        if not wh.fs.exists(wh.table_dir(table)):
+            continue
+        for folder in wh.fs.ls(wh.table_dir(table), detail=False):
+            name = folder.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("run=") and name[4:] not in keep:
+                wh.fs.rm(folder, recursive=True)
+                removed.append(folder)
+    return removed
+
+
 @contextmanager
 def recorded_run(wh: Warehouse, stage: str, config=None, *, run_id: str | None = None, parent_run_id: str | None = None,
                  inputs: dict | None = None, **fields):
-    """Context manager yielding a mutable row; the row is written to ``runs`` when the block ends,
-    with status ``succeeded`` or ``failed`` (the error re-raised). Set ``row["rows_in"]`` etc. inside."""
+    """Context manager yielding a mutable row. A ``running`` row (with this process's id) is written when the block
+    starts, and replaced by the outcome when it ends: ``succeeded``, or ``failed`` (the error re-raised). A process
+    killed in between leaves ``running``, which the next run (or command) marks ``abandoned``
+    (:func:`mark_abandoned`). Set ``row["rows_in"]`` etc. inside."""
+    mark_abandoned(wh)
     row = {"run_id": run_id or new_run_id(stage), "parent_run_id": parent_run_id, "stage": stage, "status": "running",
            "config_json": config_json(config), "config_hash": config_hash(config),
            "input_fingerprints": json.dumps(inputs or {}, sort_keys=True), "code_version": code_version(),
-           "host": socket.gethostname(), "started_at": dt.datetime.now(dt.timezone.utc), **fields}
-    try:
-        yield row
-        row["status"] = "succeeded"
-    except BaseException as e:
-        row["status"] = f"failed: {type(e).__name__}: {e}"[:2000]
-        raise
-    finally:
-        row["ended_at"] = dt.datetime.now(dt.timezone.utc)
+           "host": socket.gethostname(), "started_at": dt.datetime.now(dt.timezone.utc), "process": process_id(),
+           **fields}
+
+    def write() -> None:
         # no secret at rest: an error message or an input path may carry a URI password or an ${ENV:} value
         full = {name: scrub(row.get(name)) if isinstance(row.get(name), str) else row.get(name)
                 for name in SCHEMAS["runs"].names}
         wh.write("runs", pa.Table.from_pylist([full], schema=SCHEMAS["runs"]), {"kind": stage}, row["run_id"])
+
+    write()
+    try:
+        yield row
+        row["status"] = "succeeded"
+    except BaseException as e:
+        msg = str(e) or ("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else "")
+        row["status"] = f"failed: {type(e).__name__}: {msg}"[:2000]
+        raise
+    finally:
+        row["ended_at"] = dt.datetime.now(dt.timezone.utc)
+        write()

@@ -56,7 +56,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("rows_unchanged", pa.int64()),
         ("diagnostics_json", _STR),  # score and check runs: the premise checks (scoring/premise.py)
         ("code_version", _STR), ("host", _STR), ("started_at", pa.timestamp("us", tz="UTC")),
-        ("ended_at", pa.timestamp("us", tz="UTC"))]),
+        ("ended_at", pa.timestamp("us", tz="UTC")),
+        # the process that ran it ("<pid>:<its start time in clock ticks since boot>"): a `running` row whose process
+        # is gone is marked `abandoned` (platform/provenance.mark_abandoned)
+        ("process", _STR)]),
     # one row per pair per scoring run: every factor and baseline score, utility = chips, rank by utility
     "scores": pa.schema([
         pa.field("pair_id", _STR, nullable=False), ("run_id", _STR),

@@ -22,9 +22,14 @@ def subset_data(wh: Warehouse, subset_id: str, loaded: LoadedModel) -> ImageFile
     """The pairs of one materialised subset (``<score run>:<method>@<budget>``) in rank order — the order of
     its manifest, so ``cpt --subset X`` and ``cpt --manifest <X's manifest>`` train the same model — with
     images decoded on demand."""
-    sub = wh.read("subsets", columns=["subset_id", "pair_id", "rank"], filter=pc.field("subset_id") == subset_id)
+    sub = wh.read("subsets", columns=["subset_id", "run_id", "pair_id", "rank"], filter=pc.field("subset_id") == subset_id)
     if sub.num_rows == 0:
         require_subset(wh, subset_id)
+    for run in set(sub.column("run_id").to_pylist()):  # only a materialize run that succeeded has visible subsets
+        status = wh.read("runs", columns=["status"], filter=pc.field("run_id") == run).column("status").to_pylist()
+        if status != ["succeeded"]:
+            raise KeyError(f"subset {subset_id!r} belongs to materialize run {run!r}, which did not succeed "
+                           f"({status[0] if status else 'no runs row'}): materialize again")
     return _warehouse_pairs(wh, sub.sort_by([("rank", "ascending"), ("pair_id", "ascending")]).column("pair_id").to_pylist(),
                             loaded)
 

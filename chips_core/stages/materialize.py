@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..platform.provenance import new_run_id, recorded_run
+from ..platform.provenance import new_run_id, recorded_run, remove_unfinished
 from ..platform.selection import MEMORY_LIMIT, export_images, manifest_engine, manifest_rows, write_subsets
 from ..platform.warehouse import SCHEMAS, Warehouse
 from ..scoring.score import select_top
@@ -43,6 +43,7 @@ def materialize_stage(cfg: RunConfig, wh: Warehouse, score_run_id: str, run_id: 
     Out of core: DuckDB ranks the run's scores and the subsets and manifests are streamed
     (``platform/selection.py``), equal to :func:`subsets_table` (``select_top``) on any pool that fits memory."""
     run_id = run_id or new_run_id("materialize")
+    remove_unfinished(wh)  # the parts of a killed or failed earlier materialize (no reader sees them)
     with recorded_run(wh, "materialize", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       inputs={"score_run_id": score_run_id}) as row:
         written = write_subsets(wh, score_run_id, cfg.methods, cfg.budgets, run_id, full=cfg.outputs.full,

@@ -94,8 +94,15 @@ def existing_warehouse(cfg: RunConfig) -> Warehouse:
 
 
 def require_subset(wh: Warehouse, subset_id: str) -> None:
-    """``subset_id`` is in the ``subsets`` table, else a PreflightError listing some that are."""
-    if wh.read("subsets", columns=["subset_id"], filter=pc.field("subset_id") == subset_id).num_rows:
+    """``subset_id`` is in the ``subsets`` table, written by a materialize run that succeeded, else a PreflightError
+    listing some that are."""
+    found = wh.read("subsets", columns=["run_id"], filter=pc.field("subset_id") == subset_id)
+    if found.num_rows:
+        for run in set(found.column("run_id").to_pylist()):
+            status = wh.read("runs", columns=["status"], filter=pc.field("run_id") == run).column("status").to_pylist()
+            if status != ["succeeded"]:
+                raise PreflightError(f"subset {subset_id!r} belongs to materialize run {run!r}, which did not succeed "
+                                     f"({status[0] if status else 'no runs row'}): materialize again")
         return
     known = sorted(set(wh.read("subsets", columns=["subset_id"]).column("subset_id").to_pylist()))
     raise PreflightError(f"subset {subset_id!r} is not in warehouse {wh.url!r} (known: {known[:8]}"

@@ -34,7 +34,8 @@ def test_marts_and_clean_audits_on_given_rows():
     full = subs.filter(pc.field("method") == "full")
     assert full.column("pair_id").to_pylist() == sorted(ids) and set(full.column("budget").to_pylist()) == {1.0}
     subs = subs.filter(pc.field("method") != "full")
-    runs = pa.Table.from_pylist([{"run_id": "score-1", "stage": "score", "status": "succeeded"}], schema=SCHEMAS["runs"])
+    runs = pa.Table.from_pylist([{"run_id": "score-1", "stage": "score", "status": "succeeded"},
+                                 {"run_id": "mat-1", "stage": "materialize", "status": "succeeded"}], schema=SCHEMAS["runs"])
     con = connect(tables={"pairs": _pairs(ids, sources), "scores": st, "subsets": subs, "runs": runs})
     sel = query(con, "select * from mart_selection_by_source where method = $m and budget = $b order by source",
                 {"m": "chips", "b": 0.3}).to_pylist()
@@ -53,7 +54,8 @@ def test_audits_return_rows_when_something_is_wrong():
     subs = subsets_table(ids, scores, [0.5], ["chips"], "mat-1", "orphan-run").slice(0, 1)  # 1 row, budget says 2
     pairs = pa.concat_tables([_pairs(ids, ["a"] * 4), _pairs(["p1"], ["b"])])  # duplicate pair id
     runs = pa.Table.from_pylist([{"run_id": "ingest-1", "stage": "ingest", "status": "succeeded", "rows_in": 10,
-                                  "rows_out": 4, "rows_quarantined": 5, "rows_unchanged": 0}], schema=SCHEMAS["runs"])
+                                  "rows_out": 4, "rows_quarantined": 5, "rows_unchanged": 0},
+                                 {"run_id": "mat-1", "stage": "materialize", "status": "succeeded"}], schema=SCHEMAS["runs"])
     audits = run_audits(connect(tables={"pairs": pairs, "scores": st, "subsets": subs, "runs": runs}))
     assert audits["duplicate_pair_ids"].column("pair_id").to_pylist() == ["p1"]
     assert audits["subset_size_off_budget"].column("expected").to_pylist() == [2]
@@ -86,7 +88,8 @@ def test_lineage_of_a_subset_row_over_a_real_warehouse(tmp_path):
     scores, st = _scores(ids)
     with recorded_run(wh, "score", {"alpha": 0.7}, run_id="score-1", model_checksum="abc", sketch_k=512):
         wh.write("scores", st, {"run": "score-1"}, "s0")
-    wh.write("subsets", subsets_table(ids, scores, [1.0], ["chips"], "mat-1", "score-1"), {"run": "mat-1"}, "s0")
+    with recorded_run(wh, "materialize", {}, run_id="mat-1"):
+        wh.write("subsets", subsets_table(ids, scores, [1.0], ["chips"], "mat-1", "score-1"), {"run": "mat-1"}, "s0")
     con = connect(wh)
     rows = lineage(con, "score-1:chips@1", "p1").to_pylist()
     assert [(r["source"], r["source_key"]) for r in rows] == [("a", "a#p1"), ("b", "b#p1")]
