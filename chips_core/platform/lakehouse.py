@@ -50,7 +50,8 @@ def publish_delta(wh: Warehouse, table: str, data: pa.Table, storage_options: di
     if not exists:
         write_deltalake(uri, data, partition_by=[key], mode="append", storage_options=storage_options)
     else:
-        write_deltalake(uri, data, partition_by=[key], mode="overwrite",
+        # schema_mode merge: a column added since the table was created (e.g. runs.process) joins it, older rows null
+        write_deltalake(uri, data, partition_by=[key], mode="overwrite", schema_mode="merge",
                         predicate=f"{key} = '{run_id.replace(chr(39), chr(39) * 2)}'", storage_options=storage_options)
     return uri
 
@@ -88,6 +89,10 @@ def publish_iceberg(wh: Warehouse, table: str, data: pa.Table, catalog_uri: str 
         with created.update_spec() as spec:
             spec.add_identity(key)
     t = cat.load_table(ident)
+    if set(data.schema.names) - set(t.schema().column_names):  # a column added since (e.g. runs.process): evolve
+        with t.update_schema() as update:
+            update.union_by_name(data.schema)
+        t = cat.load_table(ident)
     with warnings.catch_warnings():  # a run published for the first time has nothing to replace: not news
         warnings.filterwarnings("ignore", message="Delete operation did not match any records")
         t.overwrite(data, overwrite_filter=EqualTo(key, run_id))

@@ -162,3 +162,30 @@ def test_images_by_reference_from_a_tar_shard_on_an_s3_api(tmp_path, s3):
     fsspec.AbstractFileSystem.clear_instance_cache()  # a new process: no cached tar index
     with pytest.raises(SourceImageError, match=r"pair .*: image 'tar://k\d.png::s3://chips-test/shards/shard.tar'"):
         Warehouse(str(tmp_path / "wh"), source_options={"web": s3}).read_pairs([rows[0]["pair_id"]], ["image"])
+
+
+def test_a_column_added_since_the_tables_were_created_evolves_them(tmp_path):
+    """runs.process was added after tables were published: publishing again adds the column (older rows null)."""
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    from chips_core.platform.lakehouse import iceberg_catalog, publish_delta, publish_iceberg
+    from chips_core.platform.warehouse import SCHEMAS, Warehouse
+
+    wh = Warehouse(str(tmp_path / "wh"))
+    full = SCHEMAS["runs"].append(pa.field("root_run_id", pa.string()))
+    old = full.remove(full.get_field_index("process"))
+    first = pa.Table.from_pylist([{"run_id": "r1", "stage": "score", "status": "succeeded", "root_run_id": "r1"}], schema=old)
+    second = pa.Table.from_pylist([{"run_id": "r2", "stage": "score", "status": "succeeded", "root_run_id": "r2",
+                                    "process": "12:34"}], schema=full)
+    from deltalake import write_deltalake
+
+    from chips_core.platform.lakehouse import delta_uri
+    write_deltalake(delta_uri(wh, "runs"), first, partition_by=["root_run_id"], mode="append")  # by an older version
+    iceberg_catalog(wh).create_table("chips.runs", schema=first.schema).append(first)
+    for publish in (publish_delta, publish_iceberg):
+        publish(wh, "runs", second)
+    rows = sorted(DeltaTable(str(tmp_path / "wh" / "delta" / "runs")).to_pyarrow_table().to_pylist(), key=lambda r: r["run_id"])
+    assert [(r["run_id"], r["process"]) for r in rows] == [("r1", None), ("r2", "12:34")]
+    ice = iceberg_catalog(wh).load_table("chips.runs").scan().to_arrow().to_pylist()
+    assert sorted((r["run_id"], r["process"]) for r in ice) == [("r1", None), ("r2", "12:34")]
