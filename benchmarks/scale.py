@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PY = str(ROOT / ".venv" / "bin" / "python")
+PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 CHIPS = str(ROOT / ".venv" / "bin" / "chips")
 STAGES = ("ingest", "featurize", "score", "materialize")
 
@@ -93,7 +93,8 @@ def sampled_run(cmd: list[str], env: dict, timeout: float, cwd: Path | None = No
 
 
 def env_for(tree: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree), CHIPS_LOG_DIR=str(tree / ".logs"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p),
+               CHIPS_LOG_DIR=str(tree / ".logs"))
     env.pop("PREFECT_API_URL", None)
     return env
 
