@@ -308,7 +308,9 @@ def _next_steps(workdir: Path, out: dict) -> None:
                "      (it prints the `chips eval` command for the model it trains)\n"
                f"  chips eval {q(str(cfg))}\n"
                "      (the model before CPT: method 'none' in the mart)\n"
-               f"  chips sql -w {q(wh)} \"{mart}\"")  # the query holds no $, \" or `: double quotes keep it readable
+               f"  chips sql -w {q(wh)} \"{mart}\"\n"  # the query holds no $, \" or `: double quotes keep it readable
+               "chips_plus is the recommended selector; the set-aware chips_pursuit (add it to methods: in "
+               f"{q(str(cfg))}) beat it on one of our benchmark targets at 10-20% budgets (README, Which selector)")
 
 
 @app.command("sql")

@@ -508,7 +508,9 @@ def _metrics(rows) -> dict:
 
 def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
     rows, p = bench.rows, bench.p
-    targets = [t for t in ("fashion", "medical", "sheets", "animal_sheets", "icons") if any(r["target"] == t for r in rows)]
+    # a target with selection results (not only its general-model row, e.g. a run stopped before reaching it)
+    targets = [t for t in ("fashion", "medical", "sheets", "animal_sheets", "icons")
+               if any(r["target"] == t and r["method"] != "none" for r in rows)]
     img_dir = out_md.parent / out_md.stem
     files = rep.plots(rows, targets, p["budgets"], img_dir)
     rel = img_dir.name
@@ -533,7 +535,8 @@ def write_report(bench: Bench, out_md: Path, wall: float, command: str) -> None:
          "Differences smaller than the seed std are not evidence either way.", ""]
     if bench.v2:
         failed = [f"{t_} {b:.0%}" for t_ in targets for b in p["budgets"]
-                  if not _planted_ok(rep.paired(rows, t_, "random_clean", "random_in_domain", b))]
+                  if rep.paired(rows, t_, "random_clean", "random_in_domain", b)["n"] >= 2
+                  and not _planted_ok(rep.paired(rows, t_, "random_clean", "random_in_domain", b))]
         if failed:
             L += [f"**The planted check fails at {', '.join(failed)}** (see below): the verdicts there are not "
                   "evidence either way.", ""]
@@ -698,7 +701,15 @@ def _summary_v3(bench: Bench, rows, targets, budgets) -> list[str]:
         if not have:
             continue
         best = max(have, key=lambda m: np.mean([agg_e[(t, m, b)][0] for b in small]))
-        L.append(f"- **{t}**: best gradient selector on the eval set: `{best}`")
+        checks = {b: rep.paired(rows, t, "random_clean", "random_in_domain", b) for b in budgets}
+        planted = [b for b, c in checks.items() if c["n"] >= 2 and not _planted_ok(c)]
+        unmeasured = [b for b, c in checks.items() if c["n"] < 2]
+        L.append(f"- **{t}**: best gradient selector on the eval set: `{best}`"
+                 + (f". **The planted check fails at {', '.join(f'{b:.0%}' for b in planted)}**: there this target "
+                    "cannot tell a better subset from a worse one, so its lines below are not evidence either way"
+                    if planted else "")
+                 + (f". The planted check is not measured at {', '.join(f'{b:.0%}' for b in unmeasured)} (fewer than "
+                    "two seeds of the oracle subsets)" if unmeasured else ""))
         for b in small:
             p = rep.paired(rows, t, best, "chips_plus", b)
             met = p["half"] is not None and p["mean"] >= 0.02 and p["mean"] - p["half"] > 0
@@ -724,7 +735,8 @@ def _summary_v3(bench: Bench, rows, targets, budgets) -> list[str]:
           "| target | stage | pairs | " + " | ".join(k.replace("_", "-") for k in KINDS) + " |",
           "|---|---|---:|" + "---:|" * len(KINDS)]
     for t in targets:
-        for stage, row in bench.state.get(f"gates:{t}:0", {}).items():
+        gates = bench.state.get(f"gates:{t}:0", {})
+        for stage, row in sorted(gates.items(), key=lambda kv: -kv[1]["pairs"]):  # pool, then each gate
             L.append(f"| {t} | {stage} | {row['pairs']} | " + " | ".join(f"{row[k]:.1%}" for k in KINDS) + " |")
     return L + [""]
 
@@ -747,7 +759,8 @@ def _v2_section(rows, targets, budgets, methods=METHODS) -> list[str]:
             pc = rep.paired(rows, t, "random_clean", "random_in_domain", b)
             ok = _planted_ok(pc)
             L.append(f"- planted check, {t} {b:.0%}: random_clean − random_in_domain = {rep.fmt_paired(pc)}; "
-                     + ("**passes** (the benchmark can detect selection quality here)." if ok else
+                     + ("not measured (fewer than two seeds of the oracle subsets)." if pc["n"] < 2 else
+                        "**passes** (the benchmark can detect selection quality here)." if ok else
                         "**fails**: this benchmark cannot detect selection quality at this budget; no verdicts."))
         L += ["", f"Paired differences on {t} (points, mean [95% interval] over seeds):", "",
               "| method | " + " | ".join(f"vs random_in_domain {b:.0%} | vs random {b:.0%}" for b in budgets) + " |",

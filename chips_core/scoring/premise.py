@@ -107,7 +107,9 @@ class PremiseReport:
     def verdict(self) -> str:
         """One line: pass, or the failing checks and what to do."""
         if self.passed:
-            return "premise check passed: gradient-based selection can be trusted with this model and target"
+            # what the benchmarks support (docs/benchmarks/selection_v3.md): passing is a precondition, not a promise
+            return ("premise check passed: the model knows this target, a precondition for gradient-based selection "
+                    "(not a promise that it helps: README, Which selector)")
         names = ", ".join(f"{c.name} {fmt_value(c)} (needs {c.threshold})" for c in self.failing)
         advice = "; ".join(dict.fromkeys(c.advice for c in self.failing if c.advice))
         return f"premise check FAILED: {names}. What to do: {advice}"
