@@ -111,8 +111,9 @@ def _on_sigint(signum, frame) -> None:
     if not _debug:
         logging.disable(logging.CRITICAL)
         with contextlib.suppress(OSError):  # whatever Prefect prints while it gives up goes to a log file
-            log = os.open(Path(tempfile.gettempdir()) / f"chips-interrupt-{os.getpid()}.log",
-                          os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            folder = Path(os.environ.get("CHIPS_LOG_DIR") or tempfile.gettempdir())  # where error logs go too
+            folder.mkdir(parents=True, exist_ok=True)
+            log = os.open(folder / f"chips-interrupt-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(log, 2)
     watchdog = threading.Timer(8.0, os._exit, args=(130,))
     watchdog.daemon = True  # a command that unwinds sooner exits sooner

@@ -56,3 +56,27 @@ def test_the_temporary_api_dies_with_a_killed_chips_process(tmp_path):
             p.kill()
         if server and Path(f"/proc/{server}").exists() and "server:create_app" in _cmdline(server):
             os.kill(server, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_ctrl_c_says_so_and_keeps_its_log_in_chips_log_dir(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CHIPS_LOG_DIR": str(tmp_path / "logs"),
+           "CHIPS_CACHE": os.environ.get("CHIPS_CACHE", str(Path.home() / ".cache" / "chips"))}
+    env.pop("PREFECT_API_URL", None)
+    exe = str(Path(sys.executable).with_name("chips"))
+    p = subprocess.Popen([exe, "demo", "--workdir", str(tmp_path / "demo"), "--pool-size", "150", "--eval-size", "30"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None and not any(
+                "server:create_app" in _cmdline(c) for c in _children(p.pid)):
+            time.sleep(0.5)
+        assert p.poll() is None, "the demo ended before its temporary Prefect API started"
+        os.kill(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0 and "interrupted; rerun the same command to resume" in err
+    assert list((tmp_path / "logs").glob("chips-interrupt-*.log")), "the shutdown log is not in CHIPS_LOG_DIR"
