@@ -137,10 +137,14 @@ def _alive(process: str) -> bool:
     return ":" not in process or process_id(pid) == process
 
 
+_RECONCILED: set[str] = set()  # warehouses this process has looked at for abandoned runs
+
+
 def mark_abandoned(wh: Warehouse) -> list[str]:
     """Every ``running`` row of this host whose process is gone (killed, crashed, the machine restarted) becomes
     ``abandoned``, so that every run is accounted for: succeeded, failed or abandoned. Returns their run ids. Rows
     of other hosts are left alone (their processes cannot be probed from here)."""
+    _RECONCILED.add(wh.root)
     if not wh.fs.exists(wh.table_dir("runs")):
         return []
     import pyarrow.compute as pc
@@ -187,9 +191,11 @@ def recorded_run(wh: Warehouse, stage: str, config=None, *, run_id: str | None =
                  inputs: dict | None = None, **fields):
     """Context manager yielding a mutable row. A ``running`` row (with this process's id) is written when the block
     starts, and replaced by the outcome when it ends: ``succeeded``, or ``failed`` (the error re-raised). A process
-    killed in between leaves ``running``, which the next run (or command) marks ``abandoned``
-    (:func:`mark_abandoned`). Set ``row["rows_in"]`` etc. inside."""
-    mark_abandoned(wh)
+    killed in between leaves ``running``, which the next process's first stage run (or ``chips gc``) marks
+    ``abandoned`` (:func:`mark_abandoned`: once per process and warehouse, since it reads the whole runs table).
+    Set ``row["rows_in"]`` etc. inside."""
+    if wh.root not in _RECONCILED:
+        mark_abandoned(wh)
     row = {"run_id": run_id or new_run_id(stage), "parent_run_id": parent_run_id, "stage": stage, "status": "running",
            "config_json": config_json(config), "config_hash": config_hash(config),
            "input_fingerprints": json.dumps(inputs or {}, sort_keys=True), "code_version": code_version(),

@@ -169,21 +169,19 @@ def write_subsets(wh: Warehouse, score_run_id: str, methods: Sequence[str], budg
         for method, bs in plan:
             keeps = {b: n_keep(b, n) for b in bs}
             label = method or "full"
+            sids = [f"{score_run_id}:{label}@{b:g}" for b in keeps]
+            ids += sids
             if method in SET_METHODS:
                 candidates = candidates or EligibleGradients.load(con, wh, score_run_id, select)
-                sids = [f"{score_run_id}:{label}@{b:g}" for b in keeps]
                 for sid, (b, k) in zip(sids, keeps.items()):
                     with _spooled(set_ranking(con, candidates, method, k, select), TOP_SCHEMA) as top:
                         rows += _write_part(wh, "subsets", {"run": run_id}, f"{label}@{b:g}", [
                             _subset_rows(top, k, sid, run_id, score_run_id, b, label)])
-                ids += sids
                 continue
             with _spooled(ranked(con, method, max(keeps.values())), TOP_SCHEMA) as top:
-                sids = [f"{score_run_id}:{label}@{b:g}" for b in keeps]
                 rows += _write_part(wh, "subsets", {"run": run_id}, label, [
                     _subset_rows(top, k, sid, run_id, score_run_id, b, label)
                     for sid, (b, k) in zip(sids, keeps.items())])
-            ids += sids
         return {"scored": n, "rows": rows, "subsets": ids, "taken_down": taken_down}
     finally:
         if candidates is not None:

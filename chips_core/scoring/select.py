@@ -265,7 +265,7 @@ def run_selector(method: str, A: np.ndarray, t: np.ndarray, m: int, config: Sele
 
 
 def select_set(method: str, pair_ids, g: np.ndarray, v: np.ndarray, m: int,
-               config: SelectConfig = SelectConfig(), selector=run_selector) -> list[str]:
+               config: SelectConfig = SelectConfig()) -> list[str]:
     """Up to ``m`` of the candidate pairs (``pair_ids`` with their sketched gradients ``g``, any order), in
     selection order, by a set-aware selector against the preconditioned target direction ``v``: the candidates in
     memory. :func:`select_partitions` is the same selection over partitions held elsewhere (the platform spools
@@ -278,11 +278,10 @@ def select_set(method: str, pair_ids, g: np.ndarray, v: np.ndarray, m: int,
     n_parts = math.ceil(len(ids) / config.partition)
     part = partition_of(ids.tolist(), n_parts, config.seed)
     rows = [np.flatnonzero(part == p) for p in range(n_parts)]
-    return select_partitions(method, [(ids[r].tolist(), (lambda r=r: g[r])) for r in rows], v, m, config, selector)
+    return select_partitions(method, [(ids[r].tolist(), (lambda r=r: g[r])) for r in rows], v, m, config)
 
 
-def select_partitions(method: str, parts, v: np.ndarray, m: int, config: SelectConfig = SelectConfig(),
-                      selector=run_selector) -> list[str]:
+def select_partitions(method: str, parts, v: np.ndarray, m: int, config: SelectConfig = SelectConfig()) -> list[str]:
     """The selection over ``parts``: for partition ``p`` (as :func:`partition_of` numbers them), its pair ids and a
     function returning its gradients (rows in the same order). Each partition selects its quota (largest
     remainder, in proportion to its size) among its pairs in pair-id order; the result interleaves them by the
@@ -298,7 +297,7 @@ def select_partitions(method: str, parts, v: np.ndarray, m: int, config: SelectC
             continue
         ids = np.asarray(ids, dtype=object)
         order = np.argsort(ids.astype(str), kind="stable")  # pair-id order inside a partition
-        got = selector(method, unit_rows(np.asarray(load())[order]), t, int(share[p]), config)
+        got = run_selector(method, unit_rows(np.asarray(load())[order]), t, int(share[p]), config)
         picked.append(ids[order][got])
         keys.append(np.column_stack([(np.arange(len(got)) + 1) / share[p], np.full(len(got), p)]))
     if not picked:
