@@ -16,9 +16,13 @@ def test_gc_frozen_sets_the_objects_alive_on_entry_aside_and_hands_them_back():
         cycle.append(cycle)
         del cycle
         assert gc.collect() >= 1  # what is created inside is still collected
-        with gc_frozen():  # nested: does nothing, so its exit does not unfreeze the outer's objects
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen
+        # The count only falls while frozen objects die by reference count (a library's background thread may drop
+        # some at any time), so it is compared with bounds, not equality. Nested: the inner block freezes nothing
+        # (the count does not grow past the outer's, although the inner generator's own objects were created since),
+        # and its exit does not unfreeze the outer's objects (the count does not drop to 0).
+        with gc_frozen():
+            assert 0 < gc.get_freeze_count() <= frozen
+        assert 0 < gc.get_freeze_count() <= frozen
     assert gc.get_freeze_count() == 0
 
 
