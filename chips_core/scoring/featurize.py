@@ -187,9 +187,19 @@ def _row_keys(h: torch.Tensor) -> list[bytes]:
     return [r.tobytes() for r in rows]
 
 
-def _check_finite(pair_ids, h_v, h_t, nv, nt) -> None:
+def _invalid_rows(h_v, h_t, nv, nt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row (on the rows' device, no synchronisation): non-finite features or norms, and a zero norm."""
     bad = ~(torch.isfinite(h_v).all(1) & torch.isfinite(h_t).all(1) & torch.isfinite(nv) & torch.isfinite(nt))
-    zero = (nv <= 0) | (nt <= 0)
+    return bad, (nv <= 0) | (nt <= 0)
+
+
+def _check_finite(pair_ids, h_v, h_t, nv, nt) -> None:
+    _raise_invalid(pair_ids, *_invalid_rows(h_v, h_t, nv, nt))
+
+
+def _raise_invalid(pair_ids, bad: torch.Tensor, zero: torch.Tensor) -> None:
+    if not bool((bad | zero).any()):  # the one synchronisation of a check
+        return
     for mask, what in ((bad, "non-finite pre-projection features or embeddings"),
                        (zero, "a zero-norm projection (cannot normalise)")):
         # padding rows (id None) repeat a real row, which is reported under its own id
@@ -239,12 +249,16 @@ class ScoringContext:
         dense, mat_t, sketched = self._bank_terms[name]
         return W @ sketched if sketched is not None else (W @ dense) @ mat_t
 
-    def embed(self, h_v: torch.Tensor, h_t: torch.Tensor, pair_ids) -> Embedded:
+    def embed(self, h_v: torch.Tensor, h_t: torch.Tensor, pair_ids, check: bool = True) -> Embedded:
+        """The end-point embeddings and their sketched factors. ``check=False`` leaves the finiteness check to the
+        caller (:func:`_invalid_rows` on ``h_v, h_t, nv, nt``): the featurizer checks once per call, not once per
+        micro-batch, so that the device is not synchronised with the host between micro-batches."""
         h_v = h_v.to(self.device, self.dtype)
         h_t = h_t.to(self.device, self.dtype)
         e_v, e_t = h_v @ self.W_v.t(), h_t @ self.W_t.t()
         nv, nt = e_v.norm(dim=1), e_t.norm(dim=1)
-        _check_finite(pair_ids, h_v, h_t, nv, nt)
+        if check:
+            _check_finite(pair_ids, h_v, h_t, nv, nt)
         x, y = e_v / nv[:, None], e_t / nt[:, None]
         U_v, V_v, U_t, V_t, _ = self.mats
         return Embedded(list(pair_ids), h_v, h_t, x, y, nv, nt,
@@ -252,16 +266,23 @@ class ScoringContext:
 
     def bank_mask(self, emb: Embedded) -> torch.Tensor:
         """(B, K) True where bank pair b is not a negative of pair i: pair i itself (it is masked out of its
-        own negatives) and, if the bank says so, members with its caption or a near-duplicate image."""
-        mask = torch.zeros(len(emb.pair_ids), len(self.bank_index), dtype=torch.bool)
+        own negatives) and, if the bank says so, members with its caption or a near-duplicate image. Built on the
+        device; the host sends indices only where a pair is a bank member or shares a member's caption (a pool pair
+        usually is neither, so the common case copies nothing and does not synchronise)."""
+        rows, cols = [], []
         for i, pid in enumerate(emb.pair_ids):
             j = self.bank_index.get(pid)
             if j is not None:
-                mask[i, j] = True
+                rows.append(i)
+                cols.append(j)
         if self.bank_rules.mask_same_caption:  # equal text-tower features, byte for byte: the same caption (§2)
             for i, key in enumerate(_row_keys(emb.h_t)):
-                mask[i, self.bank_caption_rows.get(key, [])] = True
-        mask = mask.to(self.device)
+                js = self.bank_caption_rows.get(key, [])
+                rows += [i] * len(js)
+                cols += js
+        mask = torch.zeros(len(emb.pair_ids), len(self.bank_index), dtype=torch.bool, device=self.device)
+        if rows:
+            mask[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = True
         if self.bank_rules.mask_image_cosine is not None:
             mask |= (emb.x @ self.bank.x.t()) >= self.bank_rules.mask_image_cosine
         return mask
@@ -447,19 +468,31 @@ class Featurizer:
         for rows, n in padded_chunks(len(pair_ids), mb):
             hv, ht = self.endpoint.encode_pre(pad_rows(images[rows], mb), pad_rows(texts[rows], mb))
             out.append(self._features(hv, ht, list(pair_ids[rows]), n))
-        return FeatureBatch.concat(out)
+        return self._collect(out, pair_ids)
 
     def featurize_pre(self, h_v: torch.Tensor, h_t: torch.Tensor, pair_ids: Sequence[str]) -> FeatureBatch:
         """Features from pre-projection features already computed (same micro-batching)."""
         mb, out = self.config.micro_batch, []
         for rows, n in padded_chunks(len(pair_ids), mb):
             out.append(self._features(pad_rows(h_v[rows], mb), pad_rows(h_t[rows], mb), list(pair_ids[rows]), n))
-        return FeatureBatch.concat(out)
+        return self._collect(out, pair_ids)
 
-    def _features(self, hv, ht, ids: list, n: int) -> FeatureBatch:
+    def _features(self, hv, ht, ids: list, n: int) -> dict[str, torch.Tensor]:
+        """One micro-batch's features and validity flags, its ``n`` real rows, left on the device."""
         ids_padded = ids + [None] * (hv.shape[0] - n)
-        emb = self.ctx.embed(hv, ht, ids_padded)
+        emb = self.ctx.embed(hv, ht, ids_padded, check=False)
+        bad, zero = _invalid_rows(emb.h_v, emb.h_t, emb.nv, emb.nt)
         f = sample_features(self.ctx, emb)
-        as_np = lambda t: t[:n].detach().to("cpu", torch.float32).numpy()  # noqa: E731
-        return FeatureBatch(pair_id=ids, x=as_np(emb.x), y=as_np(emb.y),
-                            **{k: as_np(v) for k, v in f.items()}, identity=self.identity)
+        return {k: t[:n].detach() for k, t in (("x", emb.x), ("y", emb.y), *f.items(), ("_bad", bad), ("_zero", zero))}
+
+    def _collect(self, parts: list[dict[str, torch.Tensor]], pair_ids: Sequence[str]) -> FeatureBatch:
+        """The micro-batches joined on the device, checked once and copied to the host once per feature: between
+        micro-batches the host never waits for the device (issue 31: the per-micro-batch checks and copies cost
+        bf16 featurize several percent of the forward pass on a GPU). The bits are the per-micro-batch ones."""
+        ids = list(pair_ids)
+        whole = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        if not whole:
+            raise ValueError("featurize needs at least one pair")
+        _raise_invalid(ids, whole.pop("_bad"), whole.pop("_zero"))
+        as_np = lambda t: t.to("cpu", torch.float32).numpy()  # noqa: E731
+        return FeatureBatch(pair_id=ids, **{k: as_np(v) for k, v in whole.items()}, identity=self.identity)

@@ -161,6 +161,12 @@ def test_non_finite_and_zero_norm_embeddings_name_the_pair(scored):
     zero[2] = 0.0
     with pytest.raises(NonFiniteEmbeddingError, match="'pair-c'.*zero-norm"):
         feat.featurize_pre(zero, ht, ["pair-a", "pair-b", "pair-c"])
+    # checked once per call (not per micro-batch): a bad row in a later micro-batch is still named by its own id
+    small = Featurizer(feat.endpoint, feat.ctx.bank_rules, SketchConfig(k=feat.ctx.k, seed=feat.ctx.identity.sketch_seed),
+                       FeaturizeConfig(micro_batch=2))
+    with pytest.raises(NonFiniteEmbeddingError, match=r"^pair 'pair-c': a zero-norm"):
+        small.featurize_pre(zero, ht, ["pair-a", "pair-b", "pair-c"])
+    assert len(small.featurize_pre(hv, ht, ["pair-a", "pair-b", "pair-c"])) == 3
 
 
 def test_config_errors_name_the_value():
