@@ -162,6 +162,13 @@ def load_shard_plan(wh: Warehouse, run_id: str) -> pa.Table | None:
     return pq.read_table(io.BytesIO(wh.read_bytes(path)))
 
 
+def remove_run_outputs(wh: Warehouse, run_id: str) -> None:
+    """Everything a featurize run stored (its features parts, bank, trunk outputs, curvature, shard plan)."""
+    for folder in (posixpath.join(wh.table_dir("features"), f"run={run_id}"), wh.path("globals", f"run={run_id}")):
+        if wh.fs.exists(folder):
+            wh.fs.rm(folder, recursive=True)
+
+
 def relative_path(wh: Warehouse, path: str) -> str:
     """``path`` relative to the warehouse root (what a shard plan stores, so that the warehouse can move)."""
     return posixpath.relpath(path, wh.root) if path.startswith(wh.root) else path

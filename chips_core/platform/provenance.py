@@ -163,6 +163,41 @@ def mark_abandoned(wh: Warehouse) -> list[str]:
     return out
 
 
+# the statuses of a run that was stopped rather than failing on its own: its process killed, or Ctrl-C
+INTERRUPTED = ("abandoned", "failed: KeyboardInterrupt")
+
+
+def interrupted_run(wh: Warehouse, stage: str, config, *, inputs: dict | None = None, **fields) -> tuple[str, str] | None:
+    """The run a rerun of the same command resumes: the latest ``stage`` run with this config (its hash), with
+    ``inputs`` among its recorded inputs and these column values (the model's checksum, ...), when that run was
+    interrupted (:data:`INTERRUPTED`: killed, or stopped by Ctrl-C), or when it succeeded but the command that started
+    it (its parent run) was interrupted after it. ``(run_id, its status)``, or None when there is no such run or
+    a later run of the same config has started since (a rerun never goes back past it). The stage decides what of
+    the run it can keep (featurize: the shards whose pairs are unchanged)."""
+    if wh.root not in _RECONCILED:
+        mark_abandoned(wh)
+    if not wh.fs.exists(wh.table_dir("runs")):
+        return None
+    import pyarrow.compute as pc
+
+    runs = wh.read("runs", columns=["run_id", "parent_run_id", "stage", "status", "config_hash", "input_fingerprints",
+                                    "started_at", *fields])
+    rows = [r for r in runs.to_pylist()
+            if r["stage"] == stage and r["config_hash"] == config_hash(config)
+            and all(r.get(k) == v for k, v in fields.items())
+            and (inputs or {}).items() <= json.loads(r.get("input_fingerprints") or "{}").items()]
+    if not rows:
+        return None
+    latest = max(rows, key=lambda r: (r["started_at"], r["run_id"]))
+    status = latest["status"] or ""
+    if status.startswith(INTERRUPTED):
+        return latest["run_id"], status
+    parent = latest["parent_run_id"] and runs.filter(pc.field("run_id") == latest["parent_run_id"]).to_pylist()
+    if status == "succeeded" and parent and (parent[-1]["status"] or "").startswith(INTERRUPTED):
+        return latest["run_id"], f"succeeded, its {parent[-1]['stage']} run {parent[-1]['status'].split(':')[0]}"
+    return None
+
+
 def remove_unfinished(wh: Warehouse, tables=("subsets",)) -> list[str]:
     """Remove the parts of ``tables`` (partitioned by ``run=<id>``) whose run did not succeed and is not running:
     what a killed or failed materialize left (already invisible to ``stg_subsets``, ``cpt --subset`` and publish).

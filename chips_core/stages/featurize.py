@@ -15,10 +15,10 @@ import torch
 
 from ..errors import IncompatibleFeaturesError
 from ..platform.features import (feature_parts, load_bank, load_curvature, load_pre, load_shard_plan, read_feature_part,
-                                 relative_path, save_bank, save_curvature, save_pre, save_shard_plan, shard_parts,
-                                 write_features)
+                                 relative_path, remove_run_outputs, save_bank, save_curvature, save_pre, save_shard_plan,
+                                 shard_parts, write_features)
 from ..platform.poolscan import PoolScan, PoolShard
-from ..platform.provenance import new_run_id, recorded_run
+from ..platform.provenance import interrupted_run, new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import LoadedModel
 from ..scoring.featurize import Featurizer, ReferenceBank, ScoringContext, forward_pre_batches
@@ -83,6 +83,15 @@ def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id
     if seen[0] < 2:
         require_pairs(wh, cfg.pool, "pool", ids=False)  # its error names the sources and their quarantine causes
     base, reason = _reusable(cfg, wh, loaded, reuse)
+    plan_rows = [{"shard": f"shard-{n:05d}", "path": relative_path(wh, sh.path), "row_groups": list(sh.row_groups),
+                  "start": sh.start, "stop": sh.stop, "pairs": sh.pairs, "digest": sh.digest, "reused_part": None}
+                 for n, sh in enumerate(shards)]
+    stored = load_shard_plan(wh, run_id)
+    if stored is not None and [_shard_key(r) for r in stored.to_pylist()] != [_shard_key(r) for r in plan_rows]:
+        # a resumed run whose pool changed meanwhile: what it wrote belongs to other shards
+        log.warning("featurize run %s: the pool changed since it was interrupted; every shard is forwarded again",
+                    run_id)
+        remove_run_outputs(wh, run_id)
     try:
         load_bank(wh, run_id)
     except FileNotFoundError:
@@ -92,21 +101,23 @@ def featurize_prepare(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id
             rows = scan.read_located(bank.payload)
             save_bank(wh, _bank(cfg, loaded, *model_inputs(rows, loaded), bank.ids), run_id)
     plan = FeaturizePlan(scan, shards, seen[0], curv.ids, reason=reason)
-    rows = [{"shard": f"shard-{n:05d}", "path": relative_path(wh, sh.path), "row_groups": list(sh.row_groups),
-             "start": sh.start, "stop": sh.stop, "pairs": sh.pairs, "digest": sh.digest, "reused_part": None}
-            for n, sh in enumerate(shards)]
     if base is not None:
         before = load_shard_plan(wh, base).to_pylist()
         parts = {name: relative_path(wh, p) for name, p in shard_parts(wh, base).items()}
         where = {(r["path"], tuple(r["row_groups"]), r["start"], r["stop"], r["digest"]): parts.get(r["shard"])
                  for r in before}
-        for n, r in enumerate(rows):
+        for n, r in enumerate(plan_rows):
             part = where.get((r["path"], tuple(r["row_groups"]), r["start"], r["stop"], r["digest"]))
             if part is not None:
                 r["reused_part"], plan.reused[n] = part, part
         plan.base, plan.base_pairs = base, sum(r["pairs"] for r in before)
-    save_shard_plan(wh, run_id, rows)
+    save_shard_plan(wh, run_id, plan_rows)
     return plan
+
+
+def _shard_key(row: dict) -> tuple:
+    """What a shard holds (not where a refresh found its features)."""
+    return row["shard"], row["path"], tuple(row["row_groups"]), row["start"], row["stop"], row["pairs"], row["digest"]
 
 
 def _reusable(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, reuse: str | None) -> tuple[str | None, str | None]:
@@ -221,7 +232,10 @@ def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
     """Bank, per-shard features and the curvature statistics for every pool pair. ``map_shards``
     decides where the shards run (in this process by default). ``reuse``: an earlier featurize run of this pool
     that a refresh builds on (:func:`featurize_prepare`): only the shards that changed are forwarded."""
-    run_id = run_id or new_run_id("featurize")
+    resumed = interrupted_run(wh, "featurize", cfg, model_checksum=loaded.checksum) if run_id is None else None
+    if resumed:  # a rerun of the command that was killed or stopped: its finished shards are kept
+        log.info("featurize: resuming run %s (%s); its finished shards are kept", *resumed)
+    run_id = resumed[0] if resumed else run_id or new_run_id("featurize")
     with recorded_run(wh, "featurize", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       **model_fields(cfg, loaded)) as row:
         plan = featurize_prepare(cfg, wh, loaded, run_id, reuse)
@@ -247,7 +261,9 @@ def featurize_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: 
         row.update(bank_id=bank.bank_id, rows_in=n, rows_out=n, rows_quarantined=0,
                    input_fingerprints=json.dumps({"pool_pairs": n}),
                    diagnostics_json=json.dumps({"bank_size": bank_size, "bank_size_configured": cfg.bank.size,
-                                                **({"refresh": refresh} if refresh else {})}))
+                                                **({"refresh": refresh} if refresh else {}),
+                                                **({"resumed": {"was": resumed[1], "shards_written_now": written}}
+                                                   if resumed else {})}))
     out = {"run_id": run_id, "pairs": n, "shards": len(shards), "shards_written": written,
            "bank_id": bank.bank_id, "bank_size": bank_size}
     return out | ({"refresh": refresh} if refresh else {})

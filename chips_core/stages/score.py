@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import posixpath
 import threading
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..platform.features import feature_parts, load_bank, load_curvature, read_feature_part, save_direction
-from ..platform.provenance import new_run_id, recorded_run
+from ..platform.provenance import interrupted_run, new_run_id, recorded_run
 from ..platform.selection import unranked_dir, write_ranked_scores
 from ..platform.warehouse import SCHEMAS, Warehouse
 from ..scoring.endpoint import LoadedModel
@@ -35,6 +36,8 @@ from ..util import gc_frozen, release_memory
 from .check import target_and_eval_features
 from .common import endpoint_for, model_fields, require_bank_model, require_pairs
 from .runconfig import RunConfig
+
+log = logging.getLogger("chips")
 
 T, R = TypeVar("T"), TypeVar("R")
 UNRANKED = pa.schema([f for f in SCHEMAS["scores"] if f.name != "rank"])
@@ -62,10 +65,13 @@ def scores_table(pair_ids, scores: dict, run_id: str) -> pa.Table:
 def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_run_id: str,
                 run_id: str | None = None, parent_run_id: str | None = None, progress: bool = False) -> dict:
     """Every score for every pool pair of ``featurize_run_id`` against the config's target set."""
-    run_id = run_id or new_run_id("score")
     eval_ids = require_pairs(wh, cfg.target, "target")
-    with recorded_run(wh, "score", cfg, run_id=run_id, parent_run_id=parent_run_id,
-                      inputs={"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)},
+    inputs = {"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)}
+    resumed = interrupted_run(wh, "score", cfg, inputs=inputs, **model_fields(cfg, loaded)) if run_id is None else None
+    if resumed:  # a rerun of the command that was killed or stopped: the parts it scored are kept
+        log.info("score: resuming run %s (%s); the parts it scored are kept", *resumed)
+    run_id = resumed[0] if resumed else run_id or new_run_id("score")
+    with recorded_run(wh, "score", cfg, run_id=run_id, parent_run_id=parent_run_id, inputs=inputs,
                       **model_fields(cfg, loaded)) as row:
         bank = load_bank(wh, featurize_run_id)
         require_bank_model(loaded, bank, featurize_run_id)

@@ -1,0 +1,141 @@
+"""Real resume (issue 28): a `chips run` pipeline killed with SIGKILL of its whole process group at featurize,
+score or materialize, or stopped with SIGINT (Ctrl-C), then run again with the same config, keeps what the
+interrupted run finished (featurize's shards, score's parts: the same run ids) and ends with the same outputs as a
+run never interrupted: features, scores and subsets equal value for value. Every run is accounted for (no
+`running` row is left), and `chips gc` leaves no part of a run that did not succeed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from chips_core.platform.features import read_features
+from chips_core.platform.provenance import remove_unfinished
+from chips_core.platform.query import connect, query
+from chips_core.platform.warehouse import Warehouse
+from chips_core.stages import run_pipeline
+from chips_core.stages.runconfig import load_run_config
+
+from ..conftest import tiny_pipeline_config
+
+# the child runs the pipeline and stops at a chosen point (prints "stop", then waits to be killed)
+CHILD = r"""
+import json, sys, time
+import chips_core.stages.featurize as F
+import chips_core.stages.materialize as M
+import chips_core.stages.score as S
+from chips_core.stages import run_pipeline
+from chips_core.stages.runconfig import load_run_config
+
+where = sys.argv[2]
+
+def stop():
+    print("stop", flush=True)
+    time.sleep(600)
+
+if where == "featurize":  # after the third shard a run forwards
+    shard, done = F.featurize_shard, [0]
+    def featurize_shard(*a, **k):
+        written = shard(*a, **k)
+        done[0] += bool(written)
+        if done[0] == 3:
+            if k.get("writer") is not None:
+                k["writer"].wait()
+            stop()
+        return written
+    F.featurize_shard = featurize_shard
+elif where == "score":  # every part scored, not yet ranked
+    def write_ranked_scores(*a, **k):
+        stop()
+    S.write_ranked_scores = write_ranked_scores
+elif where == "materialize":  # the subsets written, the manifests not
+    def write_manifests(*a, **k):
+        stop()
+    M.write_manifests = write_manifests
+run_pipeline(load_run_config(json.loads(sys.argv[1])))
+"""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, demo_model):
+    tmp = tmp_path_factory.mktemp("resume")
+    cfg = tiny_pipeline_config(tmp, demo_model, 160, 16, seed=41, sketch={"k": 32}, bank={"size": 16},
+                               curvature={"n_curv": 40, "hard_negatives": 4}, budgets=[0.2, 0.5], shard_size=16,
+                               methods=["random", "chips", "chips_plus", "chips_pursuit"],
+                               outputs={"dir": str(tmp / "out")})
+    out = run_pipeline(load_run_config(cfg))
+    return tmp, cfg, _outputs(Warehouse(cfg["warehouse"]), out)
+
+
+def _outputs(wh: Warehouse, out: dict) -> dict:
+    con = connect(wh)
+    f = read_features(wh, out["featurize"]["run_id"])
+    scores = query(con, "select * exclude (run_id) from stg_scores where run_id = $r order by pair_id",
+                   {"r": out["score"]["run_id"]})
+    subsets = query(con, "select method, budget, pair_id, rank from stg_subsets where run_id = $r "
+                         "order by method, budget, rank", {"r": out["materialize"]["run_id"]})
+    return {"ids": f.pair_id, **{k: getattr(f, k) for k in ("x", "y", "g", "p_corr", "loss")},
+            "scores": scores, "subsets": subsets}
+
+
+def _interrupted(tmp, cfg: dict, where: str, sig: int) -> dict:
+    """A fresh warehouse; the pipeline run in a child (its own process group) until ``where``, then ``sig`` to the
+    whole group."""
+    case = {**cfg, "warehouse": str(tmp / f"wh-{where}-{sig}"), "outputs": {"dir": str(tmp / f"out-{where}-{sig}")}}
+    p = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(case), where], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "stop"
+        os.killpg(p.pid, sig)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode != 0
+    return case
+
+
+@pytest.mark.parametrize("where,sig", [("featurize", signal.SIGKILL), ("score", signal.SIGKILL),
+                                       ("materialize", signal.SIGKILL), ("featurize", signal.SIGINT)])
+def test_a_rerun_after_a_kill_resumes_and_ends_as_an_uninterrupted_run(reference, where, sig):
+    tmp, cfg, expected = reference
+    case = _interrupted(tmp, cfg, where, sig)
+    wh = Warehouse(case["warehouse"])
+    before = {r["run_id"]: r for r in query(connect(wh), "select run_id, stage, status from stg_runs").to_pylist()}
+    assert {r["status"] for r in before.values()} <= {"running", "succeeded", "failed: KeyboardInterrupt: "
+                                                      "interrupted (Ctrl-C)"}
+    killed = {r["stage"]: r["run_id"] for r in before.values() if r["stage"] in ("featurize", "score")}
+
+    out = run_pipeline(load_run_config(case))  # the same command again
+
+    got = _outputs(wh, out)
+    assert got["ids"] == expected["ids"]
+    for k in ("x", "y", "g", "p_corr", "loss"):
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+    assert got["scores"].equals(expected["scores"])
+    assert got["subsets"].equals(expected["subsets"]) and got["subsets"].num_rows > 0
+    # what the interrupted run finished is kept: its featurize run (and score run) is the one resumed
+    assert out["featurize"]["run_id"] == killed["featurize"]
+    if where == "featurize":
+        assert 0 < out["featurize"]["shards_written"] < out["featurize"]["shards"]
+    else:
+        assert out["featurize"]["shards_written"] == 0
+    if where == "score":
+        assert out["score"]["run_id"] == killed["score"]
+    # every run accounted for; the interrupted pipeline is not hidden
+    runs = query(connect(wh), "select run_id, stage, status from stg_runs").to_pylist()
+    assert not [r for r in runs if r["status"] == "running"]
+    pipelines = sorted(r["status"].split(":")[0] for r in runs if r["stage"] == "pipeline")
+    assert pipelines == (["abandoned", "succeeded"] if sig == signal.SIGKILL else ["failed", "succeeded"])
+    # gc: no part of a run that did not succeed is left, and no temporary file
+    remove_unfinished(wh)
+    ok = {r["run_id"] for r in query(connect(wh), "select run_id from stg_runs where status = 'succeeded'").to_pylist()}
+    for table in ("features", "subsets", "scores"):
+        for d in os.listdir(os.path.join(case["warehouse"], table)):
+            assert d.removeprefix("run=") in ok, (table, d)
+    assert not [f for _, _, files in os.walk(case["warehouse"]) for f in files if f.endswith(".tmp")]
