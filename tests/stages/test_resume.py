@@ -139,3 +139,45 @@ def test_a_rerun_after_a_kill_resumes_and_ends_as_an_uninterrupted_run(reference
         for d in os.listdir(os.path.join(case["warehouse"], table)):
             assert d.removeprefix("run=") in ok, (table, d)
     assert not [f for _, _, files in os.walk(case["warehouse"]) for f in files if f.endswith(".tmp")]
+
+
+def test_a_resumed_featurize_run_whose_pool_changed_forwards_every_shard_again(tmp_path, demo_model, caplog):
+    """The interrupted run's parts belong to the pool it planned: after the pool changed, the resumed run (same id)
+    drops them and ends equal to a fresh run over the new pool."""
+    import dataclasses
+
+    import open_clip
+    import pyarrow as pa
+
+    from chips_core.platform.warehouse import SCHEMAS
+    from chips_core.scoring.endpoint import LoadedModel, state_dict_checksum
+    from chips_core.stages import featurize_stage, ingest_stage
+    from chips_core.train.synthetic import make_pairs
+    from flows.demo import write_folder
+
+    data = make_pairs(90, seed=43)
+    write_folder(tmp_path / "pool", data, 60)
+    cfg = load_run_config(tiny_pipeline_config(tmp_path / "t", demo_model, 10, 12, seed=44, sketch={"k": 16},
+                                               bank={"size": 12}, curvature={"n_curv": 20, "hard_negatives": 4},
+                                               shard_size=16, budgets=[0.5]))
+    cfg = dataclasses.replace(cfg, pool=(dataclasses.replace(cfg.pool[0], paths=(str(tmp_path / "pool"),)),))
+    wh = Warehouse(cfg.warehouse)
+    loaded = LoadedModel(demo_model, open_clip.tokenizer.SimpleTokenizer(context_length=16),
+                         state_dict_checksum(demo_model), "demo")
+    ingest_stage(list(cfg.pool) + list(cfg.target), wh)
+    first = featurize_stage(cfg, wh, loaded)["run_id"]
+    row = query(connect(wh), "select * from stg_runs where run_id = $r", {"r": first}).to_pylist()[0]
+    row["status"] = "abandoned: process 1 on this host ended without recording an outcome"  # as if killed
+    wh.write("runs", pa.Table.from_pylist([{k: row.get(k) for k in SCHEMAS["runs"].names}], schema=SCHEMAS["runs"]),
+             {"kind": "featurize"}, first)
+
+    write_folder(tmp_path / "pool", data, 90)  # 30 more pairs in the same folder
+    ingest_stage(list(cfg.pool), wh)
+    resumed = featurize_stage(cfg, wh, loaded)
+    assert resumed["run_id"] == first and resumed["pairs"] == 90
+    assert resumed["shards_written"] == resumed["shards"]
+    assert "the pool changed since it was interrupted" in caplog.text
+    fresh = featurize_stage(cfg, wh, loaded, run_id="fresh")
+    a, b = read_features(wh, first), read_features(wh, fresh["run_id"])
+    assert a.pair_id == b.pair_id and len(a.pair_id) == 90
+    np.testing.assert_array_equal(a.g, b.g)
