@@ -79,7 +79,8 @@ def _one_line_errors():
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         if isinstance(e, duckdb.Error) and not isinstance(e, ChipsError):
             msg = f"{type(e).__name__}: {e}"
-        typer.echo(f"chips: error: {msg}", err=True)
+        # one line, whatever the message holds (DuckDB's parser errors and YAML's span several)
+        typer.echo(f"chips: error: {' '.join(str(msg).split())}", err=True)
         raise typer.Exit(code=1) from None
     except Exception as e:  # noqa: BLE001 - the boundary: nothing else reaches the user as a traceback
         if _debug:
@@ -245,14 +246,14 @@ def eval_cmd(config: Path = typer.Argument(..., help="pipeline YAML with `eval_s
              subset: Optional[str] = typer.Option(None, help="the subset that trained it (joins evals to the selection)")) -> None:
     """Zero-shot accuracy and retrieval recall@{1,5,10} on every configured suite -> the `evals` table."""
     with _one_line_errors():
-        from chips_core.stages.preflight import (check_eval_suites, existing_warehouse, require_checkpoint,
-                                                 require_run, require_subset, writable_warehouse)
+        from chips_core.stages.preflight import (check_checkpoint, check_eval_suites, existing_warehouse,
+                                                 require_checkpoint, require_run, require_subset, writable_warehouse)
         from chips_core.stages.runconfig import load_run_config
 
         cfg = load_run_config(config)
-        if checkpoint is not None and not checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {str(checkpoint)!r}")
-        if checkpoint is None:
+        if checkpoint is not None:
+            check_checkpoint(checkpoint, "--checkpoint")
+        else:
             require_checkpoint(cfg)
         check_eval_suites(cfg, config)
         wh = existing_warehouse(cfg)
@@ -484,7 +485,27 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault(STARTUP_TIMEOUT_ENV, DEFAULT_STARTUP_TIMEOUT)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)
-    app(args=argv, prog_name="chips")
+    sys.exit(_run_app(argv))
+
+
+def _run_app(argv: list[str]) -> int:
+    """The app, with the parser's usage errors (an unknown option, a missing argument, a value of the wrong type,
+    an unknown command) as one line and exit code 1 like every other error; bare ``chips`` still prints the help.
+    (typer carries its own click: its errors derive from ``typer.TyperException``.)"""
+    try:
+        rv = app(args=argv, prog_name="chips", standalone_mode=False)
+    except typer.Abort:  # the parser's own Ctrl-C / EOF at a prompt
+        typer.echo(f"\nchips: {INTERRUPTED}", err=True)
+        return 130
+    except typer.TyperException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `chips` alone: the help, as before
+            e.show()
+            return e.exit_code
+        msg = " ".join(e.format_message().split())  # one line, whatever the message's wrapping
+        where = getattr(getattr(e, "ctx", None), "command_path", None) or "chips"
+        typer.echo(f"chips: error: {msg} (see `{where} --help`)", err=True)
+        return 1
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ raised as one :class:`PreflightError` that names the source, path, warehouse or 
 
 - every source path exists, is readable, and its reader finds its columns and at least one record
   (the reader itself is asked, so the check and the ingest cannot disagree);
-- the model checkpoint and the eval suite files exist;
+- the model checkpoint exists and loads as weights; the eval suite files exist and their image paths lie inside
+  their ``allowed_roots``;
 - the warehouse is writable (a probe file is written and removed), created only after the sources pass;
 - a subset or run id a command names exists in the warehouse.
 
@@ -59,20 +60,71 @@ def check_sources(cfg: RunConfig, pool: bool = True, target: bool = True) -> Non
 
 
 def require_checkpoint(cfg: RunConfig) -> None:
-    """A local checkpoint the config names exists (else the loader's CheckpointNotFoundError naming the path)."""
-    if cfg.model.checkpoint and "://" not in cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
-        from ..scoring.endpoint import load_model
+    """A local checkpoint the config names exists (else the loader's CheckpointNotFoundError naming the path) and
+    is a weights file (:func:`check_checkpoint`)."""
+    if cfg.model.checkpoint and "://" not in cfg.model.checkpoint:
+        if not Path(cfg.model.checkpoint).is_file():
+            from ..scoring.endpoint import load_model
 
-        load_model(cfg.model)
+            load_model(cfg.model)
+        check_checkpoint(cfg.model.checkpoint, "model.checkpoint")
+
+
+def check_checkpoint(path: str | Path, what: str = "checkpoint") -> None:
+    """``path`` is a file that loads as weights the way the model loader reads it (``torch.load`` with
+    ``weights_only=True``, memory-mapped, nothing copied; or a safetensors header): a text file, a truncated save
+    or a pickle of arbitrary objects is refused here, not after a flow started."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise PreflightError(f"{what} not found: {str(path)!r}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        else:
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # a legacy (non-zip) save cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the loader raises means the same here
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PreflightError(f"{what} {str(path)!r} does not load as weights (torch.load, weights_only=True): "
+                             f"{type(e).__name__}: {first}") from None
 
 
 def check_eval_suites(cfg: RunConfig, config: str | Path) -> None:
-    """``config`` (the file ``cfg`` came from) names eval suites, and each local suite file exists."""
+    """``config`` (the file ``cfg`` came from) names eval suites; each local suite file exists, reads as a table
+    and every image path in it follows the path rule (inside the suite's ``allowed_roots``), checked without
+    opening an image."""
+    from ..errors import ConfigError
+    from ..util import read_pair_table, resolve_image_path
+
     if not cfg.eval_suites:
         raise PreflightError(f"{config}: no eval_suites configured (each: {{name, path, templates}})")
-    missing = [s.path for s in cfg.eval_suites if "://" not in s.path and not Path(s.path).is_file()]
-    if missing:
-        raise PreflightError(f"eval suite file not found: {missing[0]!r}")
+    for spec in cfg.eval_suites:
+        if "://" in spec.path:
+            continue
+        if not Path(spec.path).is_file():
+            raise PreflightError(f"eval suite file not found: {spec.path!r}")
+        what = f"eval suite {spec.name!r}"
+        try:
+            t = read_pair_table(spec.path, what)
+            col = "image" if "image" in t.column_names else "filepath"
+            if col not in t.column_names:
+                raise PreflightError(f"{what}: {spec.path} has no column 'image' or 'filepath' (has {t.column_names})")
+            for src in t.column(col).to_pylist():
+                if isinstance(src, str):
+                    resolve_image_path(src, Path(spec.path).parent, spec.allowed_roots or None, what)
+        except (PreflightError, ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001 - an unreadable table, whatever the reader raises
+            raise PreflightError(f"{what}: {spec.path} cannot be read: {type(e).__name__}: {e}") from None
 
 
 def writable_warehouse(cfg: RunConfig) -> Warehouse:

@@ -161,9 +161,11 @@ def load_run_config(source: str | Path | dict) -> RunConfig:
         if not path.is_file():
             raise ConfigError(f"run config not found: {str(path)!r}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"run config {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+            raise ConfigError(f"run config {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
         where = str(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")

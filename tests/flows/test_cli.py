@@ -117,6 +117,24 @@ def test_preflight_errors_are_one_line_before_any_model_or_flow(tmp_path):
                                   "featurize run" in res.output, res.output
     res = runner.invoke(app, ["eval", str(cfg)])
     assert res.exit_code == 1 and "no eval_suites configured" in res.output
+    # issue 28.6: a checkpoint that is not weights, and a suite image outside its roots, refused in the pre-flight
+    import yaml
+
+    (tmp_path / "notes.pt").write_text("not weights\n")
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "suite.csv").write_text(f"filepath,title\n{tmp_path / 'imgs' / 'a.png'},a cat\n")
+    with_suite = tmp_path / "suite.yaml"
+    with_suite.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "eval_suites": [
+        {"name": "cats", "path": str(tmp_path / "suite" / "suite.csv")}]}))
+    res = runner.invoke(app, ["eval", str(with_suite), "--checkpoint", str(tmp_path / "notes.pt")])
+    assert res.exit_code == 1 and res.output.startswith(f"chips: error: --checkpoint '{tmp_path / 'notes.pt'}' does "
+                                                        "not load as weights"), res.output
+    assert len(res.output.strip().splitlines()) == 1
+    torch_save = __import__("torch").save
+    torch_save({"w": __import__("torch").zeros(2)}, tmp_path / "weights.pt")
+    res = runner.invoke(app, ["eval", str(with_suite), "--checkpoint", str(tmp_path / "weights.pt")])
+    assert res.exit_code == 1 and res.output.startswith("chips: error: eval suite 'cats': image path ") \
+        and "outside the allowed roots" in res.output and len(res.output.strip().splitlines()) == 1, res.output
     res = runner.invoke(app, ["report", "run-x", "-w", str(tmp_path / "wh"), "--out", "/proc/self/report"])
     assert res.exit_code == 1 and res.output.startswith("chips: error: no scoring run found for 'run-x'"), res.output
 
