@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import pyarrow as pa
 
 from ..platform.ingeststate import IngestState
-from ..platform.provenance import input_fingerprint, new_run_id, recorded_run
+from ..platform.provenance import input_fingerprint, interrupted_run, new_run_id, recorded_run
 from ..platform.readers import RawRecord, SourceSpec, open_shard, shard_name
 from ..platform.validate import Validated, check_batch, validate_records, write_offline_index
 from ..platform.warehouse import SCHEMAS, Warehouse
@@ -87,13 +87,19 @@ def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | Non
     Shards already written under this ``run_id`` are skipped (resume at shard granularity).
     Shards run one after another under the warehouse's ingest lock: de-duplication reads what the
     shards before wrote."""
-    run_id = run_id or new_run_id("ingest")
     shards = [(spec, p) for spec in sources for p in spec.paths]
     inputs = {f"{spec.name}:{p}": input_fingerprint(p, spec.storage_options) for spec, p in shards}
+    config = {"sources": [dataclasses.asdict(s) for s in sources]}
+    # a rerun of a command that was killed or stopped here: the same sources with the same fingerprints carry on
+    # under the interrupted run's id, so the shards it finished are skipped and the parts end as one run's would
+    resumed = interrupted_run(wh, "ingest", config, inputs=inputs) if run_id is None else None
+    if resumed:
+        log.info("ingest: resuming run %s (%s); its finished shards are kept", *resumed)
+    run_id = resumed[0] if resumed else run_id or new_run_id("ingest")
     totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0}
     docs = _DataDocs(wh)
-    with wh.lock("ingest"), recorded_run(wh, "ingest", {"sources": [dataclasses.asdict(s) for s in sources]},
-                                         run_id=run_id, parent_run_id=parent_run_id, inputs=inputs) as row, docs:
+    with wh.lock("ingest"), recorded_run(wh, "ingest", config, run_id=run_id, parent_run_id=parent_run_id,
+                                         inputs=inputs) as row, docs:
         drop_incomplete_shards(wh)  # before the state is read from what they hold
         with known_pairs(wh) as state:
             for spec, path in progress_bar(shards, enabled=progress, desc="ingest"):

@@ -27,6 +27,7 @@ from ..conftest import tiny_pipeline_config
 CHILD = r"""
 import json, sys, time
 import chips_core.stages.featurize as F
+import chips_core.stages.ingest as I
 import chips_core.stages.materialize as M
 import chips_core.stages.score as S
 from chips_core.stages import run_pipeline
@@ -38,7 +39,13 @@ def stop():
     print("stop", flush=True)
     time.sleep(600)
 
-if where == "featurize":  # after the third shard a run forwards
+if where == "ingest":  # the pool's source ingested, the target's not
+    shard = I.ingest_shard
+    def ingest_shard(*a, **k):
+        out = shard(*a, **k)
+        stop()
+    I.ingest_shard = ingest_shard
+elif where == "featurize":  # after the third shard a run forwards
     shard, done = F.featurize_shard, [0]
     def featurize_shard(*a, **k):
         written = shard(*a, **k)
@@ -100,7 +107,7 @@ def _interrupted(tmp, cfg: dict, where: str, sig: int) -> dict:
     return case
 
 
-@pytest.mark.parametrize("where,sig", [("featurize", signal.SIGKILL), ("score", signal.SIGKILL),
+@pytest.mark.parametrize("where,sig", [("ingest", signal.SIGKILL), ("featurize", signal.SIGKILL), ("score", signal.SIGKILL),
                                        ("materialize", signal.SIGKILL), ("featurize", signal.SIGINT)])
 def test_a_rerun_after_a_kill_resumes_and_ends_as_an_uninterrupted_run(reference, where, sig):
     tmp, cfg, expected = reference
@@ -109,7 +116,7 @@ def test_a_rerun_after_a_kill_resumes_and_ends_as_an_uninterrupted_run(reference
     before = {r["run_id"]: r for r in query(connect(wh), "select run_id, stage, status from stg_runs").to_pylist()}
     assert {r["status"] for r in before.values()} <= {"running", "succeeded", "failed: KeyboardInterrupt: "
                                                       "interrupted (Ctrl-C)"}
-    killed = {r["stage"]: r["run_id"] for r in before.values() if r["stage"] in ("featurize", "score")}
+    killed = {r["stage"]: r["run_id"] for r in before.values() if r["stage"] in ("ingest", "featurize", "score")}
 
     out = run_pipeline(load_run_config(case))  # the same command again
 
@@ -119,11 +126,15 @@ def test_a_rerun_after_a_kill_resumes_and_ends_as_an_uninterrupted_run(reference
         np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
     assert got["scores"].equals(expected["scores"])
     assert got["subsets"].equals(expected["subsets"]) and got["subsets"].num_rows > 0
-    # what the interrupted run finished is kept: its featurize run (and score run) is the one resumed
-    assert out["featurize"]["run_id"] == killed["featurize"]
+    # what the interrupted run finished is kept: its ingest, featurize and score runs are the ones resumed
+    assert out["ingest"]["run_id"] == killed["ingest"]
+    if where == "ingest":
+        assert out["ingest"]["unchanged"] == 0  # the pool's shard skipped, not ingested again as "unchanged"
+    else:
+        assert out["featurize"]["run_id"] == killed["featurize"]
     if where == "featurize":
         assert 0 < out["featurize"]["shards_written"] < out["featurize"]["shards"]
-    else:
+    elif where != "ingest":
         assert out["featurize"]["shards_written"] == 0
     if where == "score":
         assert out["score"]["run_id"] == killed["score"]
