@@ -108,7 +108,7 @@ def _interrupted(tmp, cfg: dict, where: str, sig: int) -> dict:
 
 
 @pytest.mark.parametrize("where,sig", [("ingest", signal.SIGKILL), ("featurize", signal.SIGKILL), ("score", signal.SIGKILL),
-                                       ("materialize", signal.SIGKILL), ("featurize", signal.SIGINT)])
+                                       ("materialize", signal.SIGKILL)])  # SIGINT: through the CLI, below
 def test_a_rerun_after_a_kill_resumes_and_ends_as_an_uninterrupted_run(reference, where, sig):
     tmp, cfg, expected = reference
     case = _interrupted(tmp, cfg, where, sig)
@@ -192,3 +192,81 @@ def test_a_resumed_featurize_run_whose_pool_changed_forwards_every_shard_again(t
     a, b = read_features(wh, first), read_features(wh, fresh["run_id"])
     assert a.pair_id == b.pair_id and len(a.pair_id) == 90
     np.testing.assert_array_equal(a.g, b.g)
+
+
+CLI_CHILD = r"""
+import sys, time
+import chips_core.stages.featurize as F
+from flows.cli import main
+
+shard, done = F.featurize_shard, [0]
+def featurize_shard(*a, **k):
+    written = shard(*a, **k)
+    done[0] += bool(written)
+    if done[0] == 3:
+        if k.get("writer") is not None:
+            k["writer"].wait()
+        print("stop", flush=True)
+        time.sleep(600)
+    return written
+F.featurize_shard = featurize_shard
+main(["run", sys.argv[1]])
+"""
+
+
+@pytest.mark.slow
+def test_chips_run_stopped_with_ctrl_c_keeps_its_promise(reference, tmp_path):
+    """Through the CLI and its Prefect flows: Ctrl-C (SIGINT to the process group, as a terminal sends it) during
+    featurize prints `interrupted; rerun the same command to resume`, and `chips run` again resumes that featurize
+    run, ending with features parts byte-identical to an uninterrupted run's and no process of the group left."""
+    import time
+
+    import yaml
+
+    from chips_core.platform.features import shard_parts
+
+    _, cfg, expected = reference
+    case = {**cfg, "warehouse": str(tmp_path / "wh"), "outputs": {"dir": str(tmp_path / "out")}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(case))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    p = subprocess.Popen([sys.executable, "-c", CLI_CHILD, str(path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "stop"
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and "chips: interrupted; rerun the same command to resume" in err, err[-2000:]
+    deadline = time.time() + 15  # the group's processes (the temporary Prefect API) are gone
+    while time.time() < deadline:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("a process of the interrupted command's group is still alive")
+    wh = Warehouse(case["warehouse"])
+    killed = query(connect(wh), "select run_id, status from stg_runs where stage = 'featurize'").to_pylist()
+    assert len(killed) == 1 and killed[0]["status"].startswith("failed: KeyboardInterrupt")
+
+    exe = os.path.join(os.path.dirname(sys.executable), "chips")
+    again = subprocess.run([exe, "run", str(path)], capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    runs = query(connect(wh), "select run_id, status from stg_runs where stage = 'featurize'").to_pylist()
+    assert runs == [{"run_id": killed[0]["run_id"], "status": "succeeded"}]
+    got = read_features(wh, killed[0]["run_id"])
+    assert got.pair_id == expected["ids"]
+    np.testing.assert_array_equal(got.g, expected["g"])
+    # the parts themselves, byte for byte, against the uninterrupted run's
+    ref_wh = Warehouse(cfg["warehouse"])
+    ref_run = query(connect(ref_wh), "select run_id from stg_runs where stage = 'featurize'").column(0)[0].as_py()
+    ours, theirs = shard_parts(wh, killed[0]["run_id"]), shard_parts(ref_wh, ref_run)
+    assert sorted(ours) == sorted(theirs) and len(ours) > 3
+    for name in ours:
+        with open(ours[name], "rb") as a, open(theirs[name], "rb") as b:
+            assert a.read() == b.read(), name
