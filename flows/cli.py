@@ -127,13 +127,13 @@ def _warehouse_option():
 
 
 @app.command()
-def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/runconfig.py)")) -> None:
+def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/stages/runconfig.py)")) -> None:
     """Run the whole pipeline (ingest, featurize, score, materialize) as a Prefect flow."""
     _pipeline_command(config, refresh=False)
 
 
 @app.command()
-def refresh(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/runconfig.py)")) -> None:
+def refresh(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/stages/runconfig.py)")) -> None:
     """The pipeline again, featurizing only what changed since this pool's last featurize run."""
     _pipeline_command(config, refresh=True)
 
@@ -298,19 +298,22 @@ def demo(workdir: Path = typer.Option(Path("chips-demo"), help="where data, ware
 
 
 def _next_steps(workdir: Path, out: dict) -> None:
-    """The commands a user runs next, each working as printed: report, CPT on a subset, eval, the mart."""
+    """The commands a user runs next, in the order that works, each as printed: CPT on a subset (it prints the eval
+    of the model it trains), eval of the model before CPT, the mart with every metric before and after, then the
+    report (which then shows the evaluations beside the selection)."""
     q = shlex.quote
     cfg, wh, score = workdir / "demo.yaml", str(workdir / "warehouse"), out["score"]["run_id"]
     sid = f"{score}:chips_plus@0.3"
-    mart = ("select method, budget, suite, metric, value from mart_eval_by_selection "
-            "where metric = 'zero_shot_top1' order by budget")
-    typer.echo("\nNext steps (each works as printed):\n"
-               f"  chips report {out['run_id']} -w {q(wh)} --out {q(str(workdir / 'report'))}\n"
+    mart = ("select suite, metric, method, budget, round(value, 3) as value from mart_eval_by_selection "
+            "order by suite, metric, budget")
+    typer.echo("\nNext steps (each works as printed, in this order):\n"
                f"  chips cpt {q(str(cfg))} --subset {q(sid)} --out {q(str(workdir / 'cpt-chips_plus-0.3'))}\n"
-               "      (it prints the `chips eval` command for the model it trains)\n"
+               "      (it prints the `chips eval` command for the model it trains: run that too)\n"
                f"  chips eval {q(str(cfg))}\n"
                "      (the model before CPT: method 'none' in the mart)\n"
                f"  chips sql -w {q(wh)} \"{mart}\"\n"  # the query holds no $, \" or `: double quotes keep it readable
+               "      (every metric of the eval suites, before CPT ('none') and after: retrieval moves most here)\n"
+               f"  chips report {out['run_id']} -w {q(wh)} --out {q(str(workdir / 'report'))}\n"
                "chips_plus is the recommended selector; the set-aware chips_pursuit (add it to methods: in "
                f"{q(str(cfg))}) beat it on one of our benchmark targets at 10-20% budgets (README, Which selector)")
 

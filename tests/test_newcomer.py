@@ -36,17 +36,9 @@ def test_demo_then_the_printed_commands_through_cpt_eval_and_the_mart(prefect_ap
                  f"Its config: {workdir / 'demo.yaml'}"):
         assert text in out, text
     assert "Calculating Metrics" not in out  # GX's own progress bars stay out of the demo's output
-    report, cpt, eval_base, sql = _commands(out, "Next steps")
-    assert report.startswith("chips report") and cpt.startswith("chips cpt") and eval_base.startswith("chips eval")
-
-    _run(runner, report)
-    page = (workdir / "report" / "index.html").read_text()
-    assert "Premise check" in page and "eval_matching" in page and ("scan-archive" in page or "web-photos" in page)
-    for png in ("factors.png", "utility_vs_clipscore.png", "selection_by_source.png", "budget_curves.png",
-                "source_share.png"):
-        assert f'src="{png}"' in page and (workdir / "report" / png).stat().st_size > 5000
-    assert page.count('<div class="thumb"><img src="thumbs/') == 16  # the top and bottom 8, as images
-    assert "No model trained on this run's subsets has been evaluated yet" in page
+    cpt, eval_base, sql, report = _commands(out, "Next steps")  # in the order that works
+    assert cpt.startswith("chips cpt") and eval_base.startswith("chips eval") and sql.startswith("chips sql") \
+        and report.startswith("chips report")
 
     cpt_out = _run(runner, cpt)
     (eval_cpt,) = _commands(cpt_out, "next:")
@@ -54,13 +46,22 @@ def test_demo_then_the_printed_commands_through_cpt_eval_and_the_mart(prefect_ap
     _run(runner, eval_base)
     mart = _run(runner, sql)
     assert "chips_plus" in mart and "none" in mart
+    for metric in ("zero_shot_top1", "image_to_text_R@5", "text_to_image_R@5"):  # every metric, before and after
+        assert mart.count(metric) >= 2, metric
 
     wh = Warehouse(str(workdir / "warehouse"))
     rows = query(connect(wh), "select method, budget, suite, value from mart_eval_by_selection "
                               "where metric = 'zero_shot_top1' order by budget").to_pylist()
     assert [(r["method"], r["budget"], r["suite"]) for r in rows] == [("none", 0.0, "scans"), ("chips_plus", 0.3, "scans")]
     assert all(0.0 <= r["value"] <= 1.0 for r in rows)
-    _run(runner, report)  # the report now shows the evaluations beside the selection
+    _run(runner, report)  # after cpt and eval: the report shows the evaluations beside the selection
+    page = (workdir / "report" / "index.html").read_text()
+    assert "Premise check" in page and "eval_matching" in page and ("scan-archive" in page or "web-photos" in page)
+    for png in ("factors.png", "utility_vs_clipscore.png", "selection_by_source.png", "budget_curves.png",
+                "source_share.png"):
+        assert f'src="{png}"' in page and (workdir / "report" / png).stat().st_size > 5000
+    assert page.count('<div class="thumb"><img src="thumbs/') == 16  # the top and bottom 8, as images
+    assert "No model trained on this run's subsets has been evaluated yet" not in page
     evals = (workdir / "report" / "index.html").read_text().split("<h2>Evaluations</h2>", 1)[1].split("<h2>", 1)[0]
     assert "<td>chips_plus</td><td>0.3</td>" in evals and "<td>none</td><td>0</td>" in evals
 
