@@ -3,6 +3,7 @@ pipeline and rescore flows, which run the library's one stage sequence with each
 Featurize's shards run as mapped tasks (with retries) on the flow's task runner."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from functools import partial
 
@@ -15,7 +16,9 @@ from chips_core.scoring.endpoint import LoadedModel, load_model, shared_model
 from chips_core.stages import (check_stage, cpt_stage, eval_stage, featurize_stage, ingest_stage, load_eval_suites,
                                load_run_config, manifest_data, materialize_stage, publish_stage, run_pipeline,
                                run_rescore, score_stage, subset_data, takedown_stage)
-from chips_core.stages.runconfig import RunConfig
+from chips_core.stages.runconfig import ExecutorConfig, RunConfig
+
+from .distributed import check_workers
 
 from .prefect_child import tie_ephemeral_api_to_this_process
 
@@ -37,9 +40,15 @@ def _shard(fn, n: int, shard):
     return fn(n, shard)
 
 
-def _map_shards(fn, shards):
-    """The stage's shard work as mapped Prefect tasks; results in shard order, progress in the logs."""
-    futures = _shard.map(unmapped(fn), list(range(len(shards))), list(shards))
+def _map_shards(fn, shards, resources: dict | None = None):
+    """The stage's shard work as mapped Prefect tasks; results in shard order, progress in the logs. On a Dask
+    task runner each task holds ``resources`` on its worker (e.g. one GPU)."""
+    with contextlib.ExitStack() as stack:
+        if resources:
+            import dask
+
+            stack.enter_context(dask.annotate(resources=dict(resources)))
+        futures = _shard.map(unmapped(fn), list(range(len(shards))), list(shards))
     for n, f in enumerate(futures, start=1):
         yield f.result()
         if n % max(1, len(shards) // 10) == 0 or n == len(shards):
@@ -64,11 +73,33 @@ def ingest_flow(config: str | dict, sources: list[str] | None = None, parent_run
 FEATURIZE_SHARDS_AT_ONCE = 2
 
 
+def task_runner_for(executor: ExecutorConfig):
+    """The featurize flow's task runner for ``executor:`` (runconfig.ExecutorConfig): threads in this process, or
+    prefect-dask's DaskTaskRunner on an existing scheduler or on a LocalCluster of worker processes it starts."""
+    if executor.kind == "local":
+        return ThreadPoolTaskRunner(max_workers=FEATURIZE_SHARDS_AT_ONCE)
+    from prefect_dask import DaskTaskRunner
+
+    if executor.address:
+        return DaskTaskRunner(address=executor.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": executor.n_workers, "processes": True,
+                                         "threads_per_worker": executor.threads_per_worker,
+                                         "dashboard_address": None})
+
+
+def featurize_on(config: str | dict):
+    """The featurize flow on the task runner the config's ``executor:`` names (the same flow, the same stage)."""
+    return featurize_flow.with_options(task_runner=task_runner_for(load_run_config(config).executor))
+
+
 @flow(name="chips-featurize", task_runner=ThreadPoolTaskRunner(max_workers=FEATURIZE_SHARDS_AT_ONCE))
 def featurize_flow(config: str | dict, run_id: str | None = None, parent_run_id: str | None = None,
                    progress: bool = False, reuse: str | None = None) -> dict:
-    out = featurize_stage(*_setup(config), run_id=run_id, parent_run_id=parent_run_id, progress=progress,
-                          map_shards=_map_shards, reuse=reuse)
+    cfg, wh, loaded = _setup(config)
+    if cfg.executor.kind == "dask" and cfg.executor.address:
+        check_workers(cfg)  # same software, and the model and warehouse visible, on every worker
+    out = featurize_stage(cfg, wh, loaded, run_id=run_id, parent_run_id=parent_run_id, progress=progress,
+                          map_shards=partial(_map_shards, resources=cfg.executor.resources), reuse=reuse)
     get_run_logger().info("featurize %s: %d pairs, %d shards (%d written now)", out["run_id"], out["pairs"],
                           out["shards"], out["shards_written"])
     return out
@@ -109,7 +140,7 @@ def check_flow(config: str | dict, ingest: bool = True) -> dict:
 def _subflows(config: str | dict, progress: bool = False) -> dict:
     """The library's stage mapping, with each stage run as its Prefect flow (see stages/pipeline.py)."""
     return {"ingest": lambda sources, **kw: ingest_flow(config, [s.name for s in sources], progress=progress, **kw),
-            "featurize": partial(featurize_flow, config, progress=progress), "score": partial(score_flow, config),
+            "featurize": partial(featurize_on(config), config, progress=progress), "score": partial(score_flow, config),
             "materialize": partial(materialize_flow, config), "publish": partial(publish_flow, config),
             "takedown": partial(takedown_flow, config)}
 

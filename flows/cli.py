@@ -126,31 +126,51 @@ def _warehouse_option():
     return typer.Option(..., "--warehouse", "-w", envvar="CHIPS_WAREHOUSE", help="warehouse path or fsspec URL")
 
 
+def _executor_option():
+    return typer.Option(None, "--executor", help="where featurize's shards run, overriding the config's executor: "
+                                                 "local, dask (a local cluster) or a scheduler address tcp://host:8786")
+
+
 @app.command()
-def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/stages/runconfig.py)")) -> None:
+def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/stages/runconfig.py)"),
+        executor: Optional[str] = _executor_option()) -> None:
     """Run the whole pipeline (ingest, featurize, score, materialize) as a Prefect flow."""
-    _pipeline_command(config, refresh=False)
+    _pipeline_command(config, refresh=False, executor=executor)
 
 
 @app.command()
-def refresh(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/stages/runconfig.py)")) -> None:
+def refresh(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/stages/runconfig.py)"),
+            executor: Optional[str] = _executor_option()) -> None:
     """The pipeline again, featurizing only what changed since this pool's last featurize run."""
-    _pipeline_command(config, refresh=True)
+    _pipeline_command(config, refresh=True, executor=executor)
 
 
-def _pipeline_command(config: Path, refresh: bool) -> None:
+def _pipeline_command(config: Path, refresh: bool, executor: str | None = None) -> None:
     """`chips run` / `chips refresh`: the pre-flight checks, the flow, the summary."""
     with _one_line_errors():
-        from chips_core.stages.preflight import check_sources, require_checkpoint, writable_warehouse
-        from chips_core.stages.runconfig import load_run_config
+        import yaml
 
-        cfg = load_run_config(config)  # fail fast, before any flow starts, with the bad key named
+        from chips_core.stages.preflight import check_sources, require_checkpoint, writable_warehouse
+        from chips_core.stages.runconfig import ExecutorConfig, load_run_config
+
+        source: str | dict = str(config)
+        if executor is not None:  # the config file's values, with the flag's executor
+            chosen = ExecutorConfig.parse(executor)
+            load_run_config(config)  # its own errors first, naming the file
+            data = yaml.safe_load(config.read_text(encoding="utf-8"))
+            source = {**data, "executor": {**(data.get("executor") or {}), "kind": chosen.kind,
+                                           "address": chosen.address}}
+        cfg = load_run_config(source)  # fail fast, before any flow starts, with the bad key named
         check_sources(cfg)  # every source there, readable, with its columns and rows
         require_checkpoint(cfg)
         writable_warehouse(cfg)  # created only now, after the sources passed
+        if cfg.executor.address:
+            from flows.distributed import check_workers
+
+            check_workers(cfg)  # the scheduler reachable, its workers like the driver, before any flow starts
         from flows.chips_flows import pipeline_flow, refresh_flow
 
-        out = (refresh_flow if refresh else pipeline_flow)(str(config), progress=True)
+        out = (refresh_flow if refresh else pipeline_flow)(source, progress=True)
     _summary(out, cfg)
 
 

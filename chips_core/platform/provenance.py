@@ -112,7 +112,10 @@ def _without_secrets(value):
 
 def config_hash(config) -> str:
     """Stable short hash of a config (the ``runs.config_hash`` column)."""
-    return hashlib.sha256(config_json(config).encode()).hexdigest()[:16]
+    data = json.loads(config_json(config))
+    if isinstance(data, dict):
+        data.pop("executor", None)  # where the work runs does not change what it makes
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def process_id(pid: int | None = None) -> str:

@@ -73,6 +73,43 @@ class RefreshConfig:
 
 
 @dataclass(frozen=True)
+class ExecutorConfig:
+    """Where featurize's shards run (``executor:``; ``--executor`` on run, refresh and rescore). ``local``: in the
+    driving process (today's default). ``dask``: as Dask tasks, on the scheduler at ``address`` (``tcp://host:8786``)
+    or, without one, on a LocalCluster of ``n_workers`` processes with ``threads_per_worker`` threads that the run
+    starts and stops. ``resources`` (e.g. ``{GPU: 1}``) are what each shard task holds on its worker (workers
+    declare theirs: ``dask worker ... --resources GPU=1``). Where the work runs does not change what it makes: the
+    executor is left out of the config hash (a run killed on Dask resumes locally, and the reverse)."""
+    kind: str = "local"
+    address: str | None = None
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    resources: dict | None = field(default=None, hash=False)
+
+    def __post_init__(self):
+        check(self.kind in ("local", "dask"), "ExecutorConfig", "kind", self.kind, "must be 'local' or 'dask'")
+        check(self.address is None or re.match(r"^(tcp|tls|inproc|ucx)://", self.address) is not None,
+              "ExecutorConfig", "address", self.address, "must be a scheduler URL such as tcp://host:8786")
+        check(self.address is None or self.kind == "dask", "ExecutorConfig", "address", self.address,
+              "needs kind: dask")
+        check(self.n_workers >= 1, "ExecutorConfig", "n_workers", self.n_workers, "must be >= 1")
+        check(self.threads_per_worker >= 1, "ExecutorConfig", "threads_per_worker", self.threads_per_worker,
+              "must be >= 1")
+        bad = {k: v for k, v in (self.resources or {}).items() if not isinstance(v, (int, float)) or v <= 0}
+        check(not bad, "ExecutorConfig", "resources", bad, "each amount must be a positive number")
+
+    @classmethod
+    def parse(cls, value: str) -> "ExecutorConfig":
+        """The ``--executor`` flag: ``local``, ``dask`` (a LocalCluster) or a scheduler address."""
+        if value in ("local", "dask"):
+            return cls(kind=value)
+        if "://" in value:
+            return cls(kind="dask", address=value)
+        raise ConfigError(f"--executor {value!r}: use local, dask (a local cluster) or a scheduler address "
+                          "such as tcp://host:8786")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     warehouse: str  # local path or fsspec URL
     pool: tuple[SourceSpec, ...]  # candidate pairs to score
@@ -108,6 +145,7 @@ class RunConfig:
     # <secret>. Better still, write a secret as ${ENV:NAME}: resolved from the environment when the config loads,
     # never stored. URI passwords and keys named like credentials are redacted without being listed.
     secrets: tuple[str, ...] = ()
+    executor: ExecutorConfig = ExecutorConfig()  # where featurize's shards run (local, or Dask)
 
     def __post_init__(self):
         bad = [b for b in self.budgets if not 0 < b <= 1]

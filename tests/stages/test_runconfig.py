@@ -59,3 +59,28 @@ def test_featurize_num_workers_is_checked_and_defaults_from_the_cpu_count(monkey
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert featurize_workers(cfg, SimpleNamespace(device="cpu")) == cpu
         assert featurize_workers(cfg, SimpleNamespace(device="cuda:0")) == gpu
+
+
+def test_the_executor_block_is_checked_and_left_out_of_the_config_hash(tmp_path):
+    import dataclasses
+
+    from chips_core.errors import ConfigError
+    from chips_core.platform.provenance import config_hash
+    from chips_core.stages.runconfig import ExecutorConfig
+
+    assert ExecutorConfig.parse("tcp://10.0.0.5:8786") == ExecutorConfig(kind="dask", address="tcp://10.0.0.5:8786")
+    assert ExecutorConfig.parse("dask") == ExecutorConfig(kind="dask") and ExecutorConfig.parse("local").kind == "local"
+    with pytest.raises(ConfigError, match=r"--executor 'cluster7'"):
+        ExecutorConfig.parse("cluster7")
+    with pytest.raises(ConfigError, match=r"ExecutorConfig.address='10.0.0.5:8786'"):
+        ExecutorConfig(kind="dask", address="10.0.0.5:8786")
+    with pytest.raises(ConfigError, match=r"ExecutorConfig.kind='spark'"):
+        ExecutorConfig(kind="spark")
+    with pytest.raises(ConfigError, match=r"ExecutorConfig.resources=\{'GPU': 0\}"):
+        ExecutorConfig(kind="dask", resources={"GPU": 0})
+    cfg = load_run_config({"warehouse": str(tmp_path / "wh"), "pool": [], "target": [], "model": {"name": "RN50"},
+                           "executor": {"kind": "dask", "n_workers": 4, "resources": {"GPU": 1}}})
+    assert cfg.executor == ExecutorConfig(kind="dask", n_workers=4, resources={"GPU": 1})
+    # where the work runs does not change what it makes: a run killed on Dask resumes locally
+    assert config_hash(cfg) == config_hash(dataclasses.replace(cfg, executor=ExecutorConfig()))
+    assert config_hash(cfg) != config_hash(dataclasses.replace(cfg, shard_size=7))

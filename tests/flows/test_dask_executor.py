@@ -1,0 +1,145 @@
+"""The Dask executor (issue 29): featurize's shards as Dask tasks on a real scheduler and two worker processes
+started here on 127.0.0.1 (`dask scheduler`, `dask worker`), through the same Prefect flows and stage sequence as
+a local run, end with features parts byte-identical to the local run's, and scores and subsets equal; a worker
+killed (SIGKILL) mid-run has its shards rerun elsewhere with the same bytes; the checks before a run name the
+worker and the path it cannot see."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chips_core.platform.features import shard_parts
+from chips_core.platform.query import connect, query
+from chips_core.platform.warehouse import Warehouse
+from chips_core.stages.runconfig import load_run_config
+
+from ..conftest import tiny_pipeline_config
+
+pytestmark = pytest.mark.slow
+DASK = str(Path(sys.executable).with_name("dask"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A scheduler and two single-threaded worker processes, each in its own process group; stopped after."""
+    from distributed import Client
+
+    tmp = tmp_path_factory.mktemp("dask")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    start = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd=tmp)
+    procs = {"scheduler": subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                            "--no-dashboard"], **start)}
+    for i in range(2):
+        procs[f"worker{i}"] = subprocess.Popen([DASK, "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                                "--no-dashboard", "--name", f"w{i}"], **start)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with Client(address, timeout=10) as c:
+                    c.wait_for_workers(2, timeout=120)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield address, procs
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+
+
+def _config(tmp, demo_model, name: str, **executor) -> dict:
+    return tiny_pipeline_config(tmp, demo_model, 160, 16, seed=51, sketch={"k": 32}, bank={"size": 16},
+                                curvature={"n_curv": 40, "hard_negatives": 4}, budgets=[0.2, 0.5], shard_size=16,
+                                outputs={"dir": str(tmp / f"out-{name}")}, warehouse=str(tmp / f"wh-{name}"),
+                                **({"executor": executor} if executor else {}))
+
+
+def _results(cfg: dict, out: dict) -> tuple[dict, object, object]:
+    wh = Warehouse(cfg["warehouse"])
+    parts = {name: Path(p).read_bytes() for name, p in shard_parts(wh, out["featurize"]["run_id"]).items()}
+    con = connect(wh)
+    scores = query(con, "select * exclude (run_id) from stg_scores order by pair_id")
+    subsets = query(con, "select method, budget, pair_id, rank from stg_subsets order by method, budget, rank")
+    return parts, scores, subsets
+
+
+def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_killed(cluster, prefect_api, tmp_path,
+                                                                                 demo_model):
+    import chips_core.stages.featurize as F
+    from flows.chips_flows import pipeline_flow
+
+    address, procs = cluster
+    local_cfg = _config(tmp_path, demo_model, "local")
+    local = _results(local_cfg, pipeline_flow(local_cfg))
+    assert len(local[0]) == 10
+
+    dask_cfg = _config(tmp_path, demo_model, "dask", kind="dask", address=address)
+    out = pipeline_flow(dask_cfg)
+    assert _results(dask_cfg, out)[0] == local[0]  # every features part, byte for byte
+    got = _results(dask_cfg, out)
+    assert got[1].equals(local[1]) and got[2].equals(local[2])
+    # the shards ran on the workers, not here: the driver process never called featurize_shard's forward
+    with __import__("distributed").Client(address) as c:
+        logs = c.run(lambda: __import__("os").getpid())
+    assert os.getpid() not in logs.values() and len(logs) == 2
+
+    # a worker (its nanny and process) killed while the shards run: its shards are rerun on the other
+    killed_cfg = _config(tmp_path, demo_model, "killed", kind="dask", address=address)
+    features = Path(killed_cfg["warehouse"]) / "features"
+
+    def kill_when_the_first_part_lands():
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(features.glob("run=*/*.parquet")):
+            time.sleep(0.05)
+        os.killpg(procs["worker1"].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_the_first_part_lands, daemon=True)
+    killer.start()
+    out = pipeline_flow(killed_cfg)
+    killer.join(timeout=1)
+    assert procs["worker1"].wait(timeout=30) == -signal.SIGKILL
+    assert _results(killed_cfg, out)[0] == local[0]
+    runs = query(connect(Warehouse(killed_cfg["warehouse"])), "select stage, status from stg_runs").to_pylist()
+    assert {r["status"] for r in runs} == {"succeeded"}
+    assert F  # the stage module the tasks run (imported by the workers from the same checkout)
+
+
+def test_the_checks_before_a_dask_run_name_the_worker_and_the_path(cluster, tmp_path, demo_model):
+    from flows.distributed import WorkerMismatchError, check_workers
+
+    address, procs = cluster
+    alive = [k for k, p in procs.items() if k.startswith("worker") and p.poll() is None]
+    cfg = load_run_config(_config(tmp_path, demo_model, "checks", kind="dask", address=address))
+    with pytest.raises(WorkerMismatchError, match=r"cannot see warehouse"):
+        check_workers(cfg)  # not made yet: a run makes it before it checks the workers
+    Warehouse(cfg.warehouse)
+    assert len(check_workers(cfg)) == len(alive)
+    missing = load_run_config({**_config(tmp_path, demo_model, "checks", kind="dask", address=address),
+                               "model": {"config": cfg.model.config, "checkpoint": str(tmp_path / "gone.pt")}})
+    with pytest.raises(WorkerMismatchError, match=r"^Dask worker tcp://127\.0\.0\.1:\d+ cannot see model\.checkpoint "
+                                                  f"'{tmp_path / 'gone.pt'}'"):
+        check_workers(missing)
+    nobody = load_run_config({**_config(tmp_path, demo_model, "nobody", kind="dask",
+                                        address=f"tcp://127.0.0.1:{_free_port()}")})
+    with pytest.raises(WorkerMismatchError, match=r"cannot reach the Dask scheduler"):
+        check_workers(nobody, timeout=2)
