@@ -68,8 +68,8 @@ def cluster(tmp_path_factory):
 
 
 def _config(tmp, demo_model, name: str, **executor) -> dict:
-    return tiny_pipeline_config(tmp, demo_model, 160, 16, seed=51, sketch={"k": 32}, bank={"size": 16},
-                                curvature={"n_curv": 40, "hard_negatives": 4}, budgets=[0.2, 0.5], shard_size=16,
+    return tiny_pipeline_config(tmp, demo_model, 96, 16, seed=51, sketch={"k": 32}, bank={"size": 16},
+                                curvature={"n_curv": 40, "hard_negatives": 4}, budgets=[0.2, 0.5], shard_size=12,
                                 outputs={"dir": str(tmp / f"out-{name}")}, warehouse=str(tmp / f"wh-{name}"),
                                 **({"executor": executor} if executor else {}))
 
@@ -91,7 +91,7 @@ def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_kille
     address, procs = cluster
     local_cfg = _config(tmp_path, demo_model, "local")
     local = _results(local_cfg, pipeline_flow(local_cfg))
-    assert len(local[0]) == 10
+    assert len(local[0]) == 8
 
     dask_cfg = _config(tmp_path, demo_model, "dask", kind="dask", address=address)
     out = pipeline_flow(dask_cfg)
