@@ -6,7 +6,10 @@ core."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,15 +52,16 @@ def materialize_stage(cfg: RunConfig, wh: Warehouse, score_run_id: str, run_id: 
         written = write_subsets(wh, score_run_id, cfg.methods, cfg.budgets, run_id, full=cfg.outputs.full,
                                 memory_limit=cfg.duckdb_memory_limit, select=cfg.select)
         files = write_manifests(wh, run_id, written["subsets"], Path(cfg.outputs.dir) / run_id, cfg.outputs.formats,
-                                cfg.duckdb_memory_limit)
+                                cfg.duckdb_memory_limit, cfg.outputs.shard_max_bytes)
         row.update(rows_in=written["scored"], rows_out=written["rows"], rows_quarantined=0,
                    diagnostics_json=json.dumps({"taken_down": written["taken_down"]}))
     return {"run_id": run_id, "subsets": sorted(written["subsets"]), "files": files, "taken_down": written["taken_down"]}
 
 
 def write_manifests(wh: Warehouse, run_id: str, subset_ids, out: Path, formats,
-                    memory_limit: str = MEMORY_LIMIT) -> list[str]:
-    """Export each selected image once (``images/<pair_id>.<ext>``) and write per-subset manifests, streamed."""
+                    memory_limit: str = MEMORY_LIMIT, shard_max_bytes: int = 1 << 30) -> list[str]:
+    """Export each selected image once (``images/<pair_id>.<ext>``) and write per-subset manifests, streamed:
+    Parquet, open_clip's CSV, and WebDataset tar shards of at most about ``shard_max_bytes`` each."""
     if not formats:  # the subsets table only (e.g. a trainer that reads pairs from the warehouse)
         return []
     con = manifest_engine(wh, run_id, memory_limit)
@@ -71,6 +75,8 @@ def write_manifests(wh: Warehouse, run_id: str, subset_ids, out: Path, formats,
                 writers.append(_ParquetManifest(out / f"{stem}.parquet"))
             if "csv" in formats:
                 writers.append(_CsvManifest(out / f"{stem}.csv"))
+            if "webdataset" in formats:
+                writers.append(_WebDatasetShards(out / "webdataset" / stem, sid, shard_max_bytes))
             try:
                 for batch in manifest_rows(con, sid, str(out / "images")):
                     for w in writers:
@@ -78,7 +84,7 @@ def write_manifests(wh: Warehouse, run_id: str, subset_ids, out: Path, formats,
             finally:
                 for w in writers:
                     w.close()
-            files += [str(w.path) for w in writers]
+            files += [str(p) for w in writers for p in w.paths]
     finally:
         con.close()
     return files
@@ -93,6 +99,10 @@ class _ParquetManifest:
 
     def write(self, batch: pa.RecordBatch) -> None:
         self.w.write_table(pa.Table.from_batches([batch]).select(self.SCHEMA.names).cast(self.SCHEMA))
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.path]
 
     def close(self) -> None:
         self.w.close()
@@ -110,5 +120,56 @@ class _CsvManifest:
     def write(self, batch: pa.RecordBatch) -> None:
         self.w.writerows(zip(batch.column("filepath").to_pylist(), batch.column("title").to_pylist()))
 
+    @property
+    def paths(self) -> list[Path]:
+        return [self.path]
+
     def close(self) -> None:
         self.f.close()
+
+
+class _WebDatasetShards:
+    """One subset as WebDataset tar shards (``<stem>/000000.tar``, ...), what open_clip's training reads with
+    ``--dataset-type webdataset``: per pair, ``<key>.<ext>`` (the exported image's bytes, streamed from its file),
+    ``<key>.txt`` (the caption, UTF-8) and ``<key>.json`` (pair_id, rank, subset_id). The key is the rank, nine
+    digits (no dot; tar order is rank order). A shard is closed once it holds ``max_bytes`` of members (so each holds
+    at least one pair); member metadata is fixed (mtime 0, owner root), so the same subset writes the same bytes."""
+
+    def __init__(self, folder: Path, subset_id: str, max_bytes: int):
+        self.folder, self.subset_id, self.max_bytes = folder, subset_id, max_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob("*.tar"):  # a rerun's shards replace an earlier attempt's, not add to them
+            old.unlink()
+        self.paths: list[Path] = []
+        self.tar: tarfile.TarFile | None = None
+        self.size = 0
+
+    def _member(self, name: str, size: int) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "root", "root"
+        return info
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        cols = (batch.column(c).to_pylist() for c in ("pair_id", "rank", "filepath", "title"))
+        for pair_id, rank, path, title in zip(*cols):
+            if self.tar is None:
+                self.paths.append(self.folder / f"{len(self.paths):06d}.tar")
+                self.tar, self.size = tarfile.open(self.paths[-1], "w", format=tarfile.USTAR_FORMAT), 0
+            key = f"{rank:09d}"
+            ext = os.path.splitext(path)[1].lstrip(".").lower() or "bin"
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                self.tar.addfile(self._member(f"{key}.{ext}", size), f)
+            for suffix, data in (("txt", (title or "").encode("utf-8")),
+                                 ("json", json.dumps({"pair_id": pair_id, "rank": rank, "subset_id": self.subset_id},
+                                                     sort_keys=True).encode("utf-8"))):
+                self.tar.addfile(self._member(f"{key}.{suffix}", len(data)), io.BytesIO(data))
+                size += len(data)
+            self.size += size
+            if self.size >= self.max_bytes:
+                self.close()
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None

@@ -43,14 +43,18 @@ from ..util import register_secret
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = "chips-out"  # where subset manifests are written
-    formats: tuple[str, ...] = ("parquet", "csv")  # parquet manifest, open_clip_train CSV
+    # parquet manifest, open_clip_train CSV, and "webdataset": tar shards of {png|jpg, txt, json} per subset
+    # (<dir>/<run>/webdataset/<method>_at_<budget>/000000.tar, ...), what open_clip reads with --dataset-type webdataset
+    formats: tuple[str, ...] = ("parquet", "csv")
+    shard_max_bytes: int = 1 << 30  # a WebDataset tar shard is closed once it holds this many bytes of members
     # also materialise the whole scored pool as subset `<score run>:full@1` (CPT on everything: the comparison
     # every selection needs); false for a pool so large that its manifest would copy every image
     full: bool = True
 
     def __post_init__(self):
-        bad = [f for f in self.formats if f not in ("parquet", "csv")]
-        check(not bad, "OutputConfig", "formats", bad, "not in ('parquet', 'csv')")
+        bad = [f for f in self.formats if f not in ("parquet", "csv", "webdataset")]
+        check(not bad, "OutputConfig", "formats", bad, "not in ('parquet', 'csv', 'webdataset')")
+        check(self.shard_max_bytes >= 1, "OutputConfig", "shard_max_bytes", self.shard_max_bytes, "must be >= 1")
 
 
 @dataclass(frozen=True)
