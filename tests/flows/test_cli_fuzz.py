@@ -4,7 +4,9 @@ from the commands' own parameters, so a command added later is covered too. In-p
 value here is well-formed, so nothing reaches a model, a flow or a server."""
 from __future__ import annotations
 
+import os
 import random
+import signal
 
 import pytest
 import typer.main
@@ -54,7 +56,19 @@ def _cases(tmp_path):
     yield "sql", ["sql", "-w", str(warehouse), BAD_BYTES]
 
 
-def test_every_command_with_malformed_arguments_says_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def as_a_fresh_process(monkeypatch):
+    """`main` sets process-wide state (environment defaults for Prefect, a SIGINT handler): handed back after, so
+    that the tests after this one run as they would without it."""
+    env, handler = dict(os.environ), signal.getsignal(signal.SIGINT)
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    signal.signal(signal.SIGINT, handler)
+
+
+def test_every_command_with_malformed_arguments_says_one_line_and_exits_1(tmp_path, monkeypatch, capsys,
+                                                                           as_a_fresh_process):
     monkeypatch.setenv("CHIPS_LOG_DIR", str(tmp_path / "logs"))
     monkeypatch.delenv("CHIPS_WAREHOUSE", raising=False)
     seen, failures = set(), []
