@@ -18,7 +18,7 @@ from chips_core.stages import (check_stage, cpt_stage, eval_stage, featurize_sta
                                run_rescore, score_stage, subset_data, takedown_stage)
 from chips_core.stages.runconfig import ExecutorConfig, RunConfig
 
-from .distributed import check_workers
+from .dask_workers import check_workers
 
 from .prefect_child import tie_ephemeral_api_to_this_process
 

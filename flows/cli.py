@@ -165,7 +165,7 @@ def _pipeline_command(config: Path, refresh: bool, executor: str | None = None) 
         require_checkpoint(cfg)
         writable_warehouse(cfg)  # created only now, after the sources passed
         if cfg.executor.address:
-            from flows.distributed import check_workers
+            from flows.dask_workers import check_workers
 
             check_workers(cfg)  # the scheduler reachable, its workers like the driver, before any flow starts
         from flows.chips_flows import pipeline_flow, refresh_flow

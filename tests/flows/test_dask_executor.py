@@ -125,7 +125,7 @@ def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_kille
 
 
 def test_the_checks_before_a_dask_run_name_the_worker_and_the_path(cluster, tmp_path, demo_model):
-    from flows.distributed import WorkerMismatchError, check_workers
+    from flows.dask_workers import WorkerMismatchError, check_workers
 
     address, procs = cluster
     alive = [k for k, p in procs.items() if k.startswith("worker") and p.poll() is None]

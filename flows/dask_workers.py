@@ -1,6 +1,9 @@
 """Checks before a run sends shards to an existing Dask scheduler (``executor: {kind: dask, address: ...}``):
 every worker runs the driver's Python, torch, open_clip and chips versions, and sees the model checkpoint and the
-warehouse. Each mismatch is one line naming the worker and the value or path."""
+warehouse. Each mismatch is one line naming the worker and the value or path.
+
+(Not named ``distributed.py``: Prefect puts ``flows/`` on ``sys.path`` when it loads a deployment's entrypoint,
+and Dask's spawned worker processes would then import this module as the ``distributed`` package.)"""
 from __future__ import annotations
 
 import os
