@@ -23,7 +23,8 @@ from chips_core.stages.runconfig import load_run_config
 
 from ..conftest import tiny_pipeline_config
 
-# the child runs the pipeline and stops at a chosen point (prints "stop", then waits to be killed)
+# the child runs the pipeline (argv[3] "pipeline": run_pipeline on the config JSON argv[1]; "cli": `chips run` on
+# the config file argv[1]) and stops at a chosen point (prints "stop", then waits to be killed)
 CHILD = r"""
 import json, sys, time
 import chips_core.stages.featurize as F
@@ -42,7 +43,7 @@ def stop():
 if where == "ingest":  # the pool's source ingested, the target's not
     shard = I.ingest_shard
     def ingest_shard(*a, **k):
-        out = shard(*a, **k)
+        shard(*a, **k)
         stop()
     I.ingest_shard = ingest_shard
 elif where == "featurize":  # after the third shard a run forwards
@@ -64,7 +65,11 @@ elif where == "materialize":  # the subsets written, the manifests not
     def write_manifests(*a, **k):
         stop()
     M.write_manifests = write_manifests
-run_pipeline(load_run_config(json.loads(sys.argv[1])))
+if sys.argv[3] == "cli":
+    from flows.cli import main
+    main(["run", sys.argv[1]])
+else:
+    run_pipeline(load_run_config(json.loads(sys.argv[1])))
 """
 
 
@@ -94,7 +99,7 @@ def _interrupted(tmp, cfg: dict, where: str, sig: int) -> dict:
     """A fresh warehouse; the pipeline run in a child (its own process group) until ``where``, then ``sig`` to the
     whole group."""
     case = {**cfg, "warehouse": str(tmp / f"wh-{where}-{sig}"), "outputs": {"dir": str(tmp / f"out-{where}-{sig}")}}
-    p = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(case), where], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(case), where, "pipeline"], stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         assert p.stdout.readline().strip() == "stop"
@@ -194,24 +199,6 @@ def test_a_resumed_featurize_run_whose_pool_changed_forwards_every_shard_again(t
     np.testing.assert_array_equal(a.g, b.g)
 
 
-CLI_CHILD = r"""
-import sys, time
-import chips_core.stages.featurize as F
-from flows.cli import main
-
-shard, done = F.featurize_shard, [0]
-def featurize_shard(*a, **k):
-    written = shard(*a, **k)
-    done[0] += bool(written)
-    if done[0] == 3:
-        if k.get("writer") is not None:
-            k["writer"].wait()
-        print("stop", flush=True)
-        time.sleep(600)
-    return written
-F.featurize_shard = featurize_shard
-main(["run", sys.argv[1]])
-"""
 
 
 @pytest.mark.slow
@@ -231,7 +218,7 @@ def test_chips_run_stopped_with_ctrl_c_keeps_its_promise(reference, tmp_path):
     path.write_text(yaml.safe_dump(case))
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
-    p = subprocess.Popen([sys.executable, "-c", CLI_CHILD, str(path)], stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", CHILD, str(path), "featurize", "cli"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     try:
         assert p.stdout.readline().strip() == "stop"
