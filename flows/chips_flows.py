@@ -1,6 +1,7 @@
 """Prefect flows: one per stage, each a few lines around the ``chips_core.stages`` function, and the
 pipeline and rescore flows, which run the library's one stage sequence with each stage as a sub-flow.
-Featurize's shards run as mapped tasks (with retries) on the flow's task runner."""
+Featurize's shards run as mapped tasks (with retries) on the flow's task runner; with ``executor: {kind: dask}``
+score's feature parts do too."""
 from __future__ import annotations
 
 import contextlib
@@ -40,19 +41,19 @@ def _shard(fn, n: int, shard):
     return fn(n, shard)
 
 
-def _map_shards(fn, shards, resources: dict | None = None):
-    """The stage's shard work as mapped Prefect tasks; results in shard order, progress in the logs. On a Dask
-    task runner each task holds ``resources`` on its worker (e.g. one GPU)."""
+def _map_shards(fn, shards, resources: dict | None = None, name: str = "featurize-shard", what: str = "shards"):
+    """The stage's shard work as mapped Prefect tasks named ``name``; results in shard order, progress in the logs.
+    On a Dask task runner each task holds ``resources`` on its worker (e.g. one GPU)."""
     with contextlib.ExitStack() as stack:
         if resources:
             import dask
 
             stack.enter_context(dask.annotate(resources=dict(resources)))
-        futures = _shard.map(unmapped(fn), list(range(len(shards))), list(shards))
+        futures = _shard.with_options(name=name).map(unmapped(fn), list(range(len(shards))), list(shards))
     for n, f in enumerate(futures, start=1):
         yield f.result()
         if n % max(1, len(shards) // 10) == 0 or n == len(shards):
-            get_run_logger().info("%d/%d shards done", n, len(shards))
+            get_run_logger().info("%d/%d %s done", n, len(shards), what)
 
 
 @flow(name="chips-ingest")
@@ -105,9 +106,20 @@ def featurize_flow(config: str | dict, run_id: str | None = None, parent_run_id:
     return out
 
 
+def score_on(config: str | dict):
+    """The score flow on the config's ``executor:``: local, its parts on threads in this process (the stage's own
+    bounded map); dask, each feature part a task on the cluster."""
+    executor = load_run_config(config).executor
+    return score_flow if executor.kind == "local" else score_flow.with_options(task_runner=task_runner_for(executor))
+
+
 @flow(name="chips-score")
 def score_flow(config: str | dict, featurize_run_id: str, parent_run_id: str | None = None) -> dict:
-    return score_stage(*_setup(config), featurize_run_id, parent_run_id=parent_run_id)
+    cfg, wh, loaded = _setup(config)
+    if cfg.executor.kind == "dask" and cfg.executor.address:
+        check_workers(cfg)
+    parts = (partial(_map_shards, name="score-part", what="parts") if cfg.executor.kind == "dask" else None)
+    return score_stage(cfg, wh, loaded, featurize_run_id, parent_run_id=parent_run_id, map_parts=parts)
 
 
 @flow(name="chips-takedown")
@@ -140,7 +152,7 @@ def check_flow(config: str | dict, ingest: bool = True) -> dict:
 def _subflows(config: str | dict, progress: bool = False) -> dict:
     """The library's stage mapping, with each stage run as its Prefect flow (see stages/pipeline.py)."""
     return {"ingest": lambda sources, **kw: ingest_flow(config, [s.name for s in sources], progress=progress, **kw),
-            "featurize": partial(featurize_on(config), config, progress=progress), "score": partial(score_flow, config),
+            "featurize": partial(featurize_on(config), config, progress=progress), "score": partial(score_on(config), config),
             "materialize": partial(materialize_flow, config), "publish": partial(publish_flow, config),
             "takedown": partial(takedown_flow, config)}
 

@@ -14,8 +14,9 @@ import os
 import posixpath
 import threading
 from collections import deque
+from functools import partial
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +35,7 @@ from ..scoring.score import Preconditioners, score_features, select_top
 from ..util import progress as progress_bar
 from ..util import gc_frozen, release_memory
 from .check import target_and_eval_features
-from .common import endpoint_for, model_fields, require_bank_model, require_pairs
+from .common import MapShards, endpoint_for, model_fields, require_bank_model, require_pairs
 from .runconfig import RunConfig
 
 log = logging.getLogger("chips")
@@ -63,8 +64,12 @@ def scores_table(pair_ids, scores: dict, run_id: str) -> pa.Table:
 
 
 def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_run_id: str,
-                run_id: str | None = None, parent_run_id: str | None = None, progress: bool = False) -> dict:
-    """Every score for every pool pair of ``featurize_run_id`` against the config's target set."""
+                run_id: str | None = None, parent_run_id: str | None = None, progress: bool = False,
+                map_parts: MapShards | None = None) -> dict:
+    """Every score for every pool pair of ``featurize_run_id`` against the config's target set. The feature
+    parts are scored on ``score_threads`` threads in this process, or through ``map_parts`` (an orchestrator's
+    map, e.g. Dask tasks: part ``n`` is ``fn(n, path)``, results in order; each task reads its part from the
+    warehouse and writes its scores there, and sends back only its few premise-sample candidates)."""
     eval_ids = require_pairs(wh, cfg.target, "target")
     inputs = {"featurize_run_id": featurize_run_id, "eval_pairs": len(eval_ids)}
     resumed = interrupted_run(wh, "score", cfg, inputs=inputs, **model_fields(cfg, loaded)) if run_id is None else None
@@ -101,11 +106,14 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
             return local
 
         parts = feature_parts(wh, featurize_run_id)
+        if map_parts is not None:
+            done_parts = map_parts(partial(_score_nth, score_part), parts)
+        else:
+            done_parts = bounded_map(score_part, list(enumerate(parts)), cfg.score_threads or os.cpu_count() or 1)
         # from here the collections skip what was alive after the full one above (libraries, model: 0.2 s each),
         # and torch's own threads are off: the parts run on score_threads threads, its pool under each would
         # oversubscribe the cores (row_dots widens float16 with torch)
-        with gc_frozen(), torch_threads(1), contextlib.closing(
-                bounded_map(score_part, list(enumerate(parts)), cfg.score_threads or os.cpu_count() or 1)) as done:
+        with gc_frozen(), torch_threads(1), contextlib.closing(_closable(done_parts)) as done:
             for local in progress_bar(done, enabled=progress, desc="score", unit="part", total=len(parts)):
                 if local.ids:
                     sample.offer(local.ids, local.payload, local.keys)  # the part's keys, not hashed again
@@ -116,6 +124,16 @@ def score_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, featurize_ru
                    diagnostics_json=premise.to_json())
     return {"run_id": run_id, "pairs": n, "eval_pairs": len(eval_ids), "eval_loss": tstats.eval_loss,
             "premise_passed": premise.passed, "premise": premise.verdict()}
+
+
+def _closable(items: Iterable[R]) -> Iterator[R]:
+    """``items`` as a generator (closing it closes a generator it wraps: the map stops)."""
+    yield from items
+
+
+def _score_nth(score_part: Callable, n: int, path: str):
+    """``map_parts``'s shape (``fn(n, path)``) for the score stage's per-part function."""
+    return score_part((n, path))
 
 
 def bounded_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> Iterator[R]:

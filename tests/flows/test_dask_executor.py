@@ -1,4 +1,4 @@
-"""The Dask executor (issue 29): featurize's shards as Dask tasks on a real scheduler and two worker processes
+"""The Dask executor (issue 29): featurize's shards and score's feature parts as Dask tasks on a real scheduler and two worker processes
 started here on 127.0.0.1 (`dask scheduler`, `dask worker`), through the same Prefect flows and stage sequence as
 a local run, end with features parts byte-identical to the local run's, and scores and subsets equal; a worker
 killed (SIGKILL) mid-run has its shards rerun elsewhere with the same bytes; the checks before a run name the
@@ -97,6 +97,13 @@ def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_kille
     assert _results(dask_cfg, out)[0] == local[0]  # every features part, byte for byte
     got = _results(dask_cfg, out)
     assert got[1].equals(local[1]) and got[2].equals(local[2])
+    # score's feature parts ran as tasks on the Dask runner too (the local run scores on its own threads: none)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        score_tasks = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="score-part")))
+    assert len(score_tasks) >= len(local[0]) and {t.state_name for t in score_tasks} == {"Completed"}
     # the scheduler's two workers are other processes than this driver
     with __import__("distributed").Client(address) as c:
         logs = c.run(lambda: __import__("os").getpid())
