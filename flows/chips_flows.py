@@ -17,7 +17,7 @@ from chips_core.scoring.endpoint import LoadedModel, load_model, shared_model
 from chips_core.stages import (check_stage, cpt_stage, eval_stage, featurize_stage, ingest_stage, load_eval_suites,
                                load_run_config, manifest_data, materialize_stage, publish_stage, run_pipeline,
                                run_rescore, score_stage, subset_data, takedown_stage)
-from chips_core.stages.runconfig import ExecutorConfig, RunConfig
+from chips_core.stages.runconfig import ExecutorConfig, RunConfig, with_executor
 
 from .dask_workers import check_workers
 
@@ -158,16 +158,22 @@ def _subflows(config: str | dict, progress: bool = False) -> dict:
 
 
 @flow(name="chips-pipeline")
-def pipeline_flow(config: str | dict, progress: bool = False) -> dict:
+def pipeline_flow(config: str | dict, progress: bool = False, executor: str | None = None) -> dict:
+    """The whole pipeline; ``executor`` (``local``, ``dask`` or a scheduler address) overrides the config's."""
+    config = config if executor is None else with_executor(config, executor)
     cfg, wh, loaded = _setup(config)
     return run_pipeline(cfg, loaded, wh=wh, stages=_subflows(config, progress))
 
 
 @flow(name="chips-refresh")
-def refresh_flow(config: str | dict, progress: bool = False) -> dict:
+def refresh_flow(config: str | dict, progress: bool = False, executor: str | None = None) -> dict:
     """The pipeline featurizing only what changed since the pool's last featurize run (new shards; every pair
-    again when the model or the feature settings changed, with the reason in the log and the runs row)."""
+    again when the model or the feature settings changed, with the reason in the log and the runs row);
+    ``executor`` overrides the config's (a deployment's parameter: the nightly refresh on a Dask cluster)."""
+    config = config if executor is None else with_executor(config, executor)
     cfg, wh, loaded = _setup(config)
+    if cfg.executor.address:
+        check_workers(cfg)  # before any stage: the scheduler reachable, its workers like this process
     return run_pipeline(cfg, loaded, wh=wh, stages=_subflows(config, progress), refresh=True)
 
 

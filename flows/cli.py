@@ -127,7 +127,8 @@ def _warehouse_option():
 
 
 def _executor_option():
-    return typer.Option(None, "--executor", help="where featurize's shards run, overriding the config's executor: "
+    return typer.Option(None, "--executor", help="where featurize's shards and score's parts run, overriding the config's "
+                                                 "executor: "
                                                  "local, dask (a local cluster) or a scheduler address tcp://host:8786")
 
 
@@ -148,18 +149,11 @@ def refresh(config: Path = typer.Argument(..., help="pipeline YAML (see chips_co
 def _pipeline_command(config: Path, refresh: bool, executor: str | None = None) -> None:
     """`chips run` / `chips refresh`: the pre-flight checks, the flow, the summary."""
     with _one_line_errors():
-        import yaml
-
         from chips_core.stages.preflight import check_sources, require_checkpoint, writable_warehouse
-        from chips_core.stages.runconfig import ExecutorConfig, load_run_config
+        from chips_core.stages.runconfig import load_run_config, with_executor
 
-        source: str | dict = str(config)
-        if executor is not None:  # the config file's values, with the flag's executor
-            chosen = ExecutorConfig.parse(executor)
-            load_run_config(config)  # its own errors first, naming the file
-            data = yaml.safe_load(config.read_text(encoding="utf-8"))
-            source = {**data, "executor": {**(data.get("executor") or {}), "kind": chosen.kind,
-                                           "address": chosen.address}}
+        # the config file's values, with the flag's executor
+        source: str | dict = str(config) if executor is None else with_executor(config, executor)
         cfg = load_run_config(source)  # fail fast, before any flow starts, with the bad key named
         check_sources(cfg)  # every source there, readable, with its columns and rows
         require_checkpoint(cfg)

@@ -214,6 +214,15 @@ def load_run_config(source: str | Path | dict) -> RunConfig:
     return _build(RunConfig, resolve_env(data, where), where, "")
 
 
+def with_executor(source: str | Path | dict, executor: str) -> dict:
+    """The config ``source`` (a YAML path or a dict) as a dict whose ``executor:`` is the one ``executor`` names
+    (``local``, ``dask`` or a scheduler address, as ``--executor``); the file's own errors first, naming it."""
+    chosen = ExecutorConfig.parse(executor)
+    load_run_config(source)
+    data = dict(source) if isinstance(source, dict) else yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    return {**data, "executor": {**(data.get("executor") or {}), "kind": chosen.kind, "address": chosen.address}}
+
+
 _ENV_REF = re.compile(r"\$\{ENV:([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
