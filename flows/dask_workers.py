@@ -28,8 +28,10 @@ def software() -> dict:
             "chips": chips_core.__version__}
 
 
-def _worker_facts(paths: dict[str, str], storage_options: dict | None) -> dict:
-    """Run on each worker: its software and which of ``paths`` ({what: path or URL}) it can see."""
+def _worker_facts(paths: dict[str, str], storage_options: dict | None, prefixes: tuple[str, ...] = ()) -> dict:
+    """Run on each worker: its software and which of ``paths`` ({what: path or URL}) it can see. A URL named in
+    ``prefixes`` (the warehouse) is seen when it exists or its bucket does: on an object store a prefix exists only
+    once an object is under it, and a new warehouse has none yet."""
     import fsspec
 
     seen = {}
@@ -37,7 +39,7 @@ def _worker_facts(paths: dict[str, str], storage_options: dict | None) -> dict:
         try:
             if "://" in path:
                 fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-                seen[what] = bool(fs.exists(p))
+                seen[what] = bool(fs.exists(p)) or (what in prefixes and bool(fs.exists(p.split("/", 1)[0])))
             else:
                 seen[what] = os.path.exists(path)
         except Exception:  # noqa: BLE001 - unreachable is unreachable, whatever the backend raises
@@ -61,7 +63,7 @@ def check_workers(cfg: RunConfig, timeout: float = 30.0) -> list[str]:
         raise WorkerMismatchError(f"executor.address {address!r}: cannot reach the Dask scheduler "
                                   f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     try:
-        facts = client.run(_worker_facts, paths, cfg.storage_options)
+        facts = client.run(_worker_facts, paths, cfg.storage_options, ("warehouse",))
     finally:
         client.close()
     if not facts:

@@ -87,6 +87,16 @@ SCHEMAS: dict[str, pa.Schema] = {
 PAIRS_ROW_GROUP = 128
 
 
+def _fs_options(url: str, storage_options: dict | None) -> dict:
+    """fsspec options for a warehouse URL: on a remote store, no directory-listing cache unless the caller sets one.
+    Other processes (Dask workers, a concurrent stage) write parts under the warehouse; a cached listing would hide
+    them (a score stage that listed one of eight features parts scored 12 of 96 pairs)."""
+    opts = dict(storage_options or {})
+    if "://" in url and not url.startswith("file://"):
+        opts.setdefault("use_listings_cache", False)
+    return opts
+
+
 @dataclass
 class Warehouse:
     url: str
@@ -100,7 +110,7 @@ class Warehouse:
         # rows whose image bytes this process read from ``pairs`` (how tests hold featurize to one pass)
         self.image_rows_read: collections.Counter = collections.Counter()
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **_fs_options(self.url, self.storage_options))
             if self.create:
                 self.fs.makedirs(self.root, exist_ok=True)
             else:

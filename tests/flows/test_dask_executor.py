@@ -1,7 +1,8 @@
 """The Dask executor (issue 29): featurize's shards and score's feature parts as Dask tasks on a real scheduler and two worker processes
 started here on 127.0.0.1 (`dask scheduler`, `dask worker`), through the same Prefect flows and stage sequence as
 a local run, end with features parts byte-identical to the local run's, and scores and subsets equal; a worker
-killed (SIGKILL) mid-run has its shards rerun elsewhere with the same bytes; the checks before a run name the
+killed (SIGKILL) mid-run, with the warehouse on S3 (moto's server as a process), has its shards rerun elsewhere
+with the same bytes; the checks before a run name the
 worker and the path it cannot see."""
 from __future__ import annotations
 
@@ -67,6 +68,35 @@ def cluster(tmp_path_factory):
                 p.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """moto's S3 server as a real process on 127.0.0.1 with one bucket; the storage options that reach it."""
+    import boto3
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=tmp_path_factory.mktemp("moto"))
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing")
+        deadline = time.time() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket="chips-dask")
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint,
+                                                                          "region_name": "us-east-1"}}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 def _config(tmp, demo_model, name: str, **executor) -> dict:
     return tiny_pipeline_config(tmp, demo_model, 96, 16, seed=51, sketch={"k": 32}, bank={"size": 16},
                                 curvature={"n_curv": 40, "hard_negatives": 4}, budgets=[0.2, 0.5], shard_size=12,
@@ -75,16 +105,16 @@ def _config(tmp, demo_model, name: str, **executor) -> dict:
 
 
 def _results(cfg: dict, out: dict) -> tuple[dict, object, object]:
-    wh = Warehouse(cfg["warehouse"])
-    parts = {name: Path(p).read_bytes() for name, p in shard_parts(wh, out["featurize"]["run_id"]).items()}
+    wh = Warehouse(cfg["warehouse"], cfg.get("storage_options"))
+    parts = {name: wh.fs.cat_file(p) for name, p in shard_parts(wh, out["featurize"]["run_id"]).items()}
     con = connect(wh)
     scores = query(con, "select * exclude (run_id) from stg_scores order by pair_id")
     subsets = query(con, "select method, budget, pair_id, rank from stg_subsets order by method, budget, rank")
     return parts, scores, subsets
 
 
-def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_killed(cluster, prefect_api, tmp_path,
-                                                                                 demo_model):
+def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_killed(cluster, s3_server, prefect_api,
+                                                                                 tmp_path, demo_model):
     from flows.chips_flows import pipeline_flow, refresh_flow
 
     address, procs = cluster
@@ -107,14 +137,17 @@ def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_kille
 
     # a worker (its nanny and process) killed while the shards run: its shards are rerun on the other
     # (through the refresh flow with the scheduler as its `executor` parameter, as the scheduled-refresh-dask
-    # deployment runs it; a refresh of a new warehouse featurizes everything)
-    killed_cfg = _config(tmp_path, demo_model, "killed")
-    features = Path(killed_cfg["warehouse"]) / "features"
+    # deployment runs it; a refresh of a new warehouse featurizes everything), the warehouse on S3 (moto's server,
+    # another process): the workers read and write it through fsspec with the config's storage options
+    killed_cfg = {**_config(tmp_path, demo_model, "killed"), "warehouse": "s3://chips-dask/wh",
+                  "storage_options": s3_server}
+    fs = Warehouse(killed_cfg["warehouse"], s3_server).fs
 
     def kill_when_the_first_part_lands():
         deadline = time.time() + 300
-        while time.time() < deadline and not list(features.glob("run=*/*.parquet")):
+        while time.time() < deadline and not fs.glob("chips-dask/wh/features/run=*/*.parquet"):
             time.sleep(0.05)
+            fs.invalidate_cache()
         os.killpg(procs["worker1"].pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_when_the_first_part_lands, daemon=True)
@@ -123,7 +156,7 @@ def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_kille
     killer.join(timeout=1)
     assert procs["worker1"].wait(timeout=30) == -signal.SIGKILL
     assert _results(killed_cfg, out)[0] == local[0]
-    runs = query(connect(Warehouse(killed_cfg["warehouse"])), "select stage, status from stg_runs").to_pylist()
+    runs = query(connect(Warehouse(killed_cfg["warehouse"], s3_server)), "select stage, status from stg_runs").to_pylist()
     assert {r["status"] for r in runs} == {"succeeded"} and "refresh" in {r["stage"] for r in runs}
     assert len(_score_part_tasks()) >= len(score_tasks) + len(local[0])  # this run's parts went to Dask too
 
