@@ -91,11 +91,20 @@ def _one_line_errors():
                        f"{STARTUP_TIMEOUT_ENV} higher, or keep one API running with `chips server` and set the "
                        "PREFECT_API_URL it prints", err=True)
             raise typer.Exit(code=1) from None
+        if type(e).__module__.startswith("distributed") and type(e).__name__ in DASK_LOST:
+            typer.echo("chips: error: the connection to the Dask scheduler was lost mid-run (executor.address; "
+                       f"{type(e).__name__}); the shards finished so far are kept: with a scheduler and workers at that "
+                       f"address again, rerun the same command to resume (traceback in {_log_traceback(e)})", err=True)
+            raise typer.Exit(code=1) from None
         first = (str(e).strip().splitlines() or [""])[0][:300]
         typer.echo(f"chips: error: {type(e).__name__}: {first} (traceback in {_log_traceback(e)}; "
                    "--debug prints it)", err=True)
         raise typer.Exit(code=1) from None
 
+
+# what distributed raises in the driver when the scheduler goes away mid-run (by name: the CLI does not import it);
+# the stage's run is recorded as interrupted, so the same command resumes (platform/provenance.py: INTERRUPTED)
+DASK_LOST = ("FutureCancelledError", "CommClosedError")
 
 _interrupts = 0
 

@@ -166,8 +166,10 @@ def mark_abandoned(wh: Warehouse) -> list[str]:
     return out
 
 
-# the statuses of a run that was stopped rather than failing on its own: its process killed, or Ctrl-C
-INTERRUPTED = ("abandoned", "failed: KeyboardInterrupt")
+# the statuses of a run that was stopped rather than failing on its own: its process killed, Ctrl-C, or its
+# connection to the Dask scheduler lost (distributed's FutureCancelledError or CommClosedError, whichever the
+# driver's wait meets first)
+INTERRUPTED = ("abandoned", "failed: KeyboardInterrupt", "failed: FutureCancelledError", "failed: CommClosedError")
 
 
 def interrupted_run(wh: Warehouse, stage: str, config, *, inputs: dict | None = None, **fields) -> tuple[str, str] | None:

@@ -6,6 +6,8 @@ with the same bytes; the checks before a run name the
 worker and the path it cannot see."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -34,19 +36,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A scheduler and two single-threaded worker processes, each in its own process group; stopped after."""
+@contextlib.contextmanager
+def dask_cluster(tmp: Path, port: int | None = None, workers: int = 2):
+    """A scheduler on 127.0.0.1 (``port``: a free one) and ``workers`` single-threaded worker processes, each in its
+    own process group; ``(address, processes)``; every process killed after."""
     from distributed import Client
 
-    tmp = tmp_path_factory.mktemp("dask")
-    port = _free_port()
+    port = port or _free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     start = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd=tmp)
     procs = {"scheduler": subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                             "--no-dashboard"], **start)}
-    for i in range(2):
+    for i in range(workers):
         procs[f"worker{i}"] = subprocess.Popen([DASK, "worker", address, "--nworkers", "1", "--nthreads", "1",
                                                 "--no-dashboard", "--name", f"w{i}"], **start)
     try:
@@ -54,7 +56,7 @@ def cluster(tmp_path_factory):
         while True:
             try:
                 with Client(address, timeout=10) as c:
-                    c.wait_for_workers(2, timeout=120)
+                    c.wait_for_workers(workers, timeout=120)
                 break
             except OSError:
                 if time.time() > deadline:
@@ -66,6 +68,12 @@ def cluster(tmp_path_factory):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with dask_cluster(tmp_path_factory.mktemp("dask")) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +197,50 @@ def test_the_checks_before_a_dask_run_name_the_worker_and_the_path(cluster, tmp_
                                         address=f"tcp://127.0.0.1:{_free_port()}")})
     with pytest.raises(WorkerMismatchError, match=r"cannot reach the Dask scheduler"):
         check_workers(nobody, timeout=2)
+
+
+def test_a_killed_scheduler_stops_the_run_in_one_line_and_the_same_command_resumes(prefect_api, tmp_path, demo_model):
+    """`chips run CONFIG --executor ADDRESS` with the scheduler killed (SIGKILL) once the first features part lands:
+    exit 1 with one line saying what to do; with a scheduler and workers at the same address again, the same
+    command resumes the featurize run: the parts finished before are kept, not written again."""
+    from prefect.settings import PREFECT_API_URL
+
+    cfg = _config(tmp_path, demo_model, "sched")
+    path = tmp_path / "sched.json"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    port = _free_port()
+    command = [str(Path(sys.executable).with_name("chips")), "run", str(path), "--executor", f"tcp://127.0.0.1:{port}"]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # this session's API: no temporary one per run
+    features = Path(cfg["warehouse"]) / "features"
+    with dask_cluster(tmp_path, port) as (_, procs):
+        def kill_when_the_first_part_lands():
+            deadline = time.time() + 300
+            while time.time() < deadline and not list(features.glob("run=*/*.parquet")):
+                time.sleep(0.05)
+            os.killpg(procs["scheduler"].pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_the_first_part_lands, daemon=True)
+        killer.start()
+        first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        killer.join(timeout=1)
+    assert procs["scheduler"].returncode == -signal.SIGKILL
+    assert first.returncode == 1, first.stderr[-2000:]
+    line = first.stderr.strip().splitlines()[-1]
+    assert line.startswith("chips: error: the connection to the Dask scheduler was lost mid-run"), line
+    kept = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in features.glob("run=*/*.parquet")}
+    assert 1 <= len(kept) < 8
+    con = connect(Warehouse(cfg["warehouse"]))
+    failed = query(con, "select run_id, status from stg_runs where stage = 'featurize'").to_pylist()
+    assert len(failed) == 1 and failed[0]["status"].startswith(("failed: FutureCancelledError",
+                                                                 "failed: CommClosedError")), failed
+
+    with dask_cluster(tmp_path, port):
+        again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    runs = query(connect(Warehouse(cfg["warehouse"])),
+                 "select run_id, status from stg_runs where stage = 'featurize'").to_pylist()
+    assert [r["run_id"] for r in runs] == [failed[0]["run_id"]] and runs[0]["status"] == "succeeded"
+    after = {p.name: p for p in features.glob("run=*/*.parquet")}
+    assert len(after) == 8
+    for name, (data, mtime) in kept.items():  # resumed: the finished shards kept as they were
+        assert after[name].read_bytes() == data and after[name].stat().st_mtime_ns == mtime
