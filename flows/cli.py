@@ -142,14 +142,14 @@ def _executor_option():
 
 
 @app.command()
-def run(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/stages/runconfig.py)"),
+def run(config: Path = typer.Argument(..., help="pipeline YAML (every key: docs/config.md)"),
         executor: Optional[str] = _executor_option()) -> None:
     """Run the whole pipeline (ingest, featurize, score, materialize) as a Prefect flow."""
     _pipeline_command(config, refresh=False, executor=executor)
 
 
 @app.command()
-def refresh(config: Path = typer.Argument(..., help="pipeline YAML (see chips_core/stages/runconfig.py)"),
+def refresh(config: Path = typer.Argument(..., help="pipeline YAML (every key: docs/config.md)"),
             executor: Optional[str] = _executor_option()) -> None:
     """The pipeline again, featurizing only what changed since this pool's last featurize run."""
     _pipeline_command(config, refresh=True, executor=executor)

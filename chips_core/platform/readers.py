@@ -203,13 +203,13 @@ class SourceSpec:
     """One input source. Every file (or folder) in ``paths`` is one shard."""
 
     name: str  # recorded as pairs.source
-    kind: str  # one of READERS
+    kind: str  # one of READERS: webdataset (tar shards), parquet, csv (open_clip_train's) or folder
     paths: tuple[str, ...]  # local paths or fsspec URLs
     caption_col: str = "caption"  # parquet: caption column
     image_col: str | None = "image"  # parquet: image-bytes column
     path_col: str | None = None  # parquet: image-path column (instead of image_col)
     filepath_col: str = "filepath"  # csv: open_clip_train's columns
-    title_col: str = "title"
+    title_col: str = "title"  # csv: the caption column
     sep: str | None = None  # csv: None = by extension (.tsv -> tab)
     allowed_roots: tuple[str, ...] | None = None  # image paths must resolve inside these
     # copy (default): the warehouse keeps the image bytes, so it stands alone when the source moves or goes;

@@ -37,7 +37,7 @@ class ScoreConfig:
     # set's 5th percentile (set, not tuned); caption agrees with the image when x.y >= the eval set's 25th
     # percentile (chosen among 0/25/50/75 on the v2 eval set: docs/benchmarks/chips_plus_defaults.md).
     plus_relevance_quantile: float = 0.05
-    plus_match_quantile: float = 0.25
+    plus_match_quantile: float = 0.25  # the agreement gate's quantile (see plus_relevance_quantile)
 
     def __post_init__(self):
         check(0.0 <= self.beta <= 1.0, "ScoreConfig", "beta", self.beta, "must lie in [0, 1]")

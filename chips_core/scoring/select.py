@@ -61,7 +61,7 @@ class SelectConfig:
     neighbours: int = 10  # infomax's graph degree before symmetrising
     clusters: int = 0  # chips_cluster's k-means clusters per partition; 0: round(sqrt(n / 2))
     explore: float = 0.25  # chips_cluster's gamma: weight of the bonus for clusters chosen less often
-    kmeans_iters: int = 10
+    kmeans_iters: int = 10  # chips_cluster's spherical k-means iterations
     seed: int = 0  # the partition hash's seed
 
     def __post_init__(self):

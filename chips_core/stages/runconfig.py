@@ -84,11 +84,11 @@ class ExecutorConfig:
     starts and stops. ``resources`` (e.g. ``{GPU: 1}``) are what each shard task holds on its worker (workers
     declare theirs: ``dask worker ... --resources GPU=1``). Where the work runs does not change what it makes: the
     executor is left out of the config hash (a run killed on Dask resumes locally, and the reverse)."""
-    kind: str = "local"
-    address: str | None = None
-    n_workers: int = 2
-    threads_per_worker: int = 1
-    resources: dict | None = field(default=None, hash=False)
+    kind: str = "local"  # local (threads in the driving process) or dask
+    address: str | None = None  # dask: an existing scheduler, tcp://host:8786 (none: a LocalCluster for the run)
+    n_workers: int = 2  # dask without an address: the LocalCluster's worker processes
+    threads_per_worker: int = 1  # ... and threads in each
+    resources: dict | None = field(default=None, hash=False)  # what each shard task holds on its worker, e.g. {GPU: 1}
 
     def __post_init__(self):
         check(self.kind in ("local", "dask"), "ExecutorConfig", "kind", self.kind, "must be 'local' or 'dask'")
@@ -119,19 +119,21 @@ class RunConfig:
     pool: tuple[SourceSpec, ...]  # candidate pairs to score
     target: tuple[SourceSpec, ...]  # the target-domain evaluation set
     model: ModelSpec
-    sketch: SketchConfig = SketchConfig()
-    bank: BankConfig = BankConfig()
-    curvature: CurvatureConfig = CurvatureConfig()
-    score: ScoreConfig = ScoreConfig()
+    sketch: SketchConfig = SketchConfig()  # the JL sketch of the end-point gradients (CHIPS_METHOD.md §4)
+    bank: BankConfig = BankConfig()  # the reference bank every pair's loss is computed against (§2)
+    curvature: CurvatureConfig = CurvatureConfig()  # the curvature matrix M of the Newton alignment (§5)
+    score: ScoreConfig = ScoreConfig()  # the per-pair scores (chips, chips_plus, ...)
     select: SelectConfig = SelectConfig()  # the set-aware selectors' parameters (methods chips_pursuit, ...)
-    featurize: FeaturizeConfig = FeaturizeConfig()
+    featurize: FeaturizeConfig = FeaturizeConfig()  # how the model runs over the pool (batching, precision, decoding)
     check: PremiseConfig = PremiseConfig()  # premise checks (`chips check`, and every score run)
-    budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)  # fractions of the scored pool materialised per method
+    # selectors materialised at each budget: the per-pair scores (chips, chips_plus, random, ...) and the set-aware
+    # selectors (chips_pursuit, chips_infomax, chips_cluster)
     methods: tuple[str, ...] = METHODS
     shard_size: int = 2048  # pairs per featurize/score shard
     score_threads: int = 0  # threads scoring stored feature parts at once (0: one per CPU core)
     device: str = "cpu"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N"; resolved when loaded
-    outputs: OutputConfig = OutputConfig()
+    outputs: OutputConfig = OutputConfig()  # the subsets' manifests (materialize)
     publish: PublishConfig = PublishConfig()  # lakehouse tables written by the pipeline
     refresh: RefreshConfig = RefreshConfig()  # what a refresh reuses (`chips refresh`)
     # opt-out / takedown lists (CSV or Parquet with pair_id, source_key, url or sha256 columns): matched after
@@ -142,14 +144,14 @@ class RunConfig:
     # a source that loses more than this share of its rows to quarantine stops the run before featurize
     # (all of them always does): mass quarantine is a configuration problem (e.g. allowed_roots), not noise
     max_quarantine_share: float = 0.5
-    storage_options: dict | None = field(default=None, hash=False)
+    storage_options: dict | None = field(default=None, hash=False)  # fsspec options for the warehouse URL
     # DuckDB's working memory when score ranks and materialize selects (spills to disk beyond it)
     duckdb_memory_limit: str = MEMORY_LIMIT
     # dotted paths of config values that are secret (e.g. publish.iceberg_catalog_uri, pool.0.paths): recorded as
     # <secret>. Better still, write a secret as ${ENV:NAME}: resolved from the environment when the config loads,
     # never stored. URI passwords and keys named like credentials are redacted without being listed.
     secrets: tuple[str, ...] = ()
-    executor: ExecutorConfig = ExecutorConfig()  # where featurize's shards run (local, or Dask)
+    executor: ExecutorConfig = ExecutorConfig()  # where featurize's shards and score's parts run (local, or Dask)
 
     def __post_init__(self):
         bad = [b for b in self.budgets if not 0 < b <= 1]

@@ -55,13 +55,13 @@ class ReplayConfig:
 
 @dataclass(frozen=True)
 class CPTConfig:
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 5e-4
-    weight_decay: float = 0.1
+    epochs: int = 5  # passes over the subset
+    batch_size: int = 128  # pairs per step (replay pairs included)
+    lr: float = 5e-4  # AdamW's peak learning rate
+    weight_decay: float = 0.1  # AdamW's, on weight matrices only (not on gains, biases, embeddings, the temperature)
     warmup_steps: int = 50  # linear warm-up, then cosine to zero (capped at a tenth of all steps)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW's
+    eps: float = 1e-6  # AdamW's
     seed: int = 0  # data order
     checkpoint_every: int = 100  # steps between resume checkpoints (and one at every epoch end)
     replay: ReplayConfig = ReplayConfig()  # general-domain replay mixed into each batch

@@ -65,12 +65,12 @@ class SuiteSpec:
     ``image`` bytes), a caption column (``title``), and optionally a class-name column (``label``)
     for zero-shot classification. Every suite gets retrieval recall@{1,5,10}."""
 
-    name: str
-    path: str
+    name: str  # the suite's name in the evals table
+    path: str  # its Parquet or CSV table
     templates: tuple[str, ...] = ("a photo of a {c}.",)  # zero-shot prompts; "{c}" is the class name
     classnames: tuple[str, ...] = ()  # default: the distinct labels, sorted
-    caption_column: str = "title"
-    label_column: str = "label"
+    caption_column: str = "title"  # the captions (retrieval)
+    label_column: str = "label"  # the class names (zero-shot top-1; a suite without it gets retrieval only)
     allowed_roots: tuple[str, ...] = ()  # image paths must lie inside these (default: the suite file's folder)
 
     def __post_init__(self):
