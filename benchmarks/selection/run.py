@@ -83,7 +83,7 @@ MODES = {
                  general_quick=False, pretrain_epochs=25),
 }
 # v2 (issue 10): a target whose premises hold (catalogue sheets, a base model warmed on sheets captioned in the
-# pool's grounded grammar: with coarse captions the premise check fails, docs/benchmarks/selection_v2_coarse.md),
+# pool's grounded grammar: with coarse captions the premise check fails, docs/benchmarks/history/selection_v2_coarse.md),
 # the same general-domain replay in every CPT, a fixed number of CPT steps for every budget, 3 seeds,
 # random over in-domain pairs as the primary baseline and a planted oracle check.
 V2_MODES = {

@@ -2,7 +2,7 @@
 them (benchmarks/selection/run.py, quick mode, real data from install_data.sh): it fails on v1's cold general
 model for the fashion target, and passes on v2's quick-mode base model, warmed on catalogue sheets captioned in the
 pool's grammar (v2's default warm-up). With a coarse warm-up (`--warm-captions coarse`) it fails too
-(docs/benchmarks/selection_v2_coarse.md): that base model knows the sheets only coarsely."""
+(docs/benchmarks/history/selection_v2_coarse.md): that base model knows the sheets only coarsely."""
 import importlib.util
 import sys
 from pathlib import Path
