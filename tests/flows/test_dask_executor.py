@@ -37,9 +37,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def dask_cluster(tmp: Path, port: int | None = None, workers: int = 2):
+def dask_cluster(tmp: Path, port: int | None = None, workers: int = 2, resources: dict[int, str] | None = None):
     """A scheduler on 127.0.0.1 (``port``: a free one) and ``workers`` single-threaded worker processes, each in its
-    own process group; ``(address, processes)``; every process killed after."""
+    own process group (worker ``i`` declaring ``resources[i]``, e.g. ``"slot=1"``); ``(address, processes)``; every
+    process killed after."""
     from distributed import Client
 
     port = port or _free_port()
@@ -49,8 +50,9 @@ def dask_cluster(tmp: Path, port: int | None = None, workers: int = 2):
     procs = {"scheduler": subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                             "--no-dashboard"], **start)}
     for i in range(workers):
+        declared = ["--resources", resources[i]] if resources and i in resources else []
         procs[f"worker{i}"] = subprocess.Popen([DASK, "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                                "--no-dashboard", "--name", f"w{i}"], **start)
+                                                "--no-dashboard", "--name", f"w{i}", *declared], **start)
     try:
         deadline = time.time() + 120
         while True:
@@ -72,7 +74,7 @@ def dask_cluster(tmp: Path, port: int | None = None, workers: int = 2):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with dask_cluster(tmp_path_factory.mktemp("dask")) as c:
+    with dask_cluster(tmp_path_factory.mktemp("dask"), resources={0: "slot=1"}) as c:  # only w0 declares a slot
         yield c
 
 
@@ -130,8 +132,19 @@ def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_kille
     local = _results(local_cfg, pipeline_flow(local_cfg))
     assert len(local[0]) == 8
 
-    dask_cfg = _config(tmp_path, demo_model, "dask", kind="dask", address=address)
-    out = pipeline_flow(dask_cfg)
+    # each featurize shard task holds a `slot`, which only worker w0 declares: every shard runs there
+    from distributed import Client
+
+    dask_cfg = _config(tmp_path, demo_model, "dask", kind="dask", address=address, resources={"slot": 1})
+    with Client(address) as client:
+        client.get_task_stream()  # the scheduler records its task stream from the first request on
+        t0 = time.time()
+        out = pipeline_flow(dask_cfg)
+        stream = client.get_task_stream(start=t0)
+        names = {w: n for w, n in client.run(lambda dask_worker: dask_worker.name).items()}
+    ran_on = [names[t["worker"]] for t in stream]
+    assert len(ran_on) >= len(local[0]) and set(ran_on[:len(local[0])]) == {"w0"}, ran_on  # the shards (score's
+    # parts, which hold no slot, come after them)
     assert _results(dask_cfg, out)[0] == local[0]  # every features part, byte for byte
     got = _results(dask_cfg, out)
     assert got[1].equals(local[1]) and got[2].equals(local[2])
