@@ -439,9 +439,14 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     typer.echo(f"  ingest      read {i['read']}, kept {i['kept']}, quarantined {i['quarantined']}, unchanged {i['unchanged']}"
                f" (a source above {cfg.max_quarantine_share:.0%} quarantined stops the run)")
     for name, q in out.get("quarantine", {}).items():
+        # this run's rows first; then the source's whole record in the warehouse (a rerun reads everything again
+        # as unchanged, and the earlier runs' quarantined rows stay quarantined), with stg_quarantine's reasons
+        run = i.get("sources", {}).get(name)
+        now = (f"this run read {run['read']}, quarantined {run['quarantined']}" + (
+            f", unchanged {run['unchanged']}" if run["unchanged"] else "") + "; ") if run else ""
         causes = ", ".join(f"{r} × {n}" for r, n in sorted(q["causes"].items(), key=lambda kv: -kv[1])[:3])
-        typer.echo(f"              {name}: {q['quarantined']} of {q['rows']} rows quarantined ({q['share']:.0%})"
-                   + (f": {causes}" if causes else ""))
+        typer.echo(f"              {name}: {now}in the warehouse {q['quarantined']} of {q['rows']} rows quarantined "
+                   f"({q['share']:.0%})" + (f": {causes}" if causes else ""))
     typer.echo(f"  featurize   {f['pairs']} pool pairs in {f['shards']} shards (k={cfg.sketch.k}, "
                f"K={f.get('bank_size', cfg.bank.size)}" + (f", clipped from bank.size={cfg.bank.size}"
                                                           if f.get("bank_size", cfg.bank.size) < cfg.bank.size else "") + ")")
@@ -496,7 +501,7 @@ def _summary(out: dict, cfg, demo: bool = False) -> None:
     typer.echo(f"GX Data Docs: {Path(cfg.warehouse) / 'data_docs' / 'chips.html'} (works offline; GX's own "
                "index.html beside it needs network)")
     typer.echo("Try:\n  chips sql -w " + str(cfg.warehouse) +
-               " \"select reason, count(*) n from stg_quarantine group by reason order by n desc\"")
+               " \"select cause, count(*) n from stg_quarantine group by cause order by n desc\"")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,8 @@ def test_demo_then_the_printed_commands_through_cpt_eval_and_the_mart(prefect_ap
     runner = CliRunner()
     workdir = tmp_path / "demo"
     out = _run(runner, f"chips demo --workdir {workdir} --pool-size 150 --eval-size 30 --steps 40")
-    for text in ("ingest      read 183, kept 180, quarantined 3", "web-photos: 3 of 110 rows quarantined (3%): caption_empty × 1",
+    for text in ("ingest      read 183, kept 180, quarantined 3", "web-photos: this run read 110, quarantined 3; in the warehouse 3 of 110 rows quarantined (3%): "
+                 "caption_empty × 1",
                  "premise check", "Top pairs by CHIPS utility", "chips@0.3=45", "Share of 'scan' captions",
                  f"Its config: {workdir / 'demo.yaml'}"):
         assert text in out, text
@@ -66,7 +67,8 @@ def test_demo_then_the_printed_commands_through_cpt_eval_and_the_mart(prefect_ap
     assert "<td>chips_plus</td><td>0.3</td>" in evals and "<td>none</td><td>0</td>" in evals
 
     # the same warehouse through the read commands, and the premise check from the demo's own config
-    res = runner.invoke(app, ["sql", "-w", str(wh.url), "select reason, count(*) n from stg_quarantine group by reason"])
+    try_sql = _commands(out, "Try:")[0]  # the summary's query: the causes, in the summary's words
+    res = runner.invoke(app, shlex.split(try_sql)[1:])
     assert res.exit_code == 0 and "image_undecodable" in res.output and "caption_empty" in res.output
     res = runner.invoke(app, ["runs", "-w", str(wh.url), "--stage", "score"])
     assert res.exit_code == 0 and "succeeded" in res.output

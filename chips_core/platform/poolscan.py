@@ -176,8 +176,10 @@ def source_key_counts(wh: Warehouse, sources: Sequence[str]) -> dict[str, int]:
 
 def quarantine_causes(wh: Warehouse, sources: Sequence[str]) -> dict[str, dict[str, int]]:
     """Per source, the quarantine causes recorded for it with their counts (duplicates left out: a duplicate is
-    kept under its first source key, nothing is lost). A ``read_error``'s cause is the specific one its detail starts
-    with when that is a name (``"path_outside_root: ..."``). Grouped by DuckDB: one row per source and cause."""
+    kept under its first source key, nothing is lost). A cause is the table's ``reason``, and for a ``read_error``
+    whose detail starts with a name (``"path_outside_root: ..."``) that name in brackets: ``read_error
+    (path_outside_root)``, what ``select reason, split_part(detail, ':', 1)`` groups by. Grouped by DuckDB: one row
+    per source and cause."""
     from .selection import engine
 
     if not sources or not wh.parts("quarantine"):
@@ -187,7 +189,7 @@ def quarantine_causes(wh: Warehouse, sources: Sequence[str]) -> dict[str, dict[s
         rows = con.execute(
             "select source, cause, count(*) from (select source, case when reason = 'read_error' "
             "  and regexp_full_match(split_part(coalesce(detail, ''), ':', 1), '[A-Za-z_][A-Za-z0-9_]*') "
-            "  then split_part(detail, ':', 1) else reason end as cause "
+            "  then 'read_error (' || split_part(detail, ':', 1) || ')' else reason end as cause "
             "  from read_parquet(?, hive_partitioning = false) "
             "  where source in (select unnest(?::varchar[])) and reason <> 'duplicate') "
             "group by source, cause order by source, cause",

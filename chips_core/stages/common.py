@@ -84,10 +84,15 @@ REASON_HINTS = {"path_outside_root": "list the images' folder in the source's al
                 "missing_image_file": "check the image paths (relative paths resolve against the CSV's folder)"}
 
 
+def _named(cause: str) -> str:
+    """``read_error (path_outside_root)`` -> ``path_outside_root``; another reason as it is."""
+    return cause.partition("(")[2].rstrip(")") if cause.startswith("read_error (") else cause
+
+
 def _why(counts: dict[str, int]) -> str:
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
     why = ("quarantined at ingest: " + ", ".join(f"{r} × {n}" for r, n in top)) if top else ""
-    hints = [REASON_HINTS[r] for r, _ in top if r in REASON_HINTS]
+    hints = [REASON_HINTS[_named(r)] for r, _ in top if _named(r) in REASON_HINTS]
     return why + (f" (fix: {hints[0]})" if hints else "")
 
 

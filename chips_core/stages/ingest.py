@@ -83,7 +83,8 @@ def ingest_shard(records: Iterable[RawRecord], wh: Warehouse, run_id: str, shard
 
 def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | None = None,
                  parent_run_id: str | None = None, progress: bool = False) -> dict:
-    """Ingest every shard of every source into the warehouse, recording one ``runs`` row.
+    """Ingest every shard of every source into the warehouse, recording one ``runs`` row. Returns the run's counts
+    (read = kept + quarantined + unchanged), in all and per source (``sources``).
     Shards already written under this ``run_id`` are skipped (resume at shard granularity).
     Shards run one after another under the warehouse's ingest lock: de-duplication reads what the
     shards before wrote."""
@@ -97,6 +98,7 @@ def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | Non
         log.info("ingest: resuming run %s (%s); its finished shards are kept", *resumed)
     run_id = resumed[0] if resumed else run_id or new_run_id("ingest")
     totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0}
+    by_source = {spec.name: dict(totals) for spec in sources}  # this run's counts per source
     docs = _DataDocs(wh)
     with wh.lock("ingest"), recorded_run(wh, "ingest", config, run_id=run_id, parent_run_id=parent_run_id,
                                          inputs=inputs) as row, docs:
@@ -111,9 +113,10 @@ def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | Non
                                           docs_dir=docs.local, images=spec.images)
                 for k in totals:
                     totals[k] += counts[k]
+                    by_source[spec.name][k] += counts[k]
         row.update(rows_in=totals["read"], rows_out=totals["kept"], rows_quarantined=totals["quarantined"],
                    rows_unchanged=totals["unchanged"])
-    return {"run_id": run_id, **totals}
+    return {"run_id": run_id, **totals, "sources": by_source}
 
 
 def drop_incomplete_shards(wh: Warehouse) -> list[str]:

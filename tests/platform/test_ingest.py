@@ -183,7 +183,12 @@ def test_ingest_stage_records_a_run_resumes_and_reconciles(tmp_path, wh):
     assert all(t.num_rows == 0 for t in run_audits(con).values()), run_audits(con)
     again = ingest_stage([spec], wh)
     assert again["unchanged"] == 12 and again["kept"] == 0
+    # per source, this run's counts (what the run summary prints before the warehouse's record)
+    assert again["sources"] == {"wds": {"read": 12, "kept": 0, "quarantined": 0, "unchanged": 12}}
+    assert out["sources"] == {"wds": {"read": 12, "kept": 10, "quarantined": 2, "unchanged": 0}}
     assert all(t.num_rows == 0 for t in run_audits(connect(wh)).values())
+    causes = query(connect(wh), "select reason, cause from stg_quarantine").to_pylist()
+    assert causes and all(r["cause"] == r["reason"] or r["cause"].startswith("read_error (") for r in causes)
 
 
 def test_data_docs_written_beside_the_warehouse(tmp_path, wh):

@@ -370,7 +370,7 @@ def test_a_target_lost_to_quarantine_stops_the_run_before_featurize(tmp_path, de
     loaded = LoadedModel(demo_model, open_clip.tokenizer.SimpleTokenizer(context_length=16),
                          state_dict_checksum(demo_model), "demo")
     with pytest.raises(ValueError, match=r"source 'scans': 3 of 3 rows \(100%\) quarantined at ingest: "
-                                         r"path_outside_root × 3 \(fix: list the images' folder in the "
+                                         r"read_error \(path_outside_root\) × 3 \(fix: list the images' folder in the "
                                          r"source's allowed_roots\); above max_quarantine_share=0.5"):
         run_pipeline(cfg, loaded)
     wh = Warehouse(cfg.warehouse)
@@ -382,7 +382,7 @@ def test_a_target_lost_to_quarantine_stops_the_run_before_featurize(tmp_path, de
     assert require_quarantine_share(wh, cfg.pool, 0.0)["pool"] == {"rows": 20, "quarantined": 0, "share": 0.0,
                                                                   "causes": {}}
     with pytest.raises(ValueError, match=r"target sources \['scans'\] hold 0 pairs; need at least 2; quarantined at "
-                                         r"ingest: path_outside_root × 3 \(fix: list the images' folder"):
+                                         r"ingest: read_error \(path_outside_root\) × 3 \(fix: list the images' folder"):
         require_pairs(wh, cfg.target, "target")  # what rescore and score say when the share check is off
 
 
@@ -406,9 +406,9 @@ def test_a_source_above_the_quarantine_limit_stops_the_run_and_the_limit_is_conf
     ingest_stage([spec], wh)
     shares = require_quarantine_share(wh, [spec], 0.5)
     assert shares["scans"]["quarantined"] == 3 and shares["scans"]["rows"] == 8
-    assert shares["scans"]["causes"] == {"path_outside_root": 3}
+    assert shares["scans"]["causes"] == {"read_error (path_outside_root)": 3}
     with pytest.raises(ValueError, match=r"source 'scans': 3 of 8 rows \(38%\) quarantined at ingest: "
-                                         r"path_outside_root × 3 .*above max_quarantine_share=0.3"):
+                                         r"read_error \(path_outside_root\) × 3 .*above max_quarantine_share=0.3"):
         require_quarantine_share(wh, [spec], 0.3)
     with pytest.raises(ValueError, match=r"max_quarantine_share=1.5 is invalid"):
         RunConfig(warehouse="w", pool=(), target=(), model=ModelSpec(config=DEMO_MODEL_CONFIG), max_quarantine_share=1.5)
