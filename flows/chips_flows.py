@@ -59,9 +59,10 @@ def _map_shards(fn, shards, resources: dict | None = None, name: str = "featuriz
 @flow(name="chips-ingest")
 def ingest_flow(config: str | dict, sources: list[str] | None = None, parent_run_id: str | None = None,
                 progress: bool = False) -> dict:
-    """Ingest the named sources (default: every pool and target source)."""
+    """Ingest the named sources (default: every pool and target source; ``sources`` may also name the config's
+    other ``sources:``, e.g. a replay stream)."""
     cfg, wh = _config(config)
-    specs = [s for s in list(cfg.pool) + list(cfg.target) if sources is None or s.name in sources]
+    specs = list(cfg.pool) + list(cfg.target) if sources is None else [cfg.source(n) for n in sources]
     out = ingest_stage(specs, wh, parent_run_id=parent_run_id, progress=progress)
     get_run_logger().info("ingest %s: read %d, kept %d, quarantined %d, unchanged %d", out["run_id"],
                           out["read"], out["kept"], out["quarantined"], out["unchanged"])

@@ -177,6 +177,31 @@ def _pipeline_command(config: Path, refresh: bool, executor: str | None = None) 
     _summary(out, cfg)
 
 
+@app.command("ingest")
+def ingest_cmd(config: Path = typer.Argument(..., help="pipeline YAML (every key: docs/config.md)"),
+               source: Optional[list[str]] = typer.Option(None, "--source", help="a source's name (repeatable); "
+                                                          "default: every pool and target source")) -> None:
+    """Ingest and validate sources into the warehouse: pool, target, or the config's other `sources:` (a replay
+    stream for `cpt.replay`, warm-up pairs, ...)."""
+    with _one_line_errors():
+        from chips_core.stages.common import quarantine_shares
+        from chips_core.stages.preflight import check_source, writable_warehouse
+        from chips_core.stages.runconfig import load_run_config
+
+        cfg = load_run_config(config)
+        specs = [cfg.source(n) for n in source] if source else [*cfg.pool, *cfg.target]
+        for spec in specs:
+            check_source(spec, "source")
+        writable_warehouse(cfg)
+        from flows.chips_flows import ingest_flow
+
+        out = ingest_flow(str(config), [s.name for s in specs], progress=True)
+        shares = quarantine_shares(cfg.open_warehouse(), specs)
+    typer.echo(f"ingest {out['run_id']}: read {out['read']}, kept {out['kept']}, quarantined {out['quarantined']}, "
+               f"unchanged {out['unchanged']}")
+    _source_lines(out, shares)
+
+
 @app.command("check")
 def check_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool, target, model and `check` block)"),
               no_ingest: bool = typer.Option(False, "--no-ingest", help="the pool and target are ingested already")) -> None:
@@ -432,21 +457,25 @@ def _print_table(table: pa.Table, limit: int) -> None:
         typer.echo(pl.from_arrow(table).head(limit))
 
 
+def _source_lines(ingest: dict, shares: dict) -> None:
+    """A line per source: this run's rows, then the source's whole record in the warehouse (a rerun reads every row
+    again as unchanged, and the rows earlier runs quarantined stay quarantined), with stg_quarantine's causes."""
+    for name, q in shares.items():
+        run = ingest.get("sources", {}).get(name)
+        now = (f"this run read {run['read']}, quarantined {run['quarantined']}" + (
+            f", unchanged {run['unchanged']}" if run["unchanged"] else "") + "; ") if run else ""
+        causes = ", ".join(f"{r} × {n}" for r, n in sorted(q["causes"].items(), key=lambda kv: -kv[1])[:3])
+        typer.echo(f"              {name}: {now}in the warehouse {q['quarantined']} of {q['rows']} rows quarantined "
+                   f"({q['share']:.0%})" + (f": {causes}" if causes else ""))
+
+
 def _summary(out: dict, cfg, demo: bool = False) -> None:
     con = connect(cfg.open_warehouse())
     i, f, s, m = out["ingest"], out["featurize"], out["score"], out["materialize"]
     typer.echo(f"\n{'Refresh' if out['run_id'].startswith('refresh') else 'Pipeline'} run {out['run_id']}")
     typer.echo(f"  ingest      read {i['read']}, kept {i['kept']}, quarantined {i['quarantined']}, unchanged {i['unchanged']}"
                f" (a source above {cfg.max_quarantine_share:.0%} quarantined stops the run)")
-    for name, q in out.get("quarantine", {}).items():
-        # this run's rows first; then the source's whole record in the warehouse (a rerun reads everything again
-        # as unchanged, and the earlier runs' quarantined rows stay quarantined), with stg_quarantine's reasons
-        run = i.get("sources", {}).get(name)
-        now = (f"this run read {run['read']}, quarantined {run['quarantined']}" + (
-            f", unchanged {run['unchanged']}" if run["unchanged"] else "") + "; ") if run else ""
-        causes = ", ".join(f"{r} × {n}" for r, n in sorted(q["causes"].items(), key=lambda kv: -kv[1])[:3])
-        typer.echo(f"              {name}: {now}in the warehouse {q['quarantined']} of {q['rows']} rows quarantined "
-                   f"({q['share']:.0%})" + (f": {causes}" if causes else ""))
+    _source_lines(i, out.get("quarantine", {}))
     typer.echo(f"  featurize   {f['pairs']} pool pairs in {f['shards']} shards (k={cfg.sketch.k}, "
                f"K={f.get('bank_size', cfg.bank.size)}" + (f", clipped from bank.size={cfg.bank.size}"
                                                           if f.get("bank_size", cfg.bank.size) < cfg.bank.size else "") + ")")

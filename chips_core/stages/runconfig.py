@@ -152,14 +152,25 @@ class RunConfig:
     # never stored. URI passwords and keys named like credentials are redacted without being listed.
     secrets: tuple[str, ...] = ()
     executor: ExecutorConfig = ExecutorConfig()  # where featurize's shards and score's parts run (local, or Dask)
+    # other sources, neither pool nor target: a general-domain replay stream (cpt.replay.source), warm-up pairs,
+    # pools for later runs. `chips ingest CONFIG --source NAME` ingests and validates them; `chips run` does not
+    sources: tuple[SourceSpec, ...] = ()
+
+    def source(self, name: str) -> SourceSpec:
+        """The pool, target or other source called ``name`` (a ConfigError listing the names when there is none)."""
+        for spec in (*self.pool, *self.target, *self.sources):
+            if spec.name == name:
+                return spec
+        raise ConfigError(f"no source {name!r} in the config (its sources: "
+                          f"{', '.join(s.name for s in (*self.pool, *self.target, *self.sources))})")
 
     def __post_init__(self):
         bad = [b for b in self.budgets if not 0 < b <= 1]
         check(not bad, "RunConfig", "budgets", bad, "each must lie in (0, 1]")
         bad = [m for m in self.methods if m not in METHODS + SET_METHODS]
         check(not bad, "RunConfig", "methods", bad, f"not in {METHODS + SET_METHODS}")
-        names = [s.name for s in self.pool] + [s.name for s in self.target]
-        check(len(set(names)) == len(names), "RunConfig", "pool/target", names, "source names must be distinct")
+        names = [s.name for s in (*self.pool, *self.target, *self.sources)]
+        check(len(set(names)) == len(names), "RunConfig", "pool/target/sources", names, "source names must be distinct")
         suites = [s.name for s in self.eval_suites]
         check(len(set(suites)) == len(suites), "RunConfig", "eval_suites", suites, "names must be distinct")
         check(self.shard_size >= 1, "RunConfig", "shard_size", self.shard_size, "must be >= 1")
@@ -174,7 +185,7 @@ class RunConfig:
     def open_warehouse(self, create: bool = True) -> Warehouse:
         """The config's warehouse, able to read images its sources hold by reference (with their storage options)."""
         return Warehouse(self.warehouse, self.storage_options, create=create,
-                         source_options={s.name: s.storage_options for s in (*self.pool, *self.target)
+                         source_options={s.name: s.storage_options for s in (*self.pool, *self.target, *self.sources)
                                          if s.storage_options})
 
 

@@ -201,3 +201,41 @@ def test_found_cases_of_issue_28_are_one_line(tmp_path, monkeypatch):
         assert p.returncode == 1 and len(err.splitlines()) == 1 and says in err and "Traceback" not in err, err
     assert not (tmp_path / "rep").exists()
     assert not logs.exists() or all(f.stat().st_size for f in logs.iterdir())
+
+
+def test_chips_ingest_takes_a_source_that_is_neither_pool_nor_target(tmp_path, prefect_api):
+    """`chips ingest CONFIG --source NAME` ingests a `sources:` entry (here a replay stream) through the ingest flow,
+    prints this run's counts per source and the warehouse's record, and names an unknown source in one line."""
+    import yaml
+
+    from chips_core.platform.query import connect, query
+    from chips_core.platform.warehouse import Warehouse
+
+    from ..platform.test_ingest import png
+
+    runner = CliRunner()
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(png(i))
+    (tmp_path / "good.csv").write_text("filepath,title\n" + "".join(f"imgs/{i}.png,pair {i}\n" for i in range(2)))
+    (tmp_path / "replay.csv").write_text("filepath,title\n" + "".join(f"imgs/{i}.png,general {i}\n" for i in range(4))
+                                         + "imgs/missing.png,lost\n")
+    path = _cfg(tmp_path, "ingest", [{"name": "web", "kind": "csv", "paths": [str(tmp_path / "good.csv")]}])
+    cfg = yaml.safe_load(path.read_text())
+    cfg["sources"] = [{"name": "general", "kind": "csv", "paths": [str(tmp_path / "replay.csv")]}]
+    path.write_text(yaml.safe_dump(cfg))
+
+    res = runner.invoke(app, ["ingest", str(path), "--source", "general"])
+    assert res.exit_code == 0, res.output
+    assert "read 5, kept 4, quarantined 1, unchanged 0" in res.output
+    assert ("general: this run read 5, quarantined 1; in the warehouse 1 of 5 rows quarantined (20%): "
+            "read_error (missing_image_file) × 1") in res.output
+    rows = query(connect(Warehouse(str(tmp_path / "wh"))), "select source, count(*) n from stg_pair_sources "
+                                                          "group by source").to_pylist()
+    assert rows == [{"source": "general", "n": 4}]  # only the named source
+    again = runner.invoke(app, ["ingest", str(path), "--source", "general"])
+    assert "general: this run read 5, quarantined 0, unchanged 5; in the warehouse 1 of 5 rows quarantined" in again.output
+
+    res = runner.invoke(app, ["ingest", str(path), "--source", "nope"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+    assert "no source 'nope' in the config (its sources: web, tgt, general)" in res.output
