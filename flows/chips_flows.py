@@ -196,7 +196,7 @@ def cpt_flow(config: str | dict, out_dir: str, subset_id: str | None = None, man
     loaded = load_model(cfg.model, cfg.device)  # a fresh copy: training changes it in place
     data = subset_data(wh, subset_id, loaded) if subset_id else \
         manifest_data(manifest, loaded, cfg.cpt.manifest_allowed_roots or None)
-    out = cpt_stage(cfg, wh, loaded, data, out_dir, subset_id=subset_id, progress=progress)
+    out = cpt_stage(cfg, wh, loaded, data, out_dir, subset_id=subset_id, progress=progress, manifest=manifest)
     get_run_logger().info("cpt %s: %d pairs, %d steps (resumed from %d), final loss %.4f -> %s", out["run_id"],
                           out["pairs"], out["steps"], out["resumed_from_step"], out["final_loss"] or float("nan"),
                           out["final"])

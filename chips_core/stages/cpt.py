@@ -67,13 +67,15 @@ def manifest_data(path: str | Path, loaded: LoadedModel, allowed_roots: Sequence
 
 def cpt_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, data: PairData, out_dir: str | Path,
               subset_id: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
-              progress: bool = False) -> dict:
-    """Train ``loaded.model`` (in place) on ``data`` with ``cfg.cpt``; resumes from ``out_dir``'s checkpoints."""
+              progress: bool = False, manifest: str | None = None) -> dict:
+    """Train ``loaded.model`` (in place) on ``data`` with ``cfg.cpt``; resumes from ``out_dir``'s checkpoints. The run
+    records the subset or the ``manifest`` file it trained on (``mart_eval_by_selection`` names its method by it)."""
     run_id = run_id or new_run_id("cpt")
     replay = (replay_data(wh, cfg.cpt.replay.source, loaded, exclude=getattr(data, "ids", ()))
               if cfg.cpt.replay_per_batch else None)
     with recorded_run(wh, "cpt", cfg, run_id=run_id, parent_run_id=parent_run_id,
-                      inputs={"subset_id": subset_id, "data": data.fingerprint(), "out_dir": str(out_dir),
+                      inputs={"subset_id": subset_id, **({"manifest": str(manifest)} if manifest else {}),
+                              "data": data.fingerprint(), "out_dir": str(out_dir),
                               "replay": replay.fingerprint() if replay else None},
                       **model_fields(cfg, loaded)) as row:
         out = train_cpt(loaded.model, data, cfg.cpt, out_dir, device=cfg.device, progress=progress, replay=replay)

@@ -85,6 +85,61 @@ def test_cpt_from_a_manifest_and_errors(prefect_api, setup):
     assert res.exit_code == 1 and "missing.pt" in res.output
 
 
+def test_the_eval_marts_tell_base_models_seeds_and_manifests_apart(prefect_api, setup):
+    """Two CPT seeds on one subset, a CPT on a manifest, and two base models evaluated as they are: each row of
+    mart_eval_by_selection names its base model, seeds and method ('manifest:<file>'), and the summary mart counts
+    the seeds and gives their spread per base model (issue 30)."""
+    import yaml
+
+    tmp, path, out = setup
+    runner = CliRunner()
+    sid = f"{out['score']['run_id']}:random@0.3"
+
+    def cpt(args, out_dir, seed=0):
+        cfg = yaml.safe_load(path.read_text())
+        cfg["cpt"]["seed"] = seed
+        seeded = tmp / f"mart-seed{seed}.yaml"
+        seeded.write_text(yaml.safe_dump(cfg))
+        res = runner.invoke(app, ["cpt", str(seeded), *args, "--out", str(tmp / out_dir)])
+        assert res.exit_code == 0, res.output
+        return next(ln for ln in res.output.splitlines() if ln.startswith("cpt ")).split("cpt ", 1)[1].split(":", 1)[0]
+
+    def evaluate(*args):
+        res = runner.invoke(app, ["eval", str(path), *args])
+        assert res.exit_code == 0, res.output
+
+    for seed in (0, 1):
+        run = cpt(["--subset", sid], f"mart-{seed}", seed)
+        evaluate("--checkpoint", str(tmp / f"mart-{seed}" / "final.pt"), "--cpt-run", run, "--subset", sid)
+    manifest = next((tmp / "out").rglob("random_at_0.3.csv"))
+    run = cpt(["--manifest", str(manifest)], "mart-m")
+    evaluate("--checkpoint", str(tmp / "mart-m" / "final.pt"), "--cpt-run", run)
+    evaluate()  # base model A as it is
+    evaluate("--checkpoint", str(tmp / "mart-0" / "final.pt"))  # base model B: A after CPT, evaluated as a base
+
+    con = connect(Warehouse(load_run_config(path).warehouse))
+    top1 = "metric = 'zero_shot_top1'"
+    a = query(con, f"select distinct base_model_checksum b from mart_eval_by_selection where method = 'random' and {top1}")
+    assert len(a) == 1
+    base_a = a.to_pylist()[0]["b"]
+    rows = query(con, f"select cpt_seed, score_seed, model_checksum from mart_eval_by_selection "
+                      f"where method = 'random' and {top1} order by cpt_seed").to_pylist()
+    assert [(r["cpt_seed"], r["score_seed"]) for r in rows] == [(0, 0), (1, 0)]
+    assert rows[0]["model_checksum"] != rows[1]["model_checksum"] != base_a
+    m = query(con, f"select method, base_model_checksum b from mart_eval_by_selection where method like 'manifest:%' "
+                   f"and {top1}").to_pylist()
+    assert m == [{"method": "manifest:random_at_0.3.csv", "b": base_a}]
+    bases = query(con, f"select distinct base_model_checksum b from mart_eval_by_selection where method = 'none' "
+                       f"and {top1}").to_pylist()
+    assert len(bases) == 2 and base_a in {r["b"] for r in bases}
+    summary = query(con, f"select base_model_checksum b, method, evals, cpt_seeds, score_seeds, sd "
+                         f"from mart_eval_by_selection_summary where {top1} and suite = 'scans'").to_pylist()
+    random = [r for r in summary if r["method"] == "random"]
+    assert len(random) == 1 and (random[0]["evals"], random[0]["cpt_seeds"], random[0]["score_seeds"]) == (2, 2, 1)
+    assert random[0]["b"] == base_a and random[0]["sd"] is not None
+    assert len([r for r in summary if r["method"] == "none"]) == 2  # one reference per base model
+
+
 def test_cpt_stage_replays_an_ingested_source_and_records_it(setup, demo_model):
     """``cpt.replay`` draws a share of every batch from an ingested source (here the target set stands in
     for a general-domain stream); the cpt run's inputs name the replay data; an unknown source is a
