@@ -87,8 +87,8 @@ ADVICE = {
     "cold": "the model does not know the target: warm it up first (a short CPT on a random sample of "
             "in-domain pairs), or select with chips_plus (no gradient ranking)",
     "flat": "w_L is the same for every pair: chips ranks as chips_align; consider chips_plus or chips_align",
-    "endpoint": "end-point alignment does not track full-model influence for this model: expect little "
-                "from gradient methods (chips, dot, trak); select with chips_plus",
+    "endpoint": "end-point alignment does not track full-model influence for this model: the gradient scores "
+                "(chips, dot, trak, the set-aware selectors) are unreliable here; select with chips_plus",
 }
 
 
@@ -107,9 +107,11 @@ class PremiseReport:
     def verdict(self) -> str:
         """One line: pass, or the failing checks and what to do."""
         if self.passed:
-            # what the benchmarks support (docs/benchmarks/selection_v3.md): passing is a precondition, not a promise
-            return ("premise check passed: the model knows this target, a precondition for gradient-based selection "
-                    "(not a promise that it helps: README, Which selector)")
+            # what the benchmarks support (docs/benchmarks/selection_v3.md): on animal_sheets the check passes and
+            # every gradient selector loses to chips_plus or ties it; passing is needed, and not enough
+            return ("premise check passed: the model knows this target, which gradient-based selection needs; on our "
+                    "benchmarks it was not enough for a gradient selector to beat chips_plus: select with chips_plus "
+                    "(README, Which selector)")
         names = ", ".join(f"{c.name} {fmt_value(c)} (needs {c.threshold})" for c in self.failing)
         advice = "; ".join(dict.fromkeys(c.advice for c in self.failing if c.advice))
         return f"premise check FAILED: {names}. What to do: {advice}"
