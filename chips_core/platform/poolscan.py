@@ -189,7 +189,7 @@ def quarantine_causes(wh: Warehouse, sources: Sequence[str]) -> dict[str, dict[s
         rows = con.execute(
             "select source, cause, count(*) from (select source, case when reason = 'read_error' "
             "  and regexp_full_match(split_part(coalesce(detail, ''), ':', 1), '[A-Za-z_][A-Za-z0-9_]*') "
-            "  then 'read_error (' || split_part(detail, ':', 1) || ')' else reason end as cause "
+            "  then 'read_error (' || split_part(detail, ':', 1) || ')' else reason end as cause "  # = stg_quarantine.cause
             "  from read_parquet(?, hive_partitioning = false) "
             "  where source in (select unnest(?::varchar[])) and reason <> 'duplicate') "
             "group by source, cause order by source, cause",

@@ -14,6 +14,7 @@ import inspect
 import io
 import textwrap
 import tokenize
+import types
 import typing
 from typing import Iterator
 
@@ -65,7 +66,7 @@ def _docstring(cls) -> str:
 
 def _type_name(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
     if origin is tuple:
