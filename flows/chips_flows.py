@@ -1,7 +1,7 @@
 """Prefect flows: one per stage, each a few lines around the ``chips_core.stages`` function, and the
 pipeline and rescore flows, which run the library's one stage sequence with each stage as a sub-flow.
 Featurize's shards run as mapped tasks (with retries) on the flow's task runner; with ``executor: {kind: dask}``
-score's feature parts do too."""
+ingest's shards (two passes each) and score's feature parts do too."""
 from __future__ import annotations
 
 import contextlib
@@ -63,10 +63,32 @@ def ingest_flow(config: str | dict, sources: list[str] | None = None, parent_run
     other ``sources:``, e.g. a replay stream)."""
     cfg, wh = _config(config)
     specs = list(cfg.pool) + list(cfg.target) if sources is None else [cfg.source(n) for n in sources]
-    out = ingest_stage(specs, wh, parent_run_id=parent_run_id, progress=progress)
+    shards = None
+    if cfg.executor.kind == "dask":  # each shard's two passes as tasks: "ingest-judge", then "ingest-write"
+        if cfg.executor.address:
+            check_workers(cfg)
+        shards = _two_pass_map()
+    out = ingest_stage(specs, wh, parent_run_id=parent_run_id, progress=progress, map_shards=shards)
     get_run_logger().info("ingest %s: read %d, kept %d, quarantined %d, unchanged %d", out["run_id"],
                           out["read"], out["kept"], out["quarantined"], out["unchanged"])
     return out
+
+
+def _two_pass_map():
+    """Ingest's map: its first call maps the judging pass, its second the writing pass (named tasks each)."""
+    names = iter([("ingest-judge", "shards judged"), ("ingest-write", "shards written")])
+
+    def map_shards(fn, shards):
+        name, what = next(names)
+        return _map_shards(fn, shards, name=name, what=what)
+    return map_shards
+
+
+def ingest_on(config: str | dict):
+    """The ingest flow on the config's ``executor:``: local, shards one after another in this process; dask, each
+    shard's reading and judging, then its writing, tasks on the cluster (de-duplication stays here, in order)."""
+    executor = load_run_config(config).executor
+    return ingest_flow if executor.kind == "local" else ingest_flow.with_options(task_runner=task_runner_for(executor))
 
 
 # Prefect's default thread pool is unbounded: it would run every shard at once, so memory would grow with the
@@ -144,7 +166,7 @@ def check_flow(config: str | dict, ingest: bool = True) -> dict:
     """The premise check: ingest the pool and target (unchanged rows are skipped), then measure whether
     the model knows the target well enough for gradient-based selection; nothing is featurized."""
     if ingest:
-        ingest_flow(config)
+        ingest_on(config)(config)
     out = check_stage(*_setup(config))
     (get_run_logger().info if out["passed"] else get_run_logger().warning)("check %s: %s", out["run_id"], out["verdict"])
     return out
@@ -152,7 +174,8 @@ def check_flow(config: str | dict, ingest: bool = True) -> dict:
 
 def _subflows(config: str | dict, progress: bool = False) -> dict:
     """The library's stage mapping, with each stage run as its Prefect flow (see stages/pipeline.py)."""
-    return {"ingest": lambda sources, **kw: ingest_flow(config, [s.name for s in sources], progress=progress, **kw),
+    return {"ingest": lambda sources, **kw: ingest_on(config)(config, [s.name for s in sources], progress=progress,
+                                                               **kw),
             "featurize": partial(featurize_on(config), config, progress=progress), "score": partial(score_on(config), config),
             "materialize": partial(materialize_flow, config), "publish": partial(publish_flow, config),
             "takedown": partial(takedown_flow, config)}

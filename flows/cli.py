@@ -193,9 +193,9 @@ def ingest_cmd(config: Path = typer.Argument(..., help="pipeline YAML (every key
         for spec in specs:
             check_source(spec, "source")
         writable_warehouse(cfg)
-        from flows.chips_flows import ingest_flow
+        from flows.chips_flows import ingest_on
 
-        out = ingest_flow(str(config), [s.name for s in specs], progress=True)
+        out = ingest_on(str(config))(str(config), [s.name for s in specs], progress=True)
         shares = quarantine_shares(cfg.open_warehouse(), specs)
     typer.echo(f"ingest {out['run_id']}: read {out['read']}, kept {out['kept']}, quarantined {out['quarantined']}, "
                f"unchanged {out['unchanged']}")

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -100,6 +101,7 @@ class RowFacts:
     image_format: str | None = None
     pair_id: str | None = None
     image_sha256: str | None = None
+    image_size: int = 0  # bytes, as read
     detail: dict = field(default_factory=dict)
 
 
@@ -128,7 +130,9 @@ def _decode_image(data: bytes | None) -> tuple[bool, str | None, int, int, str |
                 im.load()  # a full decode: truncated files fail here, not later in training
                 return True, im.mode, im.width, im.height, im.format, ""
     except Exception as e:  # noqa: BLE001 - any decoder error is the same verdict for the row
-        return False, None, 0, 0, None, f"{type(e).__name__}: {e}"
+        # without the in-memory file's address ("<_io.BytesIO object at 0x7f…>"): the same bytes, the same detail
+        message = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image bytes", str(e))
+        return False, None, 0, 0, None, f"{type(e).__name__}: {message}"
 
 
 def row_facts(rec: RawRecord) -> RowFacts:
@@ -138,7 +142,7 @@ def row_facts(rec: RawRecord) -> RowFacts:
     ok, mode, w, h, fmt, img_detail = _decode_image(rec.image) if rec.error is None else (False, None, 0, 0, None, "")
     facts = RowFacts(read_ok=rec.error is None, caption_utf8=utf8, caption_chars=len(caption or ""),
                      image_decodes=ok, image_mode=mode, min_side=min(w, h), is_duplicate=False,
-                     caption=caption, width=w, height=h, image_format=fmt)
+                     caption=caption, width=w, height=h, image_format=fmt, image_size=len(rec.image or b""))
     facts.detail = {
         "read_error": rec.error[1] if rec.error else "", "caption_not_utf8": cap_detail,
         "caption_empty": f"caption has {facts.caption_chars} characters after stripping whitespace",
@@ -182,43 +186,78 @@ def _reasons(facts: list[RowFacts]) -> dict[int, str]:
     return reason_of
 
 
-def validate_records(records: Iterable[RawRecord], run_id: str, seen: dict[str, str] | None = None) -> Validated:
-    """Apply the row rules to a chunk of records. ``seen`` (pair id -> source key of the kept row)
-    is updated in place, so duplicates within and across chunks and sources are caught.
+@dataclass
+class Judged:
+    """A chunk of records with each row's facts and its first verdict (:func:`judge_records`): every row rule but
+    ``duplicate``, which needs what was kept before (:func:`mark_duplicates`)."""
+    records: list[RawRecord]
+    facts: list[RowFacts]
+    first: dict[int, str]
 
-    Two GX passes: the first judges every rule but ``duplicate``; duplicates are then marked, in
-    input order, among the rows that passed (so a rejected row never shadows a later good copy);
-    the second pass judges all rules, and is the verdict."""
-    seen = {} if seen is None else seen
+    def candidates(self) -> list[tuple[int, str, str]]:
+        """``(row, pair_id, source_key)`` of the rows that passed every rule but ``duplicate``, in input order:
+        what de-duplication decides on."""
+        return [(i, f.pair_id, rec.source_key) for i, (rec, f) in enumerate(zip(self.records, self.facts))
+                if i not in self.first and f.pair_id is not None]
+
+
+def judge_records(records: Iterable[RawRecord]) -> Judged:
+    """Facts (decode, hash) and the first GX pass over a chunk: the per-row work, which needs no other row."""
     recs = list(records)
     facts = [row_facts(rec) for rec in recs]
-    out = Validated([], [], [], len(recs))
-    if not recs:
-        return out
-    first = _reasons(facts)
-    for i, (rec, f) in enumerate(zip(recs, facts)):
-        if i in first or f.pair_id is None:
-            continue
-        if f.pair_id in seen:
-            f.is_duplicate = True
-            f.detail["duplicate"] = f"same content as pair {f.pair_id} (first kept from {seen[f.pair_id]})"
+    return Judged(recs, facts, _reasons(facts) if recs else {})
+
+
+def mark_duplicates(candidates: Iterable[tuple[int, str, str]], seen) -> dict[int, str]:
+    """Row -> duplicate detail, for the candidates (:meth:`Judged.candidates`, in input order) whose content was
+    kept before: by an earlier row, chunk, shard or ingest (``seen``: pair id -> source key of the kept row,
+    updated in place). A rejected row never reaches here, so it never shadows a later good copy."""
+    duplicates = {}
+    for i, pair_id, source_key in candidates:
+        if pair_id in seen:
+            duplicates[i] = f"same content as pair {pair_id} (first kept from {seen[pair_id]})"
         else:
-            seen[f.pair_id] = rec.source_key
-    reason_of = _reasons(facts) if any(f.is_duplicate for f in facts) else first
-    for i, (rec, f) in enumerate(zip(recs, facts)):
+            seen[pair_id] = source_key
+    return duplicates
+
+
+def verdict(judged: Judged, duplicates: dict[int, str], run_id: str, skip_quarantine=frozenset(),
+            skip_sources=frozenset()) -> Validated:
+    """The chunk's kept pairs, source rows and quarantine rows, with ``duplicates`` (:func:`mark_duplicates`) marked:
+    the second GX pass judges every rule, duplicate included, and is the verdict. Rows in ``skip_quarantine`` /
+    ``skip_sources`` were recorded before (a re-ingest): they get no new quarantine / ``pair_sources`` row."""
+    out = Validated([], [], [], len(judged.records))
+    for i, detail in duplicates.items():
+        judged.facts[i].is_duplicate = True
+        judged.facts[i].detail["duplicate"] = detail
+    reason_of = _reasons(judged.facts) if duplicates else judged.first
+    for i, (rec, f) in enumerate(zip(judged.records, judged.facts)):
         reason = reason_of.get(i)
         if reason is None:
             out.pairs.append({"pair_id": f.pair_id, "source": rec.source, "source_key": rec.source_key,
                               "caption": f.caption, "image_uri": rec.image_uri, "image_sha256": f.image_sha256,
-                              "image_size": len(rec.image), "width": f.width, "height": f.height, "image_format": f.image_format,
-                              "image": rec.image, "ingest_run_id": run_id})
-        else:
+                              "image_size": f.image_size, "width": f.width, "height": f.height,
+                              "image_format": f.image_format, "image": rec.image, "ingest_run_id": run_id})
+        elif i not in skip_quarantine:
             out.quarantine.append({"source": rec.source, "source_key": rec.source_key, "reason": reason,
                                    "detail": f.detail.get(reason, ""), "run_id": run_id})
-        if reason in (None, "duplicate"):  # every source key of a kept pair is kept
+        if reason in (None, "duplicate") and i not in skip_sources:  # every source key of a kept pair is kept
             out.pair_sources.append({"pair_id": f.pair_id, "source": rec.source, "source_key": rec.source_key,
                                      "ingest_run_id": run_id})
     return out
+
+
+def validate_records(records: Iterable[RawRecord], run_id: str, seen: dict[str, str] | None = None) -> Validated:
+    """Apply the row rules to a chunk of records. ``seen`` (pair id -> source key of the kept row)
+    is updated in place, so duplicates within and across chunks and sources are caught.
+
+    Two GX passes: the first judges every rule but ``duplicate`` (:func:`judge_records`); duplicates are then
+    marked, in input order, among the rows that passed (:func:`mark_duplicates`); the second pass judges all
+    rules, and is the verdict (:func:`verdict`). Ingest on Dask runs the same three steps, the first and last on
+    workers and the middle one on the driver, in shard order."""
+    judged = judge_records(records)
+    seen = {} if seen is None else seen
+    return verdict(judged, mark_duplicates(judged.candidates(), seen), run_id)
 
 
 @lru_cache(maxsize=None)

@@ -206,6 +206,12 @@ class Warehouse:
             meta = pq.ParquetFile(f).schema_arrow.metadata or {}
         return {k.decode(): v.decode() for k, v in meta.items()}
 
+    def read_part(self, table: str, partition: dict[str, str], name: str,
+                  columns: list[str] | None = None) -> pa.Table:
+        """One part of a table (the columns named, or all)."""
+        with self.fs.open(self.part_path(table, partition, name), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
     def read(self, table: str, columns: list[str] | None = None, filter=None) -> pa.Table:
         """Read a whole table (all partitions); an absent table reads as empty with its schema."""
         d = self.table_dir(table)

@@ -1,4 +1,4 @@
-"""The Dask executor (issue 29): featurize's shards and score's feature parts as Dask tasks on a real scheduler and two worker processes
+"""The Dask executor (issue 29): ingest's and featurize's shards and score's feature parts as Dask tasks on a real scheduler and two worker processes
 started here on 127.0.0.1 (`dask scheduler`, `dask worker`), through the same Prefect flows and stage sequence as
 a local run, end with features parts byte-identical to the local run's, and scores and subsets equal; a worker
 killed (SIGKILL) mid-run, with the warehouse on S3 (moto's server as a process), has its shards rerun elsewhere
@@ -114,13 +114,15 @@ def _config(tmp, demo_model, name: str, **executor) -> dict:
                                 **({"executor": executor} if executor else {}))
 
 
-def _results(cfg: dict, out: dict) -> tuple[dict, object, object]:
+def _results(cfg: dict, out: dict) -> tuple[dict, object, object, object]:
     wh = Warehouse(cfg["warehouse"], cfg.get("storage_options"))
     parts = {name: wh.fs.cat_file(p) for name, p in shard_parts(wh, out["featurize"]["run_id"]).items()}
     con = connect(wh)
     scores = query(con, "select * exclude (run_id) from stg_scores order by pair_id")
     subsets = query(con, "select method, budget, pair_id, rank from stg_subsets order by method, budget, rank")
-    return parts, scores, subsets
+    # what ingest kept, with every column but the run's id (two runs' ids differ), the image bytes included
+    pairs = query(con, "select * exclude (ingest_run_id, run) from raw_pairs order by source, source_key")
+    return parts, scores, subsets, pairs
 
 
 def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_killed(cluster, s3_server, prefect_api,
@@ -143,13 +145,18 @@ def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_kille
         stream = client.get_task_stream(start=t0)
         names = {w: n for w, n in client.run(lambda dask_worker: dask_worker.name).items()}
     ran_on = [names[t["worker"]] for t in stream]
-    assert len(ran_on) >= len(local[0]) and set(ran_on[:len(local[0])]) == {"w0"}, ran_on  # the shards (score's
-    # parts, which hold no slot, come after them)
+    ingested = len(_tasks("ingest-judge")) + len(_tasks("ingest-write"))  # ingest's tasks come first, on any worker
+    featurized = ran_on[ingested:ingested + len(local[0])]
+    assert len(featurized) == len(local[0]) and set(featurized) == {"w0"}, ran_on  # the shards (score's parts,
+    # which hold no slot, come after them)
     assert _results(dask_cfg, out)[0] == local[0]  # every features part, byte for byte
     got = _results(dask_cfg, out)
-    assert got[1].equals(local[1]) and got[2].equals(local[2])
+    assert got[1].equals(local[1]) and got[2].equals(local[2]) and got[3].equals(local[3])
+    # ingest's shards ran as tasks too: each judged, then written, on the workers
+    assert {t.state_name for t in _tasks("ingest-judge") + _tasks("ingest-write")} == {"Completed"}
+    assert len(_tasks("ingest-judge")) == len(_tasks("ingest-write")) == 2  # the pool's shard and the target's
     # score's feature parts ran as tasks on the Dask runner too (the local run scores on its own threads: none)
-    score_tasks = _score_part_tasks()
+    score_tasks = _tasks("score-part")
     assert len(score_tasks) >= len(local[0]) and {t.state_name for t in score_tasks} == {"Completed"}
     # the scheduler's two workers are other processes than this driver
     with __import__("distributed").Client(address) as c:
@@ -179,16 +186,16 @@ def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_kille
     assert _results(killed_cfg, out)[0] == local[0]
     runs = query(connect(Warehouse(killed_cfg["warehouse"], s3_server)), "select stage, status from stg_runs").to_pylist()
     assert {r["status"] for r in runs} == {"succeeded"} and "refresh" in {r["stage"] for r in runs}
-    assert len(_score_part_tasks()) >= len(score_tasks) + len(local[0])  # this run's parts went to Dask too
+    assert len(_tasks("score-part")) >= len(score_tasks) + len(local[0])  # this run's parts went to Dask too
 
 
-def _score_part_tasks() -> list:
-    """The score-part task runs Prefect's API knows of (this session's temporary API)."""
+def _tasks(name: str) -> list:
+    """The runs of the task named ``name`` that Prefect's API knows of (this session's temporary API)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
     with get_client(sync_client=True) as client:
-        return client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="score-part")))
+        return client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
 
 
 def test_the_checks_before_a_dask_run_name_the_worker_and_the_path(cluster, tmp_path, demo_model):

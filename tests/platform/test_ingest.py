@@ -254,3 +254,49 @@ def test_a_shard_killed_between_its_parts_loses_nothing_on_rerun(tmp_path, wh, m
     assert wh.read("pairs").num_rows == 4 and wh.read("pair_sources").num_rows == 4
     assert wh.read("quarantine").num_rows == 1
     assert all(t.num_rows == 0 for t in run_audits(connect(wh)).values())
+
+
+def _contents(wh: Warehouse) -> dict:
+    """Every ingest table's rows without their run ids (two runs' ids differ), in a canonical order."""
+    out = {}
+    for table, drop in (("pairs", "ingest_run_id"), ("pair_sources", "ingest_run_id"), ("quarantine", "run_id")):
+        rows = wh.read(table).drop_columns([drop, "run"]).to_pylist()
+        out[table] = sorted(rows, key=lambda r: (r["source"], r["source_key"], r.get("reason") or ""))
+    return out
+
+
+@pytest.mark.parametrize("images", ["copy", "reference"])
+def test_the_two_pass_ingest_an_executor_runs_writes_what_the_one_pass_ingest_writes(tmp_path, images):
+    """Ingest on an executor (Dask) judges each shard on a worker, de-duplicates on the driver in shard order, and
+    writes on a worker; here the same three steps run through the in-process map. Duplicates within and across
+    shards and sources, every quarantine reason's row, a re-ingest (all unchanged) and a half-new source give the
+    same rows and counts as the one-pass ingest, and no staging is left behind."""
+    from chips_core.platform.readers import SourceSpec
+    from chips_core.stages import ingest_stage
+    from chips_core.stages.common import local_map
+
+    shards = []
+    for s in range(3):
+        path = tmp_path / f"shard-{s}.tar"
+        members = [m for i in range(4) for m in ((f"k{s}{i}.png", png(10 * s + i)),
+                                                  (f"k{s}{i}.txt", f"caption {s} {i}".encode()))]
+        members += [(f"zz{s}.png", png(1)), (f"zz{s}.txt", b"the same pair in every shard"),
+                    (f"bad{s}.png", b"not an image"), (f"bad{s}.txt", b"a caption"),
+                    (f"dup{s}.png", png(10 * s)), (f"dup{s}.txt", f"caption {s} 0".encode()),  # within the shard
+                    (f"e{s}.png", png(7)), (f"e{s}.txt", b"   ")]
+        make_tar(path, members)
+        shards.append(str(path))
+    wds = SourceSpec("wds", "webdataset", tuple(shards[:2]), images=images)
+    other = SourceSpec("other", "webdataset", tuple(shards[1:]), images=images)  # shard 1 again, and shard 2
+    runs = {}
+    for how, mapper in (("one-pass", None), ("two-pass", local_map)):
+        wh = Warehouse(str(tmp_path / f"wh-{how}"))
+        counts = [ingest_stage([wds], wh, map_shards=mapper), ingest_stage([wds, other], wh, map_shards=mapper)]
+        runs[how] = ([{k: c[k] for k in ("read", "kept", "quarantined", "unchanged", "sources")} for c in counts],
+                     _contents(wh))
+        assert not wh.fs.exists(wh.path("_ingest_staging")) and not wh.fs.exists(wh.path("_ingest_decisions"))
+    assert runs["two-pass"] == runs["one-pass"]
+    first, second = runs["one-pass"][0]
+    assert (first["read"], first["kept"], first["quarantined"], first["unchanged"]) == (16, 9, 7, 0)
+    assert second["sources"]["wds"]["unchanged"] == 16 and second["sources"]["other"]["unchanged"] == 0
+    assert second["sources"]["other"]["kept"] == 4  # shard 2's own pairs; shard 1's are duplicates of wds's
