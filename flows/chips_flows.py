@@ -4,7 +4,6 @@ Featurize's shards run as mapped tasks (with retries) on the flow's task runner;
 ingest's shards (two passes each) and score's feature parts do too."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from functools import partial
 
@@ -42,18 +41,36 @@ def _shard(fn, n: int, shard):
 
 
 def _map_shards(fn, shards, resources: dict | None = None, name: str = "featurize-shard", what: str = "shards"):
-    """The stage's shard work as mapped Prefect tasks named ``name``; results in shard order, progress in the logs.
-    On a Dask task runner each task holds ``resources`` on its worker (e.g. one GPU)."""
-    with contextlib.ExitStack() as stack:
-        if resources:
-            import dask
+    """The stage's shard work, results in shard order, progress in the logs. On the flow's Dask task runner: plain
+    Dask tasks keyed ``<name>-<n>-<run>`` on the runner's cluster, retried twice, each holding ``resources`` on its
+    worker (e.g. one GPU); a Prefect task run per shard cost about 100 ms of the cores a shard needs (measured:
+    docs/benchmarks/distributed.md). On threads: mapped Prefect tasks named ``name`` (with retries)."""
+    from prefect.context import FlowRunContext
 
-            stack.enter_context(dask.annotate(resources=dict(resources)))
-        futures = _shard.with_options(name=name).map(unmapped(fn), list(range(len(shards))), list(shards))
-    for n, f in enumerate(futures, start=1):
-        yield f.result()
+    ctx = FlowRunContext.get()
+    if ctx is not None and type(ctx.task_runner).__name__ == "DaskTaskRunner":
+        results = _dask_map(ctx.task_runner.client, fn, shards, resources, name)
+    else:
+        results = (f.result() for f in _shard.with_options(name=name).map(unmapped(fn), list(range(len(shards))),
+                                                                          list(shards)))
+    for n, result in enumerate(results, start=1):
+        yield result
         if n % max(1, len(shards) // 10) == 0 or n == len(shards):
             get_run_logger().info("%d/%d %s done", n, len(shards), what)
+
+
+def _dask_map(client, fn, shards, resources: dict | None, name: str):
+    """``fn(n, shards[n])`` for every shard as Dask tasks through the flow's Dask task runner's client, in order;
+    each result released once yielded."""
+    import uuid
+
+    run = uuid.uuid4().hex[:8]
+    keys = [f"{name}-{n}-{run}" for n in range(len(shards))]
+    futures = client.map(fn, list(range(len(shards))), list(shards), key=keys, retries=2,
+                         resources=dict(resources) if resources else None)
+    for n in range(len(futures)):
+        future, futures[n] = futures[n], None
+        yield future.result()
 
 
 @flow(name="chips-ingest")

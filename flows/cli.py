@@ -136,7 +136,7 @@ def _warehouse_option():
 
 
 def _executor_option():
-    return typer.Option(None, "--executor", help="where featurize's shards and score's parts run, overriding the config's "
+    return typer.Option(None, "--executor", help="where ingest's and featurize's shards and score's parts run, overriding the config's "
                                                  "executor: "
                                                  "local, dask (a local cluster) or a scheduler address tcp://host:8786")
 

@@ -78,10 +78,10 @@ class RefreshConfig:
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    """Where featurize's shards run (``executor:``; ``--executor`` on run, refresh and rescore). ``local``: in the
-    driving process (today's default). ``dask``: as Dask tasks, on the scheduler at ``address`` (``tcp://host:8786``)
-    or, without one, on a LocalCluster of ``n_workers`` processes with ``threads_per_worker`` threads that the run
-    starts and stops. ``resources`` (e.g. ``{GPU: 1}``) are what each shard task holds on its worker (workers
+    """Where ingest's and featurize's shards and score's parts run (``executor:``; ``--executor`` on run, refresh
+    and rescore). ``local``: in the driving process (today's default). ``dask``: as Dask tasks, on the scheduler at
+    ``address`` (``tcp://host:8786``) or, without one, on a LocalCluster of ``n_workers`` processes with
+    ``threads_per_worker`` threads that the run starts and stops. ``resources`` (e.g. ``{GPU: 1}``) are what each shard task holds on its worker (workers
     declare theirs: ``dask worker ... --resources GPU=1``). Where the work runs does not change what it makes: the
     executor is left out of the config hash (a run killed on Dask resumes locally, and the reverse)."""
     kind: str = "local"  # local (threads in the driving process) or dask
@@ -151,7 +151,7 @@ class RunConfig:
     # <secret>. Better still, write a secret as ${ENV:NAME}: resolved from the environment when the config loads,
     # never stored. URI passwords and keys named like credentials are redacted without being listed.
     secrets: tuple[str, ...] = ()
-    executor: ExecutorConfig = ExecutorConfig()  # where featurize's shards and score's parts run (local, or Dask)
+    executor: ExecutorConfig = ExecutorConfig()  # where ingest's, featurize's and score's shards run (local, or Dask)
     # other sources, neither pool nor target: a general-domain replay stream (cpt.replay.source), warm-up pairs,
     # pools for later runs. `chips ingest CONFIG --source NAME` ingests and validates them; `chips run` does not
     sources: tuple[SourceSpec, ...] = ()

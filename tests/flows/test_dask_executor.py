@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -144,20 +145,16 @@ def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_kille
         out = pipeline_flow(dask_cfg)
         stream = client.get_task_stream(start=t0)
         names = {w: n for w, n in client.run(lambda dask_worker: dask_worker.name).items()}
-    ran_on = [names[t["worker"]] for t in stream]
-    ingested = len(_tasks("ingest-judge")) + len(_tasks("ingest-write"))  # ingest's tasks come first, on any worker
-    featurized = ran_on[ingested:ingested + len(local[0])]
-    assert len(featurized) == len(local[0]) and set(featurized) == {"w0"}, ran_on  # the shards (score's parts,
-    # which hold no slot, come after them)
+    ran_on = {t["key"]: names[t["worker"]] for t in stream}
+    featurized = _named(ran_on, "featurize-shard")  # each shard a Dask task keyed <name>-<n>-<run>
+    assert len(featurized) == len(local[0]) and set(featurized.values()) == {"w0"}, ran_on
     assert _results(dask_cfg, out)[0] == local[0]  # every features part, byte for byte
     got = _results(dask_cfg, out)
     assert got[1].equals(local[1]) and got[2].equals(local[2]) and got[3].equals(local[3])
-    # ingest's shards ran as tasks too: each judged, then written, on the workers
-    assert {t.state_name for t in _tasks("ingest-judge") + _tasks("ingest-write")} == {"Completed"}
-    assert len(_tasks("ingest-judge")) == len(_tasks("ingest-write")) == 2  # the pool's shard and the target's
-    # score's feature parts ran as tasks on the Dask runner too (the local run scores on its own threads: none)
-    score_tasks = _tasks("score-part")
-    assert len(score_tasks) >= len(local[0]) and {t.state_name for t in score_tasks} == {"Completed"}
+    # ingest's shards ran as tasks too, each judged then written (the pool's shard and the target's), and score's
+    # feature parts (the local run scores on its own threads), on either worker: they hold no slot
+    assert len(_named(ran_on, "ingest-judge")) == len(_named(ran_on, "ingest-write")) == 2, ran_on
+    assert len(_named(ran_on, "score-part")) == len(local[0]), ran_on
     # the scheduler's two workers are other processes than this driver
     with __import__("distributed").Client(address) as c:
         logs = c.run(lambda: __import__("os").getpid())
@@ -180,22 +177,21 @@ def test_a_dask_run_equals_a_local_run_byte_for_byte_even_when_a_worker_is_kille
 
     killer = threading.Thread(target=kill_when_the_first_part_lands, daemon=True)
     killer.start()
-    out = refresh_flow(killed_cfg, executor=address)
+    with Client(address) as client:
+        t0 = time.time()
+        out = refresh_flow(killed_cfg, executor=address)
+        keys = {t["key"] for t in client.get_task_stream(start=t0)}
     killer.join(timeout=1)
     assert procs["worker1"].wait(timeout=30) == -signal.SIGKILL
     assert _results(killed_cfg, out)[0] == local[0]
     runs = query(connect(Warehouse(killed_cfg["warehouse"], s3_server)), "select stage, status from stg_runs").to_pylist()
     assert {r["status"] for r in runs} == {"succeeded"} and "refresh" in {r["stage"] for r in runs}
-    assert len(_tasks("score-part")) >= len(score_tasks) + len(local[0])  # this run's parts went to Dask too
+    assert len(_named(dict.fromkeys(keys), "score-part")) == len(local[0])  # this run's parts went to Dask too
 
 
-def _tasks(name: str) -> list:
-    """The runs of the task named ``name`` that Prefect's API knows of (this session's temporary API)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
+def _named(tasks: dict, name: str) -> dict:
+    """The entries of ``tasks`` (task key -> anything) whose key is one of ``name``'s tasks: ``<name>-<n>-<run>``."""
+    return {k: v for k, v in tasks.items() if re.fullmatch(rf"{re.escape(name)}-\d+-[0-9a-f]+", str(k))}
 
 
 def test_the_checks_before_a_dask_run_name_the_worker_and_the_path(cluster, tmp_path, demo_model):

@@ -225,14 +225,19 @@ def test_parquet_with_an_image_path_column_and_tsv(tmp_path, wh):
     assert c["kept"] == 1  # different caption, so a different pair
 
 
+@pytest.mark.parametrize("two_pass", [False, True])  # one pass in process, or judged and written as an executor's tasks
 @pytest.mark.parametrize("rerun_id", ["ingest-K", None])  # resumed under the same run id, or a new run (a refresh)
-def test_a_shard_killed_between_its_parts_loses_nothing_on_rerun(tmp_path, wh, monkeypatch, rerun_id):
+def test_a_shard_killed_between_its_parts_loses_nothing_on_rerun(tmp_path, wh, monkeypatch, rerun_id, two_pass):
     """Killed after a shard's ``pair_sources`` and ``quarantine`` parts but before its ``pairs`` part (the one that
     marks it complete): the next ingest must not read those orphan rows as "already recorded", or the shard's pairs
-    would be skipped as unchanged and never written."""
+    would be skipped as unchanged and never written. The two-pass ingest also leaves its staging behind: the next
+    ingest removes it and judges the shard again."""
     from chips_core.platform.query import connect, run_audits
     from chips_core.platform.readers import SourceSpec
     from chips_core.stages import ingest_stage
+    from chips_core.stages.common import local_map
+
+    mapper = local_map if two_pass else None
 
     path = tmp_path / "shard.tar"
     make_tar(path, [m for i in range(4) for m in ((f"k{i}.png", png(i)), (f"k{i}.txt", f"caption {i}".encode()))]
@@ -247,9 +252,11 @@ def test_a_shard_killed_between_its_parts_loses_nothing_on_rerun(tmp_path, wh, m
     with monkeypatch.context() as m:
         m.setattr(Warehouse, "write", killed_before_pairs)
         with pytest.raises(KeyboardInterrupt):
-            ingest_stage([spec], wh, run_id="ingest-K")
+            ingest_stage([spec], wh, run_id="ingest-K", map_shards=mapper)
     assert wh.read("pair_sources").num_rows == 4 and wh.read("pairs").num_rows == 0  # the orphan parts
-    out = ingest_stage([spec], wh, run_id=rerun_id)
+    assert wh.fs.exists(wh.path("_ingest_staging")) == two_pass
+    out = ingest_stage([spec], wh, run_id=rerun_id, map_shards=mapper)
+    assert not wh.fs.exists(wh.path("_ingest_staging")) and not wh.fs.exists(wh.path("_ingest_decisions"))
     assert (out["read"], out["kept"], out["quarantined"], out["unchanged"]) == (5, 4, 1, 0)
     assert wh.read("pairs").num_rows == 4 and wh.read("pair_sources").num_rows == 4
     assert wh.read("quarantine").num_rows == 1
