@@ -15,7 +15,7 @@ from chips_core.platform.warehouse import Warehouse
 from chips_core.scoring.endpoint import LoadedModel, load_model, shared_model
 from chips_core.stages import (check_stage, cpt_stage, eval_stage, featurize_stage, ingest_stage, load_eval_suites,
                                load_run_config, manifest_data, materialize_stage, publish_stage, run_pipeline,
-                               run_rescore, score_stage, subset_data, takedown_stage)
+                               run_rescore, score_stage, subset_data, takedown_stage, warmup_stage)
 from chips_core.stages.runconfig import ExecutorConfig, RunConfig, with_executor
 
 from .dask_workers import check_workers
@@ -240,6 +240,20 @@ def cpt_flow(config: str | dict, out_dir: str, subset_id: str | None = None, man
     get_run_logger().info("cpt %s: %d pairs, %d steps (resumed from %d), final loss %.4f -> %s", out["run_id"],
                           out["pairs"], out["steps"], out["resumed_from_step"], out["final_loss"] or float("nan"),
                           out["final"])
+    return out
+
+
+@flow(name="chips-warmup")
+def warmup_flow(config: str | dict, out_dir: str, ingest: bool = True, progress: bool = False) -> dict:
+    """The premise check's warm-up: CPT rounds on in-domain pool pairs (``warmup:``), the check after each, until it
+    passes or the round limit; ingests the pool and target first (unchanged rows are skipped)."""
+    if ingest:
+        ingest_on(config)(config)
+    cfg, wh = _config(config)
+    loaded = load_model(cfg.model, cfg.device)  # a fresh copy: the rounds train it in place
+    logger = get_run_logger()
+    out = warmup_stage(cfg, wh, loaded, out_dir, progress=progress, log=logger.info)
+    (logger.info if out["passed"] else logger.warning)("warmup %s: %s", out["run_id"], out["verdict"])
     return out
 
 

@@ -1,6 +1,6 @@
-"""The ``chips`` command line: demo, run, refresh, check, rescore, cpt, eval, sql, runs, report, server. Every error is one
-line on stderr and exit code 1 (the one boundary: :func:`_one_line_errors`); an unexpected one also writes its
-traceback to a log file whose path the line names (``--debug`` prints it instead). Ctrl-C ends any command within
+"""The ``chips`` command line: demo, ingest, run, refresh, check, warmup, rescore, cpt, eval, sql, runs, report, gc,
+server. Every error is one line on stderr and exit code 1 (the one boundary: :func:`_one_line_errors`); an unexpected
+one also writes its traceback to a log file whose path the line names (``--debug`` prints it instead). Ctrl-C ends any command within
 seconds with ``interrupted; rerun the same command to resume`` (the stage's run is recorded as failed).
 
 Commands that run a stage check their inputs first (:mod:`chips_core.stages.preflight`): sources, warehouse,
@@ -229,6 +229,39 @@ def check_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool, 
         typer.echo(f"  {mark} {c['name']:<28} {value:>8}{fmt_interval(c.get('interval'))}   ({c['threshold']})")
     typer.echo(out["verdict"])
     if not out["passed"]:
+        raise typer.Exit(code=2)
+
+
+@app.command("warmup")
+def warmup_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool, target, model, `cpt` and `warmup` "
+                                                        "blocks)"),
+               out: Path = typer.Option(..., "--out", "-o", help="folder for each round's CPT (round-N/final.pt)"),
+               no_ingest: bool = typer.Option(False, "--no-ingest", help="the pool and target are ingested already")) -> None:
+    """Warm a model up for the premise check: CPT rounds on in-domain pool pairs, the check after each, until it passes
+    or `warmup.max_rounds`. Exit 2 if it does not pass; resumes from --out."""
+    with _one_line_errors():
+        from chips_core.stages.preflight import check_sources, existing_warehouse, require_checkpoint, writable_warehouse
+        from chips_core.stages.runconfig import load_run_config
+
+        cfg = load_run_config(config)
+        if not no_ingest:
+            check_sources(cfg)
+        require_checkpoint(cfg)
+        if no_ingest:
+            existing_warehouse(cfg)
+        writable_warehouse(cfg)
+        _writable_dir(out, "--out")
+        from flows.chips_flows import warmup_flow
+
+        r = warmup_flow(str(config), str(out), ingest=not no_ingest, progress=True)
+    typer.echo(f"warmup {r['run_id']}: {r['pairs']} in-domain pairs"
+               + (f" ({r['gate']['in_domain']} of {r['gate']['candidates']} candidates passed the relevance gate)"
+                  if r["gate"] else ""))
+    for n in r["rounds"]:
+        typer.echo(f"  round {n['round']}: check {'passed' if n['passed'] else 'FAILED'}"
+                   + (f" ({', '.join(n['failing'])} failing)" if n["failing"] else "") + f"; weights {n['final']}")
+    typer.echo(r["verdict"])
+    if not r["passed"]:
         raise typer.Exit(code=2)
 
 

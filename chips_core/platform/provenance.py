@@ -115,6 +115,7 @@ def config_hash(config) -> str:
     data = json.loads(config_json(config))
     if isinstance(data, dict):
         data.pop("executor", None)  # where the work runs does not change what it makes
+        data.pop("warmup", None)  # read by `chips warmup` alone, whose CPT rounds record their own cpt settings
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

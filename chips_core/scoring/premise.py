@@ -84,8 +84,9 @@ class Check:
 
 
 ADVICE = {
-    "cold": "the model does not know the target: warm it up first (a short CPT on a random sample of "
-            "in-domain pairs), or select with chips_plus (no gradient ranking)",
+    "cold": "the model does not know the target: warm it up first with `chips warmup CONFIG` (CPT rounds on "
+            "in-domain pool pairs, checked after each round, config warmup:), or select with chips_plus (no gradient "
+            "ranking)",
     "flat": "w_L is the same for every pair: chips ranks as chips_align; consider chips_plus or chips_align",
     "endpoint": "end-point alignment does not track full-model influence for this model: the gradient scores "
                 "(chips, dot, trak, the set-aware selectors) are unreliable here; select with chips_plus",
@@ -112,12 +113,18 @@ class PremiseReport:
             return ("premise check passed: the model knows this target, which gradient-based selection needs; on our "
                     "benchmarks it was not enough for a gradient selector to beat chips_plus: select with chips_plus "
                     "(README, Which selector)")
-        names = ", ".join(f"{c.name} {fmt_value(c)} (needs {c.threshold})" for c in self.failing)
+        names = ", ".join(f"{c.name} {fmt_value(c)} (must {direction(c.threshold)} to {c.threshold})"
+                          for c in self.failing)
         advice = "; ".join(dict.fromkeys(c.advice for c in self.failing if c.advice))
         return f"premise check FAILED: {names}. What to do: {advice}"
 
     def to_json(self) -> str:
         return json.dumps({"passed": self.passed, "verdict": self.verdict(), "checks": [asdict(c) for c in self.checks]})
+
+
+def direction(threshold: str) -> str:
+    """Which way a failing check must move to pass: ``rise`` for a ``>=`` threshold, ``fall`` for a ``<`` one."""
+    return "rise" if threshold.lstrip().startswith(">") else "fall"
 
 
 def _fmt(v: float | None) -> str:
@@ -180,9 +187,10 @@ def relative_spread(w: np.ndarray) -> float:
 
 def premise_checks(eval_features: FeatureBatch, eval_loss: float, pool_features: FeatureBatch, bank_size: int,
                    config: PremiseConfig = PremiseConfig(), endpoint_spearman: float | None = None,
-                   endpoint_sample: int | None = None) -> PremiseReport:
+                   endpoint_sample: int | None = None, endpoint_note: str = "measured by `chips check`") -> PremiseReport:
     """Every check from the eval set's features against the bank, its loss, and a pool sample's features;
-    ``endpoint_sample``: how many pairs the end-point vs full Spearman was measured on (for its interval)."""
+    ``endpoint_sample``: how many pairs the end-point vs full Spearman was measured on (for its interval);
+    ``endpoint_note``: why it is not measured when ``endpoint_spearman`` is None."""
     n, c = len(eval_features), config
     matching, top1 = eval_matching(eval_features.x, eval_features.y)
     loss_ratio = eval_loss / math.log(n)
@@ -201,7 +209,7 @@ def premise_checks(eval_features: FeatureBatch, eval_loss: float, pool_features:
         Check("mean_pairwise_cosine", cosine, f"< {c.max_mean_cosine}", cosine < c.max_mean_cosine, ADVICE["cold"]),
         Check("w_learn_spread", spread, f">= {c.min_w_learn_spread}", spread >= c.min_w_learn_spread, ADVICE["flat"]),
         Check("endpoint_vs_full_spearman", endpoint_spearman, f">= {c.min_endpoint_spearman}"
-              + (" (measured by `chips check`)" if endpoint_spearman is None else ""), sp_ok, ADVICE["endpoint"],
+              + (f" ({endpoint_note})" if endpoint_spearman is None else ""), sp_ok, ADVICE["endpoint"],
               None if endpoint_spearman is None or endpoint_sample is None
               else spearman_interval(endpoint_spearman, endpoint_sample)),
     ))

@@ -65,6 +65,17 @@ def relevance_weight(x: np.ndarray, y: np.ndarray, mu_x: np.ndarray, mu_y: np.nd
     return sigmoid((1.0 - beta) * cx + beta * cy)
 
 
+def in_domain(w_r: np.ndarray, target: TargetStats, config: ScoreConfig) -> np.ndarray:
+    """The relevance gate of ``chips_plus`` (and of the warm-up's sample, stages/warmup.py): ``w_R`` at least the
+    target eval pairs' own ``plus_relevance_quantile``."""
+    if target.eval_x is None or target.eval_y is None:
+        raise ValueError("the relevance gate needs the eval pairs' embeddings in the target statistics "
+                         "(TargetStats.eval_x, eval_y); compute them with target_stats")
+    eval_wr = relevance_weight(target.eval_x.astype(np.float64), target.eval_y.astype(np.float64), target.mu_x,
+                               target.mu_y, config.beta)
+    return w_r >= np.quantile(eval_wr, config.plus_relevance_quantile)
+
+
 def guarded_tier(features: FeatureBatch, w_r: np.ndarray, target: TargetStats, config: ScoreConfig) -> np.ndarray:
     """``chips_plus``'s tier per pair: 2 = in the target domain and its caption agrees with its image,
     1 = in the domain only, 0 = neither. Both gates are calibrated on the target eval set, so they
@@ -74,9 +85,8 @@ def guarded_tier(features: FeatureBatch, w_r: np.ndarray, target: TargetStats, c
         raise ValueError("chips_plus needs the eval pairs' embeddings in the target statistics (TargetStats.eval_x, "
                          "eval_y); compute them with target_stats")
     ex, ey = target.eval_x.astype(np.float64), target.eval_y.astype(np.float64)
-    eval_wr = relevance_weight(ex, ey, target.mu_x, target.mu_y, config.beta)
     eval_match = np.einsum("ij,ij->i", ex, ey)
-    relevant = w_r >= np.quantile(eval_wr, config.plus_relevance_quantile)
+    relevant = in_domain(w_r, target, config)
     agrees = features.clipscore.astype(np.float64) >= np.quantile(eval_match, config.plus_match_quantile)
     return relevant.astype(np.float64) + (relevant & agrees)
 

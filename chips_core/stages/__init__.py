@@ -12,7 +12,8 @@ from .publish import publish_stage
 from .runconfig import RunConfig, load_run_config
 from .score import score_stage
 from .takedown import takedown_stage
+from .warmup import warmup_stage
 
 __all__ = ["check_stage", "cpt_stage", "manifest_data", "subset_data", "eval_stage", "load_eval_suites", "featurize_stage",
            "ingest_stage", "materialize_stage", "local_stages", "last_featurize_run", "run_pipeline", "run_rescore", "publish_stage",
-           "RunConfig", "load_run_config", "score_stage", "takedown_stage"]
+           "RunConfig", "load_run_config", "score_stage", "takedown_stage", "warmup_stage"]

@@ -71,7 +71,8 @@ def check_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, run_id: str 
         tstats, eval_features = target_and_eval_features(cfg, wh, loaded, feat, eval_ids)
         spearman = endpoint_spearman(cfg, wh, loaded, bank.pair_ids, eval_ids, pool_ids)
         report = premise_checks(eval_features, tstats.eval_loss, pool_features, len(bank.pair_ids), cfg.check, spearman,
-                                min(cfg.check.full_param_sample, len(pool_ids)))
+                                min(cfg.check.full_param_sample, len(pool_ids)),
+                                endpoint_note="skipped: check.full_param_sample is 0")
         row.update(bank_id=bank.bank_id, rows_in=len(sample) + len(eval_ids), rows_out=0, rows_quarantined=0,
                    diagnostics_json=report.to_json())
     return {"run_id": run_id, "passed": report.passed, "verdict": report.verdict(),

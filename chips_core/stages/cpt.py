@@ -30,7 +30,7 @@ def subset_data(wh: Warehouse, subset_id: str, loaded: LoadedModel) -> ImageFile
         if status != ["succeeded"]:
             raise KeyError(f"subset {subset_id!r} belongs to materialize run {run!r}, which did not succeed "
                            f"({status[0] if status else 'no runs row'}): materialize again")
-    return _warehouse_pairs(wh, sub.sort_by([("rank", "ascending"), ("pair_id", "ascending")]).column("pair_id").to_pylist(),
+    return pair_data(wh, sub.sort_by([("rank", "ascending"), ("pair_id", "ascending")]).column("pair_id").to_pylist(),
                             loaded)
 
 
@@ -42,10 +42,11 @@ def replay_data(wh: Warehouse, source: str, loaded: LoadedModel, exclude=()) -> 
     if len(ids) < 1:
         known = sorted(set(wh.read("pair_sources", columns=["source"]).column("source").to_pylist()))
         raise KeyError(f"replay source {source!r} holds no pairs in the warehouse (sources: {known})")
-    return _warehouse_pairs(wh, ids, loaded)
+    return pair_data(wh, ids, loaded)
 
 
-def _warehouse_pairs(wh: Warehouse, ids: list[str], loaded: LoadedModel) -> ImageFilePairs:
+def pair_data(wh: Warehouse, ids: list[str], loaded: LoadedModel) -> ImageFilePairs:
+    """The warehouse's pairs ``ids``, in that order, images decoded on demand (a subset's, a replay's, a warm-up's)."""
     rows = wh.read_pairs(ids)
     return ImageFilePairs([r["image"] for r in rows], [r["caption"] for r in rows],
                           image_preprocess(loaded.model), loaded.tokenizer, ids)
@@ -67,14 +68,16 @@ def manifest_data(path: str | Path, loaded: LoadedModel, allowed_roots: Sequence
 
 def cpt_stage(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, data: PairData, out_dir: str | Path,
               subset_id: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
-              progress: bool = False, manifest: str | None = None) -> dict:
+              progress: bool = False, manifest: str | None = None, warmup: str | None = None) -> dict:
     """Train ``loaded.model`` (in place) on ``data`` with ``cfg.cpt``; resumes from ``out_dir``'s checkpoints. The run
-    records the subset or the ``manifest`` file it trained on (``mart_eval_by_selection`` names its method by it)."""
+    records the subset, the ``manifest`` file or the ``warmup`` run it trained for (``mart_eval_by_selection`` names
+    its method by it)."""
     run_id = run_id or new_run_id("cpt")
     replay = (replay_data(wh, cfg.cpt.replay.source, loaded, exclude=getattr(data, "ids", ()))
               if cfg.cpt.replay_per_batch else None)
     with recorded_run(wh, "cpt", cfg, run_id=run_id, parent_run_id=parent_run_id,
                       inputs={"subset_id": subset_id, **({"manifest": str(manifest)} if manifest else {}),
+                              **({"warmup": warmup} if warmup else {}),
                               "data": data.fingerprint(), "out_dir": str(out_dir),
                               "replay": replay.fingerprint() if replay else None},
                       **model_fields(cfg, loaded)) as row:

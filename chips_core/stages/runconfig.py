@@ -77,6 +77,27 @@ class RefreshConfig:
 
 
 @dataclass(frozen=True)
+class WarmupConfig:
+    """``chips warmup``: short CPT rounds on in-domain pool pairs for a model that fails the premise check, the check
+    again after each round (stages/warmup.py). The defaults were not chosen on a benchmark: the check after each
+    round is what decides, and ``max_rounds`` bounds the cost."""
+    size: int = 2048  # pool pairs the warm-up trains on: the first in-domain ones of the seeded candidates
+    candidates: int = 8192  # pool pairs (a seeded sample) the relevance gate judges (0: the whole pool)
+    epochs_per_round: int = 2  # CPT epochs (cpt:'s other settings, replay included) between two premise checks
+    max_rounds: int = 4  # rounds before the warm-up stops without passing
+    seed: int = 0  # seed of the candidate sample and of their order
+
+    def __post_init__(self):
+        check(isinstance(self.size, int) and self.size >= 2, "WarmupConfig", "size", self.size, "an int >= 2")
+        check(isinstance(self.candidates, int) and (self.candidates == 0 or self.candidates >= self.size),
+              "WarmupConfig", "candidates", self.candidates, f"0 (the whole pool) or >= size ({self.size})")
+        check(isinstance(self.epochs_per_round, int) and self.epochs_per_round >= 1, "WarmupConfig",
+              "epochs_per_round", self.epochs_per_round, "an int >= 1")
+        check(isinstance(self.max_rounds, int) and self.max_rounds >= 1, "WarmupConfig", "max_rounds",
+              self.max_rounds, "an int >= 1")
+
+
+@dataclass(frozen=True)
 class ExecutorConfig:
     """Where ingest's and featurize's shards and score's parts run (``executor:``; ``--executor`` on run, refresh
     and rescore). ``local``: in the driving process (today's default). ``dask``: as Dask tasks, on the scheduler at
@@ -151,6 +172,7 @@ class RunConfig:
     # <secret>. Better still, write a secret as ${ENV:NAME}: resolved from the environment when the config loads,
     # never stored. URI passwords and keys named like credentials are redacted without being listed.
     secrets: tuple[str, ...] = ()
+    warmup: WarmupConfig = WarmupConfig()  # `chips warmup`: CPT rounds on in-domain pairs until the check passes
     executor: ExecutorConfig = ExecutorConfig()  # where ingest's, featurize's and score's shards run (local, or Dask)
     # other sources, neither pool nor target: a general-domain replay stream (cpt.replay.source), warm-up pairs,
     # pools for later runs. `chips ingest CONFIG --source NAME` ingests and validates them; `chips run` does not

@@ -64,7 +64,7 @@ def test_a_model_that_knows_its_target_passes_and_a_collapsed_one_fails_naming_t
     assert report.verdict().startswith("premise check FAILED: eval_matching") and "warm it up" in report.verdict()
     assert '"passed": false' in report.to_json()
     # the Spearman is an estimate from 32 pairs: its 95% interval is printed beside it (Fisher z, 1.06 / (n - 3))
-    assert "endpoint_vs_full_spearman 0.2 [-0.17, 0.52] (needs >= 0.5)" in report.verdict()
+    assert "endpoint_vs_full_spearman 0.2 [-0.17, 0.52] (must rise to >= 0.5)" in report.verdict()
 
 
 def test_spearman_interval_by_hand():
