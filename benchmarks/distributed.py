@@ -314,8 +314,8 @@ def report(args, res: dict, wall: float) -> str:
     lines += [f"| featurize shard: its share of the `pairs` parts read (image, caption, id) | "
               f"{fmt_bytes(fb['pairs_read'])} |", f"| featurize shard: its `features` part written | "
               f"{fmt_bytes(fb['part'])} |", "",
-              "The function is pickled once per map and sent with every task by Prefect; the model travels as its "
-              "spec and checksum (each worker loads it once per process). Ingest's staging part holds the shard's "
+              "The function (it closes over the config; the featurize one over the model's spec too) goes with each "
+              "task to its worker; the model travels as its spec and checksum (each worker loads it once per process). Ingest's staging part holds the shard's "
               "rows with their facts (images only for rows that may be kept); the decision part, the driver's "
               "de-duplication verdicts for the rows it concerns."]
     if rss:
