@@ -116,7 +116,8 @@ def _write_shard(wh: Warehouse, run_id: str, shard: str, parts: Validated, uncha
     check_batch(pairs.drop_columns(["image"]).to_pandas().assign(image=None), parts.read, len(parts.pairs),
                 len(parts.quarantine) + unchanged, docs_dir)
     partition = {"run": run_id}
-    counts = {"read": parts.read, "kept": len(parts.pairs), "quarantined": len(parts.quarantine), "unchanged": unchanged}
+    counts = {"read": parts.read, "kept": len(parts.pairs), "quarantined": len(parts.quarantine), "unchanged": unchanged,
+              "duplicates": sum(1 for q in parts.quarantine if q["reason"] == "duplicate")}  # of the quarantined
     wh.write("pair_sources", pa.Table.from_pylist(parts.pair_sources, schema=SCHEMAS["pair_sources"]), partition, shard)
     wh.write("quarantine", pa.Table.from_pylist(parts.quarantine, schema=SCHEMAS["quarantine"]), partition, shard)
     # the pairs part goes last and carries the shard's counts: its presence marks the shard complete
@@ -223,7 +224,7 @@ def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | Non
     if resumed:
         log.info("ingest: resuming run %s (%s); its finished shards are kept", *resumed)
     run_id = resumed[0] if resumed else run_id or new_run_id("ingest")
-    totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0}
+    totals = {"read": 0, "kept": 0, "quarantined": 0, "unchanged": 0, "duplicates": 0}
     by_source = {spec.name: dict(totals) for spec in sources}  # this run's counts per source
     docs = _DataDocs(wh)
     with wh.lock("ingest"), recorded_run(wh, "ingest", config, run_id=run_id, parent_run_id=parent_run_id,
@@ -246,8 +247,8 @@ def ingest_stage(sources: Sequence[SourceSpec], wh: Warehouse, run_id: str | Non
             for (spec, _), counts in progress_bar(zip(shards, counted), enabled=progress, desc="ingest",
                                                   total=len(shards)):
                 for k in totals:
-                    totals[k] += counts[k]
-                    by_source[spec.name][k] += counts[k]
+                    totals[k] += counts.get(k, 0)  # a shard written before duplicates were counted has none
+                    by_source[spec.name][k] += counts.get(k, 0)
             if map_shards is not None:
                 _drop_staging(wh)  # every shard written: the emptied folders
         row.update(rows_in=totals["read"], rows_out=totals["kept"], rows_quarantined=totals["quarantined"],

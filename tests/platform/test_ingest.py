@@ -51,7 +51,7 @@ def test_webdataset_good_corrupt_and_missing_members(tmp_path, wh):
                      ("c.png", png(3)),  # no caption
                      ("d.png", png(4)), ("d.json", b'{"caption": "a json caption"}')])
     counts = ingest_shard(read_webdataset(str(shard), "wds"), wh, "run1", "shard-000")
-    assert counts == {"read": 4, "kept": 2, "quarantined": 2, "unchanged": 0}
+    assert counts == {"read": 4, "kept": 2, "quarantined": 2, "unchanged": 0, "duplicates": 0}
     q = wh.read("quarantine").to_pylist()
     assert reasons(q) == ["image_undecodable", "read_error"]
     assert any("missing_caption" in r["detail"] for r in q)
@@ -90,7 +90,7 @@ def test_csv_bad_rows_each_quarantined_with_reason(tmp_path, wh):
             f.write(f"{p},{c}\n".encode())
         f.write(b"images/ok2.png,caf\xe9 latin-1\n")  # not UTF-8
     counts = ingest_shard(read_csv(str(csv_path), "csv", allowed_roots=[str(root)]), wh, "run1", "csv")
-    assert counts == {"read": 11, "kept": 1, "quarantined": 10, "unchanged": 0}
+    assert counts == {"read": 11, "kept": 1, "quarantined": 10, "unchanged": 0, "duplicates": 1}
     q = {r["source_key"].split("#")[1]: (r["reason"], r["detail"]) for r in wh.read("quarantine").to_pylist()}
     assert q["line=3"][0] == "read_error" and "missing_image_file" in q["line=3"][1]
     assert q["line=4"][0] == "caption_empty" and q["line=5"][0] == "caption_empty"
@@ -103,7 +103,7 @@ def test_csv_bad_rows_each_quarantined_with_reason(tmp_path, wh):
     assert q["line=12"][0] == "caption_not_utf8"
     # re-ingesting the same file writes no quarantine row twice: every row is unchanged, counts reconcile
     again = ingest_shard(read_csv(str(csv_path), "csv", allowed_roots=[str(root)]), wh, "run2", "csv")
-    assert again == {"read": 11, "kept": 0, "quarantined": 0, "unchanged": 11}
+    assert again == {"read": 11, "kept": 0, "quarantined": 0, "unchanged": 11, "duplicates": 0}
     assert wh.read("quarantine").num_rows == 10
 
 
@@ -120,7 +120,7 @@ def test_duplicates_across_sources_keep_every_source_key_and_reingest_is_a_noop(
     cat = [s for s in sources if s["source"] == "folder"][0]["pair_id"]
     assert sorted(s["source"] for s in sources if s["pair_id"] == cat) == ["folder", "parquet"]
     again = ingest_shard(read_parquet(str(tmp_path / "p.parquet"), "parquet"), wh, "run2", "parquet")
-    assert again == {"read": 2, "kept": 0, "quarantined": 0, "unchanged": 2}
+    assert again == {"read": 2, "kept": 0, "quarantined": 0, "unchanged": 2, "duplicates": 0}
     assert wh.read("pairs").num_rows == 2
 
 
@@ -184,8 +184,8 @@ def test_ingest_stage_records_a_run_resumes_and_reconciles(tmp_path, wh):
     again = ingest_stage([spec], wh)
     assert again["unchanged"] == 12 and again["kept"] == 0
     # per source, this run's counts (what the run summary prints before the warehouse's record)
-    assert again["sources"] == {"wds": {"read": 12, "kept": 0, "quarantined": 0, "unchanged": 12}}
-    assert out["sources"] == {"wds": {"read": 12, "kept": 10, "quarantined": 2, "unchanged": 0}}
+    assert again["sources"] == {"wds": {"read": 12, "kept": 0, "quarantined": 0, "unchanged": 12, "duplicates": 0}}
+    assert out["sources"] == {"wds": {"read": 12, "kept": 10, "quarantined": 2, "unchanged": 0, "duplicates": 2}}
     assert all(t.num_rows == 0 for t in run_audits(connect(wh)).values())
     causes = query(connect(wh), "select reason, cause from stg_quarantine").to_pylist()
     assert causes and all(r["cause"] == r["reason"] or r["cause"].startswith("read_error (") for r in causes)
