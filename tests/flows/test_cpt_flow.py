@@ -1,5 +1,7 @@
 """`chips cpt` trains on a warehouse subset (or a manifest) and `chips eval` writes evals rows that
 join to the selection that produced the model — real Prefect flows, real warehouse, real DuckDB."""
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -33,6 +35,14 @@ def setup(tmp_path_factory, demo_model):
     return tmp, path, out
 
 
+def _cpt_run_id(output: str) -> str:
+    """The run id in the command's summary (``cpt ID: N pairs, S steps, final loss``), not in the flow's log line
+    (``... steps (resumed from 0), ...``); the progress bar may end without a newline before it."""
+    found = re.search(r"cpt (cpt-[\w-]+): \d+ pairs, \d+ steps, final loss", output)
+    assert found, output
+    return found.group(1)
+
+
 def test_cpt_on_a_subset_then_eval_joins_to_the_selection(prefect_api, setup):
     tmp, path, out = setup
     runner = CliRunner()
@@ -40,8 +50,7 @@ def test_cpt_on_a_subset_then_eval_joins_to_the_selection(prefect_api, setup):
     res = runner.invoke(app, ["cpt", str(path), "--subset", sid, "--out", str(tmp / "cpt")])
     assert res.exit_code == 0, res.output
     assert "24 pairs, 6 steps" in res.output  # ceil(0.3 * 80) pairs, 3 batches of 8 per epoch, 2 epochs
-    line = next(ln for ln in res.output.splitlines() if ln.startswith("cpt "))  # the command's summary, not a log
-    run_id = line.split("cpt ", 1)[1].split(":", 1)[0]
+    run_id = _cpt_run_id(res.output)
     res = runner.invoke(app, ["eval", str(path), "--checkpoint", str(tmp / "cpt" / "final.pt"), "--cpt-run", run_id,
                               "--subset", sid])
     assert res.exit_code == 0, res.output
@@ -102,7 +111,7 @@ def test_the_eval_marts_tell_base_models_seeds_and_manifests_apart(prefect_api, 
         seeded.write_text(yaml.safe_dump(cfg))
         res = runner.invoke(app, ["cpt", str(seeded), *args, "--out", str(tmp / out_dir)])
         assert res.exit_code == 0, res.output
-        return next(ln for ln in res.output.splitlines() if ln.startswith("cpt ")).split("cpt ", 1)[1].split(":", 1)[0]
+        return _cpt_run_id(res.output)
 
     def evaluate(*args):
         res = runner.invoke(app, ["eval", str(path), *args])
