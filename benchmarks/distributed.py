@@ -27,8 +27,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,43 +40,14 @@ BIN = Path(PY).parent
 ONE_CORE = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def cluster(workers: int, tmp: Path):
     """A scheduler and ``workers`` one-thread, one-core worker processes on 127.0.0.1; the scheduler's address."""
-    from distributed import Client
+    from benchmarks.dask_cluster import dask_cluster
 
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, **ONE_CORE, "DASK_DISTRIBUTED__WORKER__DAEMON": "False",
-           "PYTHONPATH": str(ROOT)}
-    start = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd=tmp)
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], **start)]
-    procs += [subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                "--no-dashboard", "--name", f"w{i}"], **start) for i in range(workers)]
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with Client(address, timeout=10) as c:
-                    c.wait_for_workers(workers, timeout=120)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
+    with dask_cluster(tmp, workers=workers, env={**ONE_CORE, "PYTHONPATH": str(ROOT)},
+                      dask=str(BIN / "dask")) as (address, _):
         yield address
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
 
 
 def config_for(workdir: Path, data: Path, label: str, address: str) -> Path:

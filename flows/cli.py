@@ -202,21 +202,27 @@ def ingest_cmd(config: Path = typer.Argument(..., help="pipeline YAML (every key
     _source_lines(out, shares)
 
 
+def _premise_preflight(config: Path, no_ingest: bool) -> None:
+    """What `check` and `warmup` need before a model loads: the sources (unless ingested already), the checkpoint,
+    the warehouse (when ingested already), and a warehouse they can write."""
+    from chips_core.stages.preflight import check_sources, existing_warehouse, require_checkpoint, writable_warehouse
+    from chips_core.stages.runconfig import load_run_config
+
+    cfg = load_run_config(config)
+    if not no_ingest:
+        check_sources(cfg)
+    require_checkpoint(cfg)
+    if no_ingest:
+        existing_warehouse(cfg)
+    writable_warehouse(cfg)
+
+
 @app.command("check")
 def check_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool, target, model and `check` block)"),
               no_ingest: bool = typer.Option(False, "--no-ingest", help="the pool and target are ingested already")) -> None:
     """Premise check: can gradient-based selection be trusted with this model and target? Exit 2 if not."""
     with _one_line_errors():
-        from chips_core.stages.preflight import check_sources, existing_warehouse, require_checkpoint, writable_warehouse
-        from chips_core.stages.runconfig import load_run_config
-
-        cfg = load_run_config(config)
-        if not no_ingest:
-            check_sources(cfg)
-        require_checkpoint(cfg)
-        if no_ingest:
-            existing_warehouse(cfg)
-        writable_warehouse(cfg)
+        _premise_preflight(config, no_ingest)
         from flows.chips_flows import check_flow
 
         out = check_flow(str(config), ingest=not no_ingest)
@@ -240,16 +246,7 @@ def warmup_cmd(config: Path = typer.Argument(..., help="pipeline YAML (its pool,
     """Warm a model up for the premise check: CPT rounds on in-domain pool pairs, the check after each, until it passes
     or `warmup.max_rounds`. Exit 2 if it does not pass; resumes from --out."""
     with _one_line_errors():
-        from chips_core.stages.preflight import check_sources, existing_warehouse, require_checkpoint, writable_warehouse
-        from chips_core.stages.runconfig import load_run_config
-
-        cfg = load_run_config(config)
-        if not no_ingest:
-            check_sources(cfg)
-        require_checkpoint(cfg)
-        if no_ingest:
-            existing_warehouse(cfg)
-        writable_warehouse(cfg)
+        _premise_preflight(config, no_ingest)
         _writable_dir(out, "--out")
         from flows.chips_flows import warmup_flow
 

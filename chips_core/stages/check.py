@@ -46,10 +46,16 @@ def endpoint_spearman(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, bank_i
 def target_and_eval_features(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, feat: Featurizer,
                              eval_ids: list[str]) -> tuple[TargetStats, FeatureBatch]:
     """One forward pass over the eval set: its target statistics (§4–§6) and its features against the bank."""
-    mb = cfg.featurize.micro_batch
-    batches = input_batches(wh.read_pairs(eval_ids), loaded, mb, featurize_workers(cfg, loaded))
-    h_v, h_t = forward_pre_batches(feat.endpoint, batches, mb)
+    h_v, h_t = forward_pairs(cfg, wh, loaded, feat, eval_ids)
     return target_stats_pre(feat.ctx, h_v, h_t, eval_ids, cfg.featurize), feat.featurize_pre(h_v, h_t, eval_ids)
+
+
+def forward_pairs(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, feat: Featurizer, ids: list[str]):
+    """The model's pre-projection outputs ``(h_v, h_t)`` for the warehouse's pairs ``ids``, in micro-batches decoded
+    as featurize does (``featurize.num_workers``)."""
+    mb = cfg.featurize.micro_batch
+    batches = input_batches(wh.read_pairs(ids), loaded, mb, featurize_workers(cfg, loaded))
+    return forward_pre_batches(feat.endpoint, batches, mb)
 
 
 def pool_sample_ids(cfg: RunConfig, pool_ids: list[str]) -> list[str]:

@@ -28,12 +28,12 @@ import numpy as np
 from ..platform.provenance import new_run_id, recorded_run
 from ..platform.warehouse import Warehouse
 from ..scoring.endpoint import LoadedModel, load_model
-from ..scoring.featurize import FeatureBatch, Featurizer, forward_pre_batches
+from ..scoring.featurize import Featurizer
 from ..scoring.identity import seeded_sample
 from ..scoring.premise import direction
 from ..scoring.score import in_domain, relevance_weight
-from .check import check_stage, target_and_eval_features
-from .common import endpoint_for, featurize_workers, input_batches, model_fields, require_pairs
+from .check import check_stage, forward_pairs, target_and_eval_features
+from .common import endpoint_for, model_fields, require_pairs
 from .cpt import cpt_stage, pair_data
 from .featurize import build_bank
 from .runconfig import RunConfig
@@ -49,18 +49,12 @@ def warmup_pairs(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, pool_ids: l
     bank = build_bank(cfg, wh, loaded, pool_ids)
     feat = Featurizer(endpoint_for(cfg, loaded), bank, cfg.sketch, cfg.featurize)
     target, _ = target_and_eval_features(cfg, wh, loaded, feat, eval_ids)
-    features = _features(cfg, wh, loaded, feat, candidates)
+    features = feat.featurize_pre(*forward_pairs(cfg, wh, loaded, feat, candidates), candidates)
     w_r = relevance_weight(features.x.astype(np.float64), features.y.astype(np.float64), target.mu_x, target.mu_y,
                            cfg.score.beta)
     keep = in_domain(w_r, target, cfg.score)
     chosen = [i for i, k in zip(candidates, keep) if k][:w.size]
     return chosen, {"candidates": len(candidates), "in_domain": int(keep.sum())}
-
-
-def _features(cfg: RunConfig, wh: Warehouse, loaded: LoadedModel, feat: Featurizer, ids: list[str]) -> FeatureBatch:
-    mb = cfg.featurize.micro_batch
-    batches = input_batches(wh.read_pairs(ids), loaded, mb, featurize_workers(cfg, loaded))
-    return feat.featurize_pre(*forward_pre_batches(feat.endpoint, batches, mb), ids)
 
 
 def _failing(check: dict) -> list[dict]:

@@ -6,12 +6,10 @@ with the same bytes; the checks before a run name the
 worker and the path it cannot see."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,52 +23,11 @@ from chips_core.platform.query import connect, query
 from chips_core.platform.warehouse import Warehouse
 from chips_core.stages.runconfig import load_run_config
 
+from benchmarks.dask_cluster import dask_cluster, free_port
+
 from ..conftest import tiny_pipeline_config
 
 pytestmark = pytest.mark.slow
-DASK = str(Path(sys.executable).with_name("dask"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def dask_cluster(tmp: Path, port: int | None = None, workers: int = 2, resources: dict[int, str] | None = None):
-    """A scheduler on 127.0.0.1 (``port``: a free one) and ``workers`` single-threaded worker processes, each in its
-    own process group (worker ``i`` declaring ``resources[i]``, e.g. ``"slot=1"``); ``(address, processes)``; every
-    process killed after."""
-    from distributed import Client
-
-    port = port or _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    start = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd=tmp)
-    procs = {"scheduler": subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                            "--no-dashboard"], **start)}
-    for i in range(workers):
-        declared = ["--resources", resources[i]] if resources and i in resources else []
-        procs[f"worker{i}"] = subprocess.Popen([DASK, "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                                "--no-dashboard", "--name", f"w{i}", *declared], **start)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with Client(address, timeout=10) as c:
-                    c.wait_for_workers(workers, timeout=120)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
-        yield address, procs
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +41,7 @@ def s3_server(tmp_path_factory):
     """moto's S3 server as a real process on 127.0.0.1 with one bucket; the storage options that reach it."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -210,7 +167,7 @@ def test_the_checks_before_a_dask_run_name_the_worker_and_the_path(cluster, tmp_
                                                   f"'{tmp_path / 'gone.pt'}'"):
         check_workers(missing)
     nobody = load_run_config({**_config(tmp_path, demo_model, "nobody", kind="dask",
-                                        address=f"tcp://127.0.0.1:{_free_port()}")})
+                                        address=f"tcp://127.0.0.1:{free_port()}")})
     with pytest.raises(WorkerMismatchError, match=r"cannot reach the Dask scheduler"):
         check_workers(nobody, timeout=2)
 
@@ -224,7 +181,7 @@ def test_a_killed_scheduler_stops_the_run_in_one_line_and_the_same_command_resum
     cfg = _config(tmp_path, demo_model, "sched")
     path = tmp_path / "sched.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
-    port = _free_port()
+    port = free_port()
     command = [str(Path(sys.executable).with_name("chips")), "run", str(path), "--executor", f"tcp://127.0.0.1:{port}"]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # this session's API: no temporary one per run
     features = Path(cfg["warehouse"]) / "features"
